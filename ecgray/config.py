@@ -58,6 +58,12 @@ class DataConfig:
     """What to do with NaN samples inside a record (counts are reported)."""
     leads: list[str] = field(default_factory=lambda: list(LEAD_NAMES))
     """Leads fed to the encoder, by name; the others are zero-filled and masked (limited-lead runs)."""
+    record_fs: Literal[500, 100] = 500
+    """PTB-XL records `ecgray prepare` reads: 500 (records500, `_hr`) or 100 (records100, `_lr`)."""
+    read_batch_size: int = 64
+    """WFDB records read per Ray Data task in `ecgray prepare`."""
+    shard_rows: int = 1024
+    """ECGs per Parquet shard in `ecgs/` (about 120 kB each at 500 Hz, 5 s)."""
 
     @property
     def n_samples(self) -> int:
