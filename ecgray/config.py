@@ -134,6 +134,17 @@ class ModelConfig:
     """Reproduce the official answer-position quirk and BOS-in-target (method.md section 2)."""
     decoding: Literal["greedy", "constrained"] = "constrained"
     max_answer_tokens: int = 16
+    """Greedy decoding stops after this many tokens (or at EOS)."""
+    paper_prompt_tokens: int = 30
+    """paper_compat only: the prompt "Question: ...Answer: " is truncated / padded to this many tokens."""
+    mlp_hidden: int = 1024
+    """MLPMapper hidden width."""
+    qformer_layers: int = 2
+    """QFormerMapper: number of (cross-attention, self-attention, MLP) blocks."""
+    qformer_width: int = 256
+    """QFormerMapper: width of the learnable queries (projected to D_llm at the end)."""
+    qformer_dropout: float = 0.1
+    """QFormerMapper: dropout inside the blocks."""
 
 
 @_forbid_extra
@@ -151,6 +162,9 @@ class MetaConfig:
     grad_clip: float = 1.0
     tasks_per_step: int = 1
     """Tasks whose inner loops run in lockstep, sharing every frozen-LLM pass."""
+    engine: Literal["fast", "reference"] = "fast"
+    """fast: no graph kept beyond the current pass, per-step query gradients accumulated (FOMAML) and
+    task batching; reference: the official loop (query graphs retained, one backward at the end)."""
     outer_steps: int = 10000
     eval_every: int = 400
     eval_episodes: int = 1000
