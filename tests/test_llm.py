@@ -1,0 +1,153 @@
+"""Frozen LLM loading: tiny random models, name resolution, the conversion cache and its lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ecgray.models import llm as llm_mod
+from ecgray.models.llm import (
+    cached_dir,
+    input_embeddings,
+    llm_hidden_size,
+    load_llm,
+    resolve_model_dir,
+    tiny_tokenizer,
+)
+
+
+@pytest.mark.parametrize("name,hidden", [("tiny-llama", 32), ("tiny-gemma", 64)])
+def test_tiny_llm_is_frozen_and_passes_grad_to_inputs(name, hidden):
+    model, tok = load_llm(name)
+    assert llm_hidden_size(model) == hidden
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    enc = tok(["Question: does this ecg show baseline drift?Answer: ", "yes"], padding=True, return_tensors="pt")
+    embeds = input_embeddings(model)(enc.input_ids).clone().requires_grad_(True)
+    out = model(inputs_embeds=embeds, attention_mask=enc.attention_mask)
+    assert out.logits.shape == (2, enc.input_ids.shape[1], len(tok))
+    out.logits[:, -1].logsumexp(-1).sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma"])
+def test_tiny_llm_deterministic_for_seed(name):
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    a, _ = load_llm(name, seed=0)
+    b, _ = load_llm(name, seed=0)
+    c, _ = load_llm(name, seed=1)
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    assert not torch.allclose(a(input_ids=ids).logits, c(input_ids=ids).logits)
+
+
+def test_tiny_tokenizer_round_trips_and_adds_bos():
+    tok = tiny_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "Question: which leads show st changes, II or aVF? Answer: non specific ischemic"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # learnt merges: domain words take a few tokens, not one per byte (14 bytes here)
+    assert len(tok("baseline drift", add_special_tokens=False).input_ids) <= 5
+    assert len(tok) == 512
+
+
+def test_dtype_resolution():
+    model, _ = load_llm("tiny-llama", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = load_llm("tiny-llama", dtype="auto", device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="float8.*expected 'auto'"):
+        load_llm("tiny-llama", dtype="float8")
+
+
+def test_bad_names_list_accepted_forms(tmp_path):
+    with pytest.raises(ValueError, match="accepted LLM names: 'smollm2-135m'"):
+        load_llm("gpt-17")
+    with pytest.raises(FileNotFoundError, match=r"missing.gguf not found"):
+        load_llm(str(tmp_path / "missing.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        load_llm(str(tmp_path / "weights.bin"))
+    with pytest.raises(ValueError, match="no config.json"):
+        load_llm(str(tmp_path))
+
+
+def test_local_hf_dir_round_trip(tmp_path):
+    model, tok = load_llm("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, tok2 = load_llm(str(tmp_path / "m"))
+    ids = tok("yes no")["input_ids"]
+    assert tok2("yes no")["input_ids"] == ids
+    x = torch.tensor([ids])
+    assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
+    assert all(not p.requires_grad for p in loaded.parameters())
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ECGRAY_CACHE", str(tmp_path))
+    assert llm_mod.cache_root() == tmp_path
+    monkeypatch.delenv("ECGRAY_CACHE")
+    assert llm_mod.cache_root().parts[-2:] == (".cache", "ecgray")
+
+
+def test_cached_dir_builds_once_under_concurrency(tmp_path):
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        time.sleep(0.2)  # long enough for the other threads to queue on the lock
+        (out / "weights.txt").write_text("w")
+        return {"built": True}
+
+    target = tmp_path / "llm" / "model"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached_dir(target, build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [target] * 3
+    assert (target / "weights.txt").read_text() == "w"
+    assert not list(tmp_path.glob("llm/*.tmp-*"))  # the temporary dir was renamed away
+
+
+def test_cached_dir_failed_build_leaves_no_cache(tmp_path):
+    def broken(out):
+        (out / "half.bin").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    target = tmp_path / "m"
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        cached_dir(target, broken)
+    assert not target.exists() and not list(tmp_path.glob("m.tmp-*"))
+    # a partial dir without the ready marker (a crash mid-rename) is rebuilt, not trusted
+    target.mkdir()
+    (target / "junk").write_text("j")
+    cached_dir(target, lambda out: (out / "ok").write_text("1") and {})
+    assert (target / "ok").is_file() and not (target / "junk").exists()
+
+
+def test_gguf_name_is_keyed_by_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv("ECGRAY_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def fake_convert(path, out):
+        seen.append(path)
+        (out / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(llm_mod, "_convert_gguf", fake_convert)
+    f1, f2 = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    f1.write_bytes(b"GGUF one")
+    f2.write_bytes(b"GGUF two")
+    d1, d1_again, d2 = resolve_model_dir(str(f1)), resolve_model_dir(str(f1)), resolve_model_dir(str(f2))
+    assert d1 == d1_again != d2
+    assert d1.name == "gguf-" + llm_mod.file_sha256(f1)[:16]
+    assert seen == [f1, f2]  # converted once per distinct file
