@@ -1,0 +1,430 @@
+"""Classes, meta-train / meta-test splits and N-way K-shot episodes (method.md section 1).
+
+Everything here works on plain ECG-QA sample dicts (the JSON fields: template_id, question_id,
+sample_id, question_type, attribute_type, question, answer, ecg_id, attribute, plus `split`
+(train/valid/test) when known), so it runs the same on `json.load`-ed files and on
+`ecgray.data.shards.read_qa` rows. Ray is imported only by `episode_dataset`.
+
+Class keys are `{template_id}_{attrs}_{answer}` where `attrs` is the sorted attribute list joined with
+`ATTR_SEP` ("+"; the official code joins with "_", which collides with the key separator):
+- single-verify: answer `yes` / `no`; `not sure` is dropped.
+- single-choose: one answer -> that answer; two -> `both`; more -> dropped. `none` registers the
+  sample under one key per attribute, `{tid}_{attr}_none`. (The official code keys one-answer samples
+  `{tid}_{answer}_{answer}`, without the attributes; ecgray keeps the attributes as method.md's class
+  definition says.)
+- single-query: the answers sorted and joined with ", " (ECG-QA answers are unordered sets).
+
+Splits (per question type, over the keys `build_classes` kept), reproducible with `cfg.split_seed`:
+sort the items (class keys, or template ids in `template` mode), permute them with
+`numpy.random.default_rng(split_seed).permutation(n)`, and send the first floor(n * meta_train_fraction)
+of the permuted items to meta-train and the rest to meta-test.
+- `class`: the paper's split of class keys.
+- `patient`: the class split, then meta-train keeps only samples of ECG-QA's `train` split and meta-test
+  only those of its `test` split (ECG-QA's splits are patient-disjoint, so the ECGs and patients of the
+  two sides are disjoint; `valid` is used by neither); question groups that fall below
+  `min_group_size` and classes left without a group are dropped.
+- `template`: the split is over template ids, so every class of a meta-test template is unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ecgray.config import QUESTION_TYPES, EpisodeConfig
+
+ATTR_SEP = "+"
+"""Joins the sorted attributes inside a class key (no ECG-QA attribute contains it)."""
+SPLITS = ("meta-train", "meta-test")
+PATIENT_SPLIT_OF = {"meta-train": "train", "meta-test": "test"}
+"""ECG-QA split whose samples each side keeps in `patient` mode."""
+MAX_DRAWS = 100
+"""Fresh class draws tried before giving up on an episode (see EpisodeSampler.sample)."""
+
+Sample = dict[str, Any]
+Episode = dict[str, Any]
+Classes = dict[str, dict[int, list[Sample]]]
+
+
+class EpisodeError(ValueError):
+    """The samples cannot give the requested classes or episodes; the message names the counts."""
+
+
+def _field(sample: Sample, name: str) -> Any:
+    try:
+        return sample[name]
+    except KeyError:
+        raise EpisodeError(
+            f"sample {sample.get('sample_id', '?')}: missing field {name!r} (ECG-QA samples carry "
+            "template_id, question_id, sample_id, question_type, question, answer, ecg_id, attribute)"
+        ) from None
+
+
+def _answers(sample: Sample) -> list[str]:
+    answer = _field(sample, "answer")
+    if isinstance(answer, str) or not isinstance(answer, Iterable):
+        raise EpisodeError(
+            f"sample {sample.get('sample_id')}: answer must be a list of strings, got {answer!r}"
+        )
+    answer = [str(a) for a in answer]
+    if not answer:
+        raise EpisodeError(f"sample {sample.get('sample_id')}: empty answer list")
+    return answer
+
+
+def _attributes(sample: Sample) -> list[str]:
+    attribute = _field(sample, "attribute")
+    attrs = sorted(str(a) for a in (attribute if attribute is not None else []))
+    for a in attrs:
+        if ATTR_SEP in a:
+            raise EpisodeError(
+                f"sample {sample.get('sample_id')}: attribute {a!r} contains the class-key separator "
+                f"{ATTR_SEP!r}"
+            )
+    return attrs
+
+
+def class_keys(
+    sample: Sample, question_type: str, excluded_templates: Iterable[int] | None = None
+) -> list[str]:
+    """The class keys a sample belongs to (method.md section 1); [] when the rules drop it.
+
+    `excluded_templates` defaults to `EpisodeConfig().excluded_templates` (the paper's conflicting
+    templates). Most samples get one key; a single-choose `none` gets one per attribute.
+    """
+    if question_type not in QUESTION_TYPES:
+        raise EpisodeError(f"question_type {question_type!r}: expected one of {QUESTION_TYPES}")
+    if _field(sample, "question_type") != question_type:
+        raise EpisodeError(
+            f"sample {sample.get('sample_id')}: question_type {sample['question_type']!r}, "
+            f"asked for {question_type!r} classes"
+        )
+    if excluded_templates is None:
+        excluded_templates = EpisodeConfig().excluded_templates
+    tid = int(_field(sample, "template_id"))
+    if tid in set(excluded_templates):
+        return []
+    answers = _answers(sample)
+    attrs = _attributes(sample)
+    joined = ATTR_SEP.join(attrs)
+
+    if question_type == "single-verify":
+        if len(answers) != 1 or answers[0] not in ("yes", "no", "not sure"):
+            raise EpisodeError(
+                f"sample {sample.get('sample_id')}: single-verify answer must be one of yes / no / "
+                f"not sure, got {answers}"
+            )
+        return [] if answers[0] == "not sure" else [f"{tid}_{joined}_{answers[0]}"]
+
+    if question_type == "single-choose":
+        if len(answers) > 2:
+            return []
+        if len(answers) == 2:
+            return [f"{tid}_{joined}_both"]
+        if answers[0] == "none":
+            if not attrs:
+                raise EpisodeError(
+                    f"sample {sample.get('sample_id')}: single-choose answer 'none' needs attributes, "
+                    "got none"
+                )
+            return [f"{tid}_{attr}_none" for attr in attrs]
+        return [f"{tid}_{joined}_{answers[0]}"]
+
+    # single-query
+    return [f"{tid}_{joined}_{', '.join(sorted(answers))}"]
+
+
+def class_answer(sample: Sample, question_type: str) -> list[str]:
+    """The answer a class teaches: single-choose pairs become ["both"], query answers are sorted."""
+    answers = _answers(sample)
+    if question_type == "single-choose" and len(answers) == 2:
+        return ["both"]
+    if question_type == "single-query":
+        return sorted(answers)
+    return answers
+
+
+def sample_identity(sample: Sample) -> tuple:
+    """What makes a sample unique: sample_id is unique only within one ECG-QA split (and one
+    source / variant), so those fields count where present."""
+    return (
+        str(sample.get("source") or ""),
+        str(sample.get("variant") or ""),
+        str(sample.get("split") or ""),
+        int(_field(sample, "sample_id")),
+    )
+
+
+def build_classes(samples: Iterable[Sample], question_type: str, cfg: EpisodeConfig) -> Classes:
+    """{class_key: {question_id: [samples]}} for one question type, after the size filters.
+
+    A class needs >= cfg.min_class_size[question_type] samples (counted before grouping, as the
+    official code does); inside it, question_id groups with < cfg.min_group_size samples are dropped,
+    and so are classes left without a group. Keys, question ids and samples (by `sample_identity`)
+    are sorted, so the result does not depend on the input order.
+    """
+    if question_type not in cfg.min_class_size:
+        raise EpisodeError(
+            f"episodes.min_class_size has no entry for {question_type!r} "
+            f"(has {sorted(cfg.min_class_size)})"
+        )
+    members: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        if _field(sample, "question_type") != question_type:
+            continue
+        for key in class_keys(sample, question_type, cfg.excluded_templates):
+            members[key].append(sample)
+
+    min_size = cfg.min_class_size[question_type]
+    classes: Classes = {}
+    for key in sorted(members):
+        if len(members[key]) < min_size:
+            continue
+        groups = _group_by_question(members[key], cfg.min_group_size)
+        if groups:
+            classes[key] = groups
+    return classes
+
+
+def _group_by_question(samples: list[Sample], min_group_size: int) -> dict[int, list[Sample]]:
+    groups: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[int(_field(sample, "question_id"))].append(sample)
+    return {
+        qid: sorted(groups[qid], key=sample_identity)
+        for qid in sorted(groups)
+        if len(groups[qid]) >= min_group_size
+    }
+
+
+def seeded_split(items: Iterable, fraction: float, seed: int) -> tuple[list, list]:
+    """Sort, permute with default_rng(seed), first floor(n * fraction) -> (first, rest), each sorted."""
+    if not 0.0 <= fraction <= 1.0:
+        raise EpisodeError(f"episodes.meta_train_fraction must lie in [0, 1], got {fraction}")
+    items = sorted(set(items))
+    order = np.random.default_rng(seed).permutation(len(items))
+    # The epsilon keeps e.g. 15 * 0.8 = 12.000000000000002 or 11.999999999999998 from rounding badly.
+    n_first = math.floor(len(items) * fraction + 1e-9)
+    first = sorted(items[i] for i in order[:n_first])
+    rest = sorted(items[i] for i in order[n_first:])
+    return first, rest
+
+
+def template_of(classes: Classes, key: str) -> int:
+    """The template id of a class (every sample of a class shares it)."""
+    groups = classes[key]
+    return int(next(iter(groups.values()))[0]["template_id"])
+
+
+def split_classes(classes: Classes, cfg: EpisodeConfig) -> dict[str, Classes]:
+    """{"meta-train": classes, "meta-test": classes} by cfg.split_mode (see the module docstring)."""
+    mode = cfg.split_mode
+    if mode in ("class", "patient"):
+        train_keys, test_keys = seeded_split(classes, cfg.meta_train_fraction, cfg.split_seed)
+    elif mode == "template":
+        train_tids, _ = seeded_split(
+            (template_of(classes, k) for k in classes), cfg.meta_train_fraction, cfg.split_seed
+        )
+        train_set = set(train_tids)
+        train_keys = [k for k in sorted(classes) if template_of(classes, k) in train_set]
+        test_keys = [k for k in sorted(classes) if template_of(classes, k) not in train_set]
+    else:
+        raise EpisodeError(f"episodes.split_mode {mode!r}: expected class, patient or template")
+
+    out = {
+        "meta-train": {k: classes[k] for k in train_keys},
+        "meta-test": {k: classes[k] for k in test_keys},
+    }
+    if mode == "patient":
+        for side, qa_split in PATIENT_SPLIT_OF.items():
+            out[side] = _keep_qa_split(out[side], qa_split, cfg.min_group_size)
+    return out
+
+
+def _keep_qa_split(classes: Classes, qa_split: str, min_group_size: int) -> Classes:
+    kept: Classes = {}
+    for key, groups in classes.items():
+        new_groups = {}
+        for qid, group in groups.items():
+            for sample in group:
+                if sample.get("split") not in ("train", "valid", "test"):
+                    raise EpisodeError(
+                        f"sample {sample.get('sample_id')}: split_mode 'patient' needs the ECG-QA "
+                        f"split (train/valid/test) of every sample, got split={sample.get('split')!r}"
+                    )
+            same = [s for s in group if s["split"] == qa_split]
+            if len(same) >= min_group_size:
+                new_groups[qid] = same
+        if new_groups:
+            kept[key] = new_groups
+    return kept
+
+
+class EpisodeSampler:
+    """N-way K-shot episodes from the classes of one side (meta-train / meta-test) of the split.
+
+    With question_type `mixed`, every question type gets its own classes and split, and each episode
+    is drawn from one type chosen uniformly at random. Episode i is drawn from
+    `numpy.random.default_rng([seed, i])`, so `episodes(n)` is deterministic and its prefix does not
+    depend on n (a worker can build any episode on its own).
+    """
+
+    def __init__(self, samples: Iterable[Sample], cfg: EpisodeConfig, split: str = "meta-train", seed: int = 0):
+        if split not in SPLITS:
+            raise EpisodeError(f"split {split!r}: expected one of {SPLITS}")
+        for name in ("n_way", "k_shot", "n_query"):
+            if getattr(cfg, name) < 1:
+                raise EpisodeError(f"episodes.{name} must be >= 1, got {getattr(cfg, name)}")
+        if not isinstance(seed, int | np.integer) or seed < 0:
+            raise EpisodeError(f"seed must be a non-negative integer, got {seed!r}")
+        self.cfg, self.split, self.seed = cfg, split, int(seed)
+        self.need = cfg.k_shot + cfg.n_query
+        self.question_types = QUESTION_TYPES if cfg.question_type == "mixed" else [cfg.question_type]
+
+        samples = list(samples)
+        seen: set[tuple] = set()
+        for sample in samples:
+            ident = sample_identity(sample)
+            if ident in seen:
+                raise EpisodeError(
+                    f"sample_id {ident[-1]} occurs twice (source={ident[0]!r} variant={ident[1]!r} "
+                    f"split={ident[2]!r}); read one ECG-QA source and variant at a time"
+                )
+            seen.add(ident)
+
+        # type -> [(class_key, [groups with >= need samples, each a list of (identity, item)])]
+        self.pools: dict[str, list[tuple[str, list[list[tuple[tuple, dict]]]]]] = {}
+        for qt in self.question_types:
+            classes = split_classes(build_classes(samples, qt, cfg), cfg)[split]
+            pool = []
+            for key, groups in classes.items():
+                eligible = [
+                    [(sample_identity(s), _item(s, key, qt)) for s in group]
+                    for group in groups.values()
+                    if len(group) >= self.need
+                ]
+                if eligible:
+                    pool.append((key, eligible))
+            if len(pool) < cfg.n_way:
+                largest = max((len(g) for gs in classes.values() for g in gs.values()), default=0)
+                raise EpisodeError(
+                    f"{split} {qt} ({cfg.split_mode} split): {len(pool)} eligible classes of "
+                    f"{len(classes)}, fewer than n_way={cfg.n_way}. A class is eligible when one "
+                    f"question_id group has >= k_shot + n_query = {cfg.k_shot} + {cfg.n_query} = "
+                    f"{self.need} samples (largest group here: {largest})"
+                )
+            self.pools[qt] = pool
+
+    def sample(self, rng: np.random.Generator) -> Episode:
+        """One episode: n_way classes, one question group each, k_shot support + n_query query
+        samples per class, no sample twice in the episode.
+
+        A single-choose `none` sample sits in several classes; when an earlier way of the episode
+        used up a group, the next eligible group of the class is tried, and when none is left the
+        classes are drawn again (up to MAX_DRAWS times, all from `rng`, so still deterministic).
+        """
+        qt = self.question_types[int(rng.integers(len(self.question_types)))]
+        pool = self.pools[qt]
+        for _ in range(MAX_DRAWS):
+            episode = self._try_draw(pool, rng)
+            if episode is not None:
+                return episode
+        raise EpisodeError(
+            f"{self.split} {qt}: {MAX_DRAWS} draws of {self.cfg.n_way} classes could not find "
+            f"{self.need} unused samples per class (classes share samples)"
+        )
+
+    def _try_draw(self, pool, rng: np.random.Generator) -> Episode | None:
+        cfg = self.cfg
+        ways = rng.choice(len(pool), size=cfg.n_way, replace=False)
+        used: set[tuple] = set()
+        classes, support, query = [], [], []
+        for way in ways:
+            key, groups = pool[int(way)]
+            picked = None
+            for g in rng.permutation(len(groups)):
+                group = groups[int(g)]
+                picked = []
+                for i in rng.permutation(len(group)):
+                    ident, item = group[int(i)]
+                    if ident not in used:
+                        picked.append((ident, item))
+                        if len(picked) == self.need:
+                            break
+                if len(picked) == self.need:
+                    break
+                picked = None
+            if picked is None:
+                return None
+            used.update(ident for ident, _ in picked)
+            items = [{**item, "answer": list(item["answer"])} for _, item in picked]
+            classes.append(key)
+            support.extend(items[: cfg.k_shot])
+            query.extend(items[cfg.k_shot :])
+        return {"classes": classes, "support": support, "query": query}
+
+    def episode(self, index: int) -> Episode:
+        """Episode number `index` of this sampler's seed."""
+        return self.sample(np.random.default_rng([self.seed, int(index)]))
+
+    def episodes(self, count: int, progress: bool = False) -> list[Episode]:
+        """Episodes 0..count-1 (deterministic for the seed)."""
+        if count < 0:
+            raise EpisodeError(f"count must be >= 0, got {count}")
+        indices: Iterable[int] = range(count)
+        if progress:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc=f"{self.split} episodes", unit="ep")
+        return [self.episode(i) for i in indices]
+
+
+def _item(sample: Sample, key: str, question_type: str) -> dict:
+    ecg_ids = list(_field(sample, "ecg_id"))
+    if len(ecg_ids) != 1:
+        raise EpisodeError(
+            f"sample {sample.get('sample_id')}: single-ECG question with {len(ecg_ids)} ecg_ids {ecg_ids}"
+        )
+    return {
+        "sample_id": int(sample["sample_id"]),
+        "ecg_id": int(ecg_ids[0]),
+        "question": str(_field(sample, "question")),
+        "answer": class_answer(sample, question_type),
+        "class": key,
+        "template_id": int(sample["template_id"]),
+        "question_type": question_type,
+    }
+
+
+def episode_dataset(
+    prepared_dir: str,
+    cfg: EpisodeConfig,
+    split: str,
+    count: int,
+    seed: int,
+    *,
+    source: str | None = None,
+    variant: str | None = None,
+):
+    """A Ray Dataset of `count` episodes, one row each: `index` (int) and `episode` (JSON string).
+
+    The episodes are built on the driver from `read_qa(prepared_dir, source, variant)` with
+    `EpisodeSampler(..., seed).episodes(count)`, so the dataset is the same on every run, and
+    `ray.train.get_dataset_shard` (or `Dataset.split`) hands each worker a disjoint part of it.
+    """
+    import ray
+
+    from ecgray.data.shards import read_qa
+
+    types = None if cfg.question_type == "mixed" else [cfg.question_type]
+    samples = read_qa(prepared_dir, source=source, variant=variant, question_types=types)
+    sampler = EpisodeSampler(samples, cfg, split, seed)
+    rows = [
+        {"index": i, "episode": json.dumps(ep)} for i, ep in enumerate(sampler.episodes(count, progress=count >= 1000))
+    ]
+    return ray.data.from_items(rows)

@@ -1,0 +1,323 @@
+"""Class keys, size filters, splits and the episode sampler (method.md section 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ecgray.config import EpisodeConfig
+from ecgray.data.episodes import (
+    EpisodeError,
+    EpisodeSampler,
+    build_classes,
+    class_answer,
+    class_keys,
+    seeded_split,
+    split_classes,
+)
+
+VERIFY, CHOOSE, QUERY = "single-verify", "single-choose", "single-query"
+
+
+def qa(tid, answer, attribute, qtype=VERIFY, qid=1, sid=0, ecg=1, split=None):
+    sample = {
+        "template_id": tid,
+        "question_id": qid,
+        "sample_id": sid,
+        "question_type": qtype,
+        "attribute_type": "noise",
+        "question": f"q{qid}?",
+        "answer": list(answer),
+        "ecg_id": [ecg],
+        "attribute": None if attribute is None else list(attribute),
+    }
+    if split is not None:
+        sample["split"] = split
+    return sample
+
+
+def group(n, tid, answer, attribute, qtype=VERIFY, qid=1, first_sid=0, split=None, first_ecg=None):
+    """n samples of one question; ECG ids follow the sample ids unless first_ecg is given."""
+    first_ecg = first_sid if first_ecg is None else first_ecg
+    return [
+        qa(tid, answer, attribute, qtype, qid, first_sid + i, first_ecg + i, split) for i in range(n)
+    ]
+
+
+def small_cfg(**changes) -> EpisodeConfig:
+    cfg = EpisodeConfig(min_class_size={VERIFY: 20, CHOOSE: 20, QUERY: 20}, min_group_size=10)
+    return dataclasses.replace(cfg, **changes)
+
+
+def world(n_templates=10, classes_per_template=2, per_class=30, qtype=VERIFY, split_of=None):
+    """Synthetic samples: n_templates x classes_per_template classes of per_class samples, one group each."""
+    samples, sid = [], 0
+    for t in range(n_templates):
+        tid = 100 + t
+        for c in range(classes_per_template):
+            answer = ["yes"] if qtype == VERIFY else [f"ans{c}"]
+            attr = [f"attr{c}"]
+            for i in range(per_class):
+                split = split_of(i) if split_of else None
+                samples.append(qa(tid, answer, attr, qtype, qid=tid * 10 + c, sid=sid, ecg=sid, split=split))
+                sid += 1
+    return samples
+
+
+# ----------------------------------------------------------------------------- class keys
+
+
+def test_verify_keys():
+    assert class_keys(qa(27, ["no"], ["baseline drift"]), VERIFY) == ["27_baseline drift_no"]
+    assert class_keys(qa(2, ["yes"], ["lead V1", "lead I"]), VERIFY) == ["2_lead I+lead V1_yes"]
+    assert class_keys(qa(1, ["not sure"], ["x"]), VERIFY) == []
+    for tid in (4, 14, 17, 26, 28, 31, 40):
+        assert class_keys(qa(tid, ["yes"], ["x"]), VERIFY) == []
+    assert class_keys(qa(26, ["yes"], ["x"]), VERIFY, excluded_templates=[]) == ["26_x_yes"]
+    with pytest.raises(EpisodeError, match="sample 0: single-verify answer must be one of"):
+        class_keys(qa(2, ["maybe"], ["x"]), VERIFY)
+    with pytest.raises(EpisodeError, match="question_type 'single-verify', asked for 'single-choose'"):
+        class_keys(qa(2, ["yes"], ["x"]), CHOOSE)
+
+
+def test_choose_keys_one_both_none_and_more():
+    attrs = ["static noise", "baseline drift"]
+    assert class_keys(qa(30, ["static noise"], attrs, CHOOSE), CHOOSE) == [
+        "30_baseline drift+static noise_static noise"
+    ]
+    both = qa(30, ["static noise", "baseline drift"], attrs, CHOOSE)
+    assert class_keys(both, CHOOSE) == ["30_baseline drift+static noise_both"]
+    assert class_answer(both, CHOOSE) == ["both"]
+    assert class_keys(qa(30, ["a", "b", "c"], ["a", "b", "c"], CHOOSE), CHOOSE) == []
+    assert class_keys(qa(30, ["none"], attrs, CHOOSE), CHOOSE) == [
+        "30_baseline drift_none",
+        "30_static noise_none",
+    ]
+
+
+def test_query_keys_are_order_free():
+    a = qa(42, ["rr interval", "qrs duration"], ["x"], QUERY)
+    b = qa(42, ["qrs duration", "rr interval"], ["x"], QUERY)
+    assert class_keys(a, QUERY) == class_keys(b, QUERY) == ["42_x_qrs duration, rr interval"]
+    assert class_answer(a, QUERY) == ["qrs duration", "rr interval"]
+    assert class_keys(qa(3, ["none"], None, QUERY), QUERY) == ["3__none"]
+
+
+def test_bad_samples_name_the_sample_and_field():
+    sample = qa(27, ["no"], ["x"], sid=77)
+    del sample["question_id"]
+    with pytest.raises(EpisodeError, match="sample 77: missing field 'question_id'"):
+        build_classes([sample], VERIFY, EpisodeConfig(min_class_size={VERIFY: 1}, min_group_size=1))
+    with pytest.raises(EpisodeError, match="sample 78: answer must be a list"):
+        class_keys(qa(27, "no", ["x"], sid=78) | {"answer": "no"}, VERIFY)
+
+
+# ----------------------------------------------------------------------------- worked example
+
+
+@pytest.fixture(scope="module")
+def shard(shared_data):
+    path = shared_data / "ecgqa/ptbxl/template/train/120000.json"
+    return json.loads(path.read_text())
+
+
+def test_worked_example(shard):
+    """method.md's worked example, step by step, on the real shard."""
+    assert len(shard) == 10_000
+    assert Counter(s["template_id"] for s in shard) == {26: 5528, 28: 3434, 27: 1038}
+    # 26 and 28 are excluded templates, so only template 27 gives keys.
+    keys = Counter(k for s in shard for k in class_keys(s, VERIFY))
+    assert sum(keys.values()) == 1038
+    assert sum(n for k, n in keys.items() if k.endswith("_no")) == 715
+    assert sum(n for k, n in keys.items() if k.endswith("_yes")) == 323
+    assert keys == {
+        "27_baseline drift_no": 200, "27_burst noise_no": 200, "27_static noise_no": 200,
+        "27_electrodes problems_no": 115, "27_baseline drift_yes": 100, "27_burst noise_yes": 100,
+        "27_static noise_yes": 100, "27_electrodes problems_yes": 23,
+    }  # fmt: skip
+    classes = build_classes(shard, VERIFY, EpisodeConfig())
+    assert {k: {q: len(g) for q, g in v.items()} for k, v in classes.items()} == {
+        "27_baseline drift_no": {1745: 200},
+        "27_burst noise_no": {1747: 200},
+        "27_static noise_no": {1746: 200},
+    }
+    # The input order does not matter.
+    assert build_classes(shard[::-1], VERIFY, EpisodeConfig()) == classes
+
+
+def test_size_filters():
+    cfg = EpisodeConfig()
+    samples = group(139, 27, ["no"], ["a"]) + group(140, 27, ["no"], ["b"], first_sid=1000)
+    assert list(build_classes(samples, VERIFY, cfg)) == ["27_b_no"]
+    # A class of 140 whose question groups are 135 + 5: the 5-group is dropped.
+    samples = group(135, 27, ["no"], ["c"], qid=1) + group(5, 27, ["no"], ["c"], qid=2, first_sid=500)
+    assert {q: len(g) for q, g in build_classes(samples, VERIFY, cfg)["27_c_no"].items()} == {1: 135}
+    # 14 choose samples in groups of 7: big enough a class, no group >= 10 -> no class.
+    samples = group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1) + group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=2, first_sid=50)
+    assert build_classes(samples, CHOOSE, cfg) == {}
+    assert list(build_classes(samples[:7] + group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1, first_sid=50), CHOOSE, cfg)) == ["30_x+y_x"]
+    samples = group(49, 42, ["p"], ["q"], QUERY) + group(50, 42, ["r"], ["q"], QUERY, first_sid=100)
+    assert list(build_classes(samples, QUERY, cfg)) == ["42_q_r"]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_class_split_is_seeded_80_20_and_disjoint():
+    cfg = small_cfg()
+    classes = build_classes(world(), VERIFY, cfg)
+    assert len(classes) == 20
+    sides = split_classes(classes, cfg)
+    train, test = set(sides["meta-train"]), set(sides["meta-test"])
+    assert (len(train), len(test)) == (16, 4)
+    assert not train & test and train | test == set(classes)
+    # The documented procedure: sorted keys, default_rng(222).permutation, first floor(0.8 n) to meta-train.
+    keys = sorted(classes)
+    order = np.random.default_rng(222).permutation(len(keys))
+    assert train == {keys[i] for i in order[:16]}
+    assert split_classes(classes, cfg) == sides
+    other = split_classes(classes, dataclasses.replace(cfg, split_seed=1))
+    assert set(other["meta-train"]) != train
+    assert seeded_split(range(15), 0.8, 0)[0].__len__() == 12
+
+
+def test_patient_split_keeps_train_and_test_ecgs_apart():
+    cfg = small_cfg(split_mode="patient")
+    # Each class: 12 train, 6 valid, 12 test samples; ECG ids differ per sample, so per split.
+    samples = world(split_of=lambda i: "train" if i < 12 else "valid" if i < 18 else "test")
+    sides = split_classes(build_classes(samples, VERIFY, cfg), cfg)
+    class_sides = split_classes(build_classes(samples, VERIFY, cfg), small_cfg())
+    for side, qa_split in (("meta-train", "train"), ("meta-test", "test")):
+        assert set(sides[side]) == set(class_sides[side])
+        members = [s for groups in sides[side].values() for g in groups.values() for s in g]
+        assert {s["split"] for s in members} == {qa_split}
+        assert len(members) == 12 * len(sides[side])
+    ecgs = {
+        side: {s["ecg_id"][0] for groups in sides[side].values() for g in groups.values() for s in g}
+        for side in sides
+    }
+    assert ecgs["meta-train"] and ecgs["meta-test"] and not ecgs["meta-train"] & ecgs["meta-test"]
+    # Groups that fall below min_group_size on one side are dropped there.
+    thin = world(split_of=lambda i: "train" if i < 25 else "test")
+    thin_sides = split_classes(build_classes(thin, VERIFY, cfg), cfg)
+    assert len(thin_sides["meta-train"]) == 16 and thin_sides["meta-test"] == {}
+    with pytest.raises(EpisodeError, match="split_mode 'patient' needs the ECG-QA split"):
+        split_classes(build_classes(world(), VERIFY, cfg), cfg)
+
+
+def test_template_split_holds_out_whole_templates():
+    cfg = small_cfg(split_mode="template")
+    classes = build_classes(world(n_templates=10, classes_per_template=3), VERIFY, cfg)
+    sides = split_classes(classes, cfg)
+    tids = {side: {int(k.split("_")[0]) for k in sides[side]} for side in sides}
+    assert (len(tids["meta-train"]), len(tids["meta-test"])) == (8, 2)
+    assert not tids["meta-train"] & tids["meta-test"]
+    assert len(sides["meta-train"]) == 24 and len(sides["meta-test"]) == 6
+    order = np.random.default_rng(222).permutation(10)
+    assert tids["meta-train"] == {100 + int(i) for i in order[:8]}
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_episodes_shape_and_no_replacement():
+    cfg = small_cfg(meta_train_fraction=1.0)
+    sampler = EpisodeSampler(world(), cfg, "meta-train", seed=3)
+    for ep in sampler.episodes(20):
+        assert json.loads(json.dumps(ep)) == ep
+        assert len(ep["classes"]) == len(set(ep["classes"])) == 5
+        assert len(ep["support"]) == 25 and len(ep["query"]) == 25
+        ids = [it["sample_id"] for it in ep["support"] + ep["query"]]
+        assert len(set(ids)) == 50
+        for way, key in enumerate(ep["classes"]):
+            items = ep["support"][5 * way : 5 * way + 5] + ep["query"][5 * way : 5 * way + 5]
+            assert {it["class"] for it in items} == {key}
+            assert len({it["question"] for it in items}) == 1  # one question group per class
+        item = ep["support"][0]
+        assert set(item) == {"sample_id", "ecg_id", "question", "answer", "class", "template_id", "question_type"}
+        assert isinstance(item["ecg_id"], int) and item["answer"] == ["yes"] and item["question_type"] == VERIFY
+
+
+def test_episodes_are_deterministic():
+    cfg = small_cfg(meta_train_fraction=1.0)
+    samples = world()
+    a = EpisodeSampler(samples, cfg, "meta-train", seed=5).episodes(10)
+    b = EpisodeSampler(samples[::-1], cfg, "meta-train", seed=5).episodes(10)
+    c = EpisodeSampler(samples, cfg, "meta-train", seed=6).episodes(10)
+    assert a == b and a != c
+    assert EpisodeSampler(samples, cfg, "meta-train", seed=5).episodes(4) == a[:4]
+    assert len({json.dumps(ep) for ep in a}) == 10
+
+
+def test_meta_test_episodes_use_meta_test_classes():
+    cfg = small_cfg(n_way=2)
+    samples = world()
+    sides = split_classes(build_classes(samples, VERIFY, cfg), cfg)
+    test_classes = {k for ep in EpisodeSampler(samples, cfg, "meta-test", 0).episodes(30) for k in ep["classes"]}
+    assert test_classes == set(sides["meta-test"])
+    train_classes = {k for ep in EpisodeSampler(samples, cfg, "meta-train", 0).episodes(30) for k in ep["classes"]}
+    assert train_classes <= set(sides["meta-train"]) and not train_classes & test_classes
+
+
+def test_mixed_draws_each_episode_from_one_type():
+    cfg = small_cfg(question_type="mixed", meta_train_fraction=1.0, n_way=3)
+    samples = world(4, 1, qtype=VERIFY)
+    offset = len(samples)
+    for qtype in (CHOOSE, QUERY):
+        extra = world(4, 1, qtype=qtype)
+        for s in extra:
+            s["sample_id"] += offset
+            s["question_id"] += offset
+        offset += len(extra)
+        samples += extra
+    types = []
+    for ep in EpisodeSampler(samples, cfg, "meta-train", 0).episodes(30):
+        kinds = {it["question_type"] for it in ep["support"] + ep["query"]}
+        assert len(kinds) == 1
+        types.append(kinds.pop())
+    assert set(types) == {VERIFY, CHOOSE, QUERY}
+    with pytest.raises(EpisodeError, match="meta-train single-choose .* 0 eligible classes"):
+        EpisodeSampler(world(4, 1), cfg, "meta-train", 0)
+
+
+def test_none_samples_shared_by_classes_are_not_repeated():
+    cfg = small_cfg(question_type=CHOOSE, meta_train_fraction=1.0, n_way=2)
+    # 25 "none" answers to "a or b?": each sits in 30_a_none and 30_b_none, same question group.
+    samples = group(25, 30, ["none"], ["a", "b"], CHOOSE)
+    sampler = EpisodeSampler(samples, cfg, "meta-train", 0)
+    for ep in sampler.episodes(10):
+        assert sorted(ep["classes"]) == ["30_a_none", "30_b_none"]
+        ids = [it["sample_id"] for it in ep["support"] + ep["query"]]
+        assert len(set(ids)) == 20
+    # With 12 shared samples the two classes cannot both get 10 unused ones.
+    tight_cfg = dataclasses.replace(cfg, min_class_size={CHOOSE: 10})
+    tight = EpisodeSampler(samples[:12], tight_cfg, "meta-train", 0)
+    with pytest.raises(EpisodeError, match="could not find 10 unused samples per class"):
+        tight.episode(0)
+
+
+def test_errors_name_the_counts():
+    samples = world(2, 2)
+    with pytest.raises(EpisodeError, match=r"meta-train single-verify \(class split\): 3 eligible classes of 3, fewer than n_way=5"):
+        EpisodeSampler(samples, small_cfg(), "meta-train", 0)
+    with pytest.raises(EpisodeError, match=r"0 eligible classes of 4.*= 20 \+ 5 = 25 samples \(largest group here: 20\)"):
+        EpisodeSampler(world(2, 2, per_class=20), small_cfg(meta_train_fraction=1.0, n_way=2, k_shot=20), "meta-train", 0)
+    with pytest.raises(EpisodeError, match="split 'train': expected one of"):
+        EpisodeSampler(samples, small_cfg(), "train", 0)
+    with pytest.raises(EpisodeError, match="episodes.k_shot must be >= 1, got 0"):
+        EpisodeSampler(samples, small_cfg(k_shot=0), "meta-train", 0)
+    with pytest.raises(EpisodeError, match="sample_id 0 occurs twice"):
+        EpisodeSampler(samples + samples[:1], small_cfg(), "meta-train", 0)
+
+
+def test_real_shard_episodes(shard):
+    cfg = EpisodeConfig(n_way=2, meta_train_fraction=1.0)
+    ep = EpisodeSampler(shard, cfg, "meta-train", seed=0).episode(0)
+    assert set(ep["classes"]) <= {"27_baseline drift_no", "27_burst noise_no", "27_static noise_no"}
+    assert all(it["answer"] == ["no"] and it["template_id"] == 27 for it in ep["support"] + ep["query"])
+    with pytest.raises(EpisodeError, match="meta-train single-verify \\(class split\\): 2 eligible classes of 2"):
+        EpisodeSampler(shard, EpisodeConfig(), "meta-train", 0)
