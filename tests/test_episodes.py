@@ -321,3 +321,37 @@ def test_real_shard_episodes(shard):
     assert all(it["answer"] == ["no"] and it["template_id"] == 27 for it in ep["support"] + ep["query"])
     with pytest.raises(EpisodeError, match="meta-train single-verify \\(class split\\): 2 eligible classes of 2"):
         EpisodeSampler(shard, EpisodeConfig(), "meta-train", 0)
+
+
+# ----------------------------------------------------------------------------- Ray Data
+
+
+@pytest.mark.slow
+def test_episode_dataset_shards_are_disjoint_and_cover_all(ray_session):
+    from ecgray.data.episodes import sampler_dataset
+
+    sampler = EpisodeSampler(world(), small_cfg(n_way=3), "meta-train", seed=1)
+    ds = sampler_dataset(sampler, 12)
+    shards = [[row for row in part.iter_rows()] for part in ds.split(2, equal=True)]
+    indices = [{row["index"] for row in rows} for rows in shards]
+    assert len(indices[0]) == len(indices[1]) == 6
+    assert not indices[0] & indices[1] and indices[0] | indices[1] == set(range(12))
+    expected = sampler.episodes(12)
+    for rows in shards:
+        for row in rows:
+            assert json.loads(row["episode"]) == expected[row["index"]]
+
+
+@pytest.mark.slow
+def test_episode_dataset_streaming_split(ray_session):
+    """What ray.train.get_dataset_shard does: streaming_split, consumed concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ecgray.data.episodes import sampler_dataset
+
+    ds = sampler_dataset(EpisodeSampler(world(), small_cfg(n_way=3), "meta-train", seed=2), 10)
+    iterators = ds.streaming_split(2, equal=True)
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda it: [row["index"] for row in it.iter_rows()], iterators))
+    assert len(parts[0]) == len(parts[1]) == 5
+    assert sorted(parts[0] + parts[1]) == list(range(10))

@@ -417,14 +417,18 @@ def episode_dataset(
     `EpisodeSampler(..., seed).episodes(count)`, so the dataset is the same on every run, and
     `ray.train.get_dataset_shard` (or `Dataset.split`) hands each worker a disjoint part of it.
     """
-    import ray
-
     from ecgray.data.shards import read_qa
 
     types = None if cfg.question_type == "mixed" else [cfg.question_type]
     samples = read_qa(prepared_dir, source=source, variant=variant, question_types=types)
-    sampler = EpisodeSampler(samples, cfg, split, seed)
-    rows = [
-        {"index": i, "episode": json.dumps(ep)} for i, ep in enumerate(sampler.episodes(count, progress=count >= 1000))
-    ]
-    return ray.data.from_items(rows)
+    return sampler_dataset(EpisodeSampler(samples, cfg, split, seed), count)
+
+
+def sampler_dataset(sampler: EpisodeSampler, count: int):
+    """Episodes 0..count-1 of `sampler` as a Ray Dataset (rows: `index`, `episode` JSON string)."""
+    import ray
+
+    episodes = sampler.episodes(count, progress=count >= 1000)
+    rows = [{"index": i, "episode": json.dumps(ep)} for i, ep in enumerate(episodes)]
+    # Several blocks, so that splitting the dataset across workers does not have to cut one block.
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(count, 64)))
