@@ -355,3 +355,71 @@ def test_episode_dataset_streaming_split(ray_session):
         parts = list(pool.map(lambda it: [row["index"] for row in it.iter_rows()], iterators))
     assert len(parts[0]) == len(parts[1]) == 5
     assert sorted(parts[0] + parts[1]) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def write_qa_parquet(prepared_dir, samples, source="ptbxl", variant="template"):
+    """A tiny `qa/` table with the columns of docs/architecture.md."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("sample_id", pa.int64()), ("template_id", pa.int32()), ("question_id", pa.int32()),
+        ("question_type", pa.string()), ("attribute_type", pa.string()), ("question", pa.string()),
+        ("answer", pa.list_(pa.string())), ("ecg_id", pa.list_(pa.int64())),
+        ("attribute", pa.list_(pa.string())), ("source", pa.string()), ("variant", pa.string()),
+        ("split", pa.string()),
+    ])  # fmt: skip
+    rows = [{**s, "source": source, "variant": variant, "split": s.get("split", "train")} for s in samples]
+    (prepared_dir / "qa").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), prepared_dir / "qa" / "part-00000.parquet")
+
+
+def test_cli_help_and_bad_dir(tmp_path, capsys):
+    from ecgray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["episodes", "--help"])
+    assert exit_info.value.code == 0 and "--k-shot" in capsys.readouterr().out
+    assert main(["episodes", "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path}: no qa/ folder" in capsys.readouterr().err
+
+
+def test_cli_prints_episodes_from_a_qa_table(tmp_path, capsys):
+    pytest.importorskip("ecgray.data.shards", reason="read_qa (ecgray/data/shards.py) has not landed yet")
+    from ecgray.cli import main
+
+    samples = world(split_of=lambda i: "train" if i < 15 else "test")
+    write_qa_parquet(tmp_path, samples)
+    args = ["episodes", "--data", str(tmp_path), "--question-type", VERIFY, "--n-way", "2", "--k-shot", "3",
+            "--n-query", "2", "--split", "meta-test", "--count", "4", "--seed", "7",
+            "--set", "episodes.min_class_size.single-verify=20"]  # fmt: skip
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    episodes = [json.loads(line) for line in lines]
+    cfg = small_cfg(n_way=2, k_shot=3, n_query=2)
+    assert episodes == EpisodeSampler(samples, cfg, "meta-test", seed=7).episodes(4)
+    assert all(len(ep["support"]) == 6 and len(ep["query"]) == 4 for ep in episodes)
+    # patient mode: meta-test episodes only use ECG-QA test-split samples (sample i >= 15 of each class).
+    assert main([*args, "--split-mode", "patient"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        ep = json.loads(line)
+        assert all(it["sample_id"] % 30 >= 15 for it in ep["support"] + ep["query"])
+    assert main([*args, "--n-way", "9"]) == 2
+    assert "fewer than n_way=9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_episode_dataset_from_prepared_dir(tmp_path, ray_session):
+    pytest.importorskip("ecgray.data.shards", reason="read_qa (ecgray/data/shards.py) has not landed yet")
+    from ecgray.data.episodes import episode_dataset
+
+    samples = world()
+    write_qa_parquet(tmp_path, samples)
+    cfg = small_cfg(n_way=3)
+    rows = episode_dataset(str(tmp_path), cfg, "meta-train", 6, seed=4).take_all()
+    assert [json.loads(r["episode"]) for r in sorted(rows, key=lambda r: r["index"])] == EpisodeSampler(
+        samples, cfg, "meta-train", 4
+    ).episodes(6)

@@ -41,9 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecgray.data.episodes import EpisodeError, EpisodeSampler
-    from ecgray.data.shards import read_qa
-
     for flag, fld in _EPISODE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -57,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"ecgray episodes: --count must be >= 0, got {args.count}", file=sys.stderr)
         return 2
     seed = cfg.seed if args.seed is None else args.seed
+
+    from ecgray.data.episodes import EpisodeError, EpisodeSampler
+    from ecgray.data.shards import read_qa
 
     qt = cfg.episodes.question_type
     samples = read_qa(
