@@ -43,9 +43,7 @@ def qa(tid, answer, attribute, qtype=VERIFY, qid=1, sid=0, ecg=1, split=None):
 def group(n, tid, answer, attribute, qtype=VERIFY, qid=1, first_sid=0, split=None, first_ecg=None):
     """n samples of one question; ECG ids follow the sample ids unless first_ecg is given."""
     first_ecg = first_sid if first_ecg is None else first_ecg
-    return [
-        qa(tid, answer, attribute, qtype, qid, first_sid + i, first_ecg + i, split) for i in range(n)
-    ]
+    return [qa(tid, answer, attribute, qtype, qid, first_sid + i, first_ecg + i, split) for i in range(n)]
 
 
 def small_cfg(**changes) -> EpisodeConfig:
@@ -157,9 +155,13 @@ def test_size_filters():
     samples = group(135, 27, ["no"], ["c"], qid=1) + group(5, 27, ["no"], ["c"], qid=2, first_sid=500)
     assert {q: len(g) for q, g in build_classes(samples, VERIFY, cfg)["27_c_no"].items()} == {1: 135}
     # 14 choose samples in groups of 7: big enough a class, no group >= 10 -> no class.
-    samples = group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1) + group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=2, first_sid=50)
+    samples = group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1) + group(
+        7, 30, ["x"], ["x", "y"], CHOOSE, qid=2, first_sid=50
+    )
     assert build_classes(samples, CHOOSE, cfg) == {}
-    assert list(build_classes(samples[:7] + group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1, first_sid=50), CHOOSE, cfg)) == ["30_x+y_x"]
+    assert list(
+        build_classes(samples[:7] + group(7, 30, ["x"], ["x", "y"], CHOOSE, qid=1, first_sid=50), CHOOSE, cfg)
+    ) == ["30_x+y_x"]
     samples = group(49, 42, ["p"], ["q"], QUERY) + group(50, 42, ["r"], ["q"], QUERY, first_sid=100)
     assert list(build_classes(samples, QUERY, cfg)) == ["42_q_r"]
 
@@ -238,8 +240,18 @@ def test_episodes_shape_and_no_replacement():
             assert {it["class"] for it in items} == {key}
             assert len({it["question"] for it in items}) == 1  # one question group per class
         item = ep["support"][0]
-        assert set(item) == {"sample_id", "ecg_id", "question", "answer", "class", "template_id", "question_type"}
-        assert isinstance(item["ecg_id"], int) and item["answer"] == ["yes"] and item["question_type"] == VERIFY
+        assert set(item) == {
+            "sample_id",
+            "ecg_id",
+            "question",
+            "answer",
+            "class",
+            "template_id",
+            "question_type",
+        }
+        assert (
+            isinstance(item["ecg_id"], int) and item["answer"] == ["yes"] and item["question_type"] == VERIFY
+        )
 
 
 def test_episodes_are_deterministic():
@@ -257,9 +269,13 @@ def test_meta_test_episodes_use_meta_test_classes():
     cfg = small_cfg(n_way=2)
     samples = world()
     sides = split_classes(build_classes(samples, VERIFY, cfg), cfg)
-    test_classes = {k for ep in EpisodeSampler(samples, cfg, "meta-test", 0).episodes(30) for k in ep["classes"]}
+    test_classes = {
+        k for ep in EpisodeSampler(samples, cfg, "meta-test", 0).episodes(30) for k in ep["classes"]
+    }
     assert test_classes == set(sides["meta-test"])
-    train_classes = {k for ep in EpisodeSampler(samples, cfg, "meta-train", 0).episodes(30) for k in ep["classes"]}
+    train_classes = {
+        k for ep in EpisodeSampler(samples, cfg, "meta-train", 0).episodes(30) for k in ep["classes"]
+    }
     assert train_classes <= set(sides["meta-train"]) and not train_classes & test_classes
 
 
@@ -302,10 +318,17 @@ def test_none_samples_shared_by_classes_are_not_repeated():
 
 def test_errors_name_the_counts():
     samples = world(2, 2)
-    with pytest.raises(EpisodeError, match=r"meta-train single-verify \(class split\): 3 eligible classes of 3, fewer than n_way=5"):
+    with pytest.raises(
+        EpisodeError,
+        match=r"meta-train single-verify \(class split\): 3 eligible classes of 3, fewer than n_way=5",
+    ):
         EpisodeSampler(samples, small_cfg(), "meta-train", 0)
-    with pytest.raises(EpisodeError, match=r"0 eligible classes of 4.*= 20 \+ 5 = 25 samples \(largest group here: 20\)"):
-        EpisodeSampler(world(2, 2, per_class=20), small_cfg(meta_train_fraction=1.0, n_way=2, k_shot=20), "meta-train", 0)
+    with pytest.raises(
+        EpisodeError, match=r"0 eligible classes of 4.*= 20 \+ 5 = 25 samples \(largest group here: 20\)"
+    ):
+        EpisodeSampler(
+            world(2, 2, per_class=20), small_cfg(meta_train_fraction=1.0, n_way=2, k_shot=20), "meta-train", 0
+        )
     with pytest.raises(EpisodeError, match="split 'train': expected one of"):
         EpisodeSampler(samples, small_cfg(), "train", 0)
     with pytest.raises(EpisodeError, match="episodes.k_shot must be >= 1, got 0"):
@@ -319,7 +342,9 @@ def test_real_shard_episodes(shard):
     ep = EpisodeSampler(shard, cfg, "meta-train", seed=0).episode(0)
     assert set(ep["classes"]) <= {"27_baseline drift_no", "27_burst noise_no", "27_static noise_no"}
     assert all(it["answer"] == ["no"] and it["template_id"] == 27 for it in ep["support"] + ep["query"])
-    with pytest.raises(EpisodeError, match="meta-train single-verify \\(class split\\): 2 eligible classes of 2"):
+    with pytest.raises(
+        EpisodeError, match="meta-train single-verify \\(class split\\): 2 eligible classes of 2"
+    ):
         EpisodeSampler(shard, EpisodeConfig(), "meta-train", 0)
 
 

@@ -170,8 +170,7 @@ def build_classes(samples: Iterable[Sample], question_type: str, cfg: EpisodeCon
     """
     if question_type not in cfg.min_class_size:
         raise EpisodeError(
-            f"episodes.min_class_size has no entry for {question_type!r} "
-            f"(has {sorted(cfg.min_class_size)})"
+            f"episodes.min_class_size has no entry for {question_type!r} (has {sorted(cfg.min_class_size)})"
         )
     members: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
@@ -274,7 +273,9 @@ class EpisodeSampler:
     depend on n (a worker can build any episode on its own).
     """
 
-    def __init__(self, samples: Iterable[Sample], cfg: EpisodeConfig, split: str = "meta-train", seed: int = 0):
+    def __init__(
+        self, samples: Iterable[Sample], cfg: EpisodeConfig, split: str = "meta-train", seed: int = 0
+    ):
         if split not in SPLITS:
             raise EpisodeError(f"split {split!r}: expected one of {SPLITS}")
         for name in ("n_way", "k_shot", "n_query"):

@@ -28,7 +28,9 @@ _EPISODE_FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="prepared-shards dir holding qa/*.parquet (default: data.prepared_dir)")
+    parser.add_argument(
+        "--data", help="prepared-shards dir holding qa/*.parquet (default: data.prepared_dir)"
+    )
     parser.add_argument("--question-type", choices=[*QUESTION_TYPES, "mixed"], help="episodes.question_type")
     parser.add_argument("--n-way", type=int, help="episodes.n_way (classes per episode)")
     parser.add_argument("--k-shot", type=int, help="episodes.k_shot (support samples per class)")
