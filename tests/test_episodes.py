@@ -448,3 +448,32 @@ def test_episode_dataset_from_prepared_dir(tmp_path, ray_session):
     assert [json.loads(r["episode"]) for r in sorted(rows, key=lambda r: r["index"])] == EpisodeSampler(
         samples, cfg, "meta-train", 4
     ).episodes(6)
+
+
+def test_patient_mode_on_real_ecg_ids_shares_no_patient(shared_data):
+    """Samples on real PTB-XL ECG ids, split as ECG-QA splits them: no patient on both sides."""
+    import csv
+
+    ecgqa = shared_data / "ecgqa/ptbxl"
+    split_of_ecg = {}
+    for split in ("train", "test"):
+        rows = [line.split("\t") for line in (ecgqa / f"{split}_ecgs.tsv").read_text().splitlines()]
+        split_of_ecg.update({int(ecg): split for _, ecg in rows})
+    with open(shared_data / "ptbxl/ptbxl_database_subset.csv", newline="") as f:
+        patient_of = {int(r["ecg_id"]): int(float(r["patient_id"])) for r in csv.DictReader(f)}
+    ids = {
+        s: sorted(e for e, sp in split_of_ecg.items() if sp == s and e in patient_of)
+        for s in ("train", "test")
+    }
+    samples = world(split_of=lambda i: "train" if i < 15 else "test")
+    counters = {"train": 0, "test": 0}
+    for s in samples:
+        s["ecg_id"] = [ids[s["split"]][counters[s["split"]]]]
+        counters[s["split"]] += 1
+    cfg = small_cfg(split_mode="patient", n_way=3)
+    patients = {}
+    for side in ("meta-train", "meta-test"):
+        episodes = EpisodeSampler(samples, cfg, side, seed=0).episodes(20)
+        patients[side] = {patient_of[it["ecg_id"]] for ep in episodes for it in ep["support"] + ep["query"]}
+    assert len(patients["meta-train"]) > 50 and len(patients["meta-test"]) > 20
+    assert not patients["meta-train"] & patients["meta-test"]
