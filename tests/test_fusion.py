@@ -75,7 +75,9 @@ def test_prefix_depends_on_the_ecg_per_sample():
     torch.testing.assert_close(m(pooled[1:]), out[1:])  # rows are independent
 
 
-@pytest.mark.parametrize("kind, cls", [("attention", AttentionMapper), ("mlp", MLPMapper), ("qformer", QFormerMapper)])
+@pytest.mark.parametrize(
+    "kind, cls", [("attention", AttentionMapper), ("mlp", MLPMapper), ("qformer", QFormerMapper)]
+)
 def test_build_mapper_and_backward(kind, cls):
     torch.manual_seed(0)
     cfg = ModelConfig(mapper=kind, mlp_hidden=32, qformer_width=32, qformer_layers=1)

@@ -109,7 +109,9 @@ class _QFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         # pre-norm: cross-attention to the ECG tokens, then self-attention among the queries, then MLP
         x = x + self.dropout(
-            _attention(self.norm_x(x), self.norm_kv(memory), self.cross_q, self.cross_kv, self.cross_o, self.n_heads)
+            _attention(
+                self.norm_x(x), self.norm_kv(memory), self.cross_q, self.cross_kv, self.cross_o, self.n_heads
+            )
         )
         s = self.norm_s(x)
         x = x + self.dropout(_attention(s, s, self.self_q, self.self_kv, self.self_o, self.n_heads))
@@ -165,6 +167,12 @@ def build_mapper(cfg: ModelConfig, d_enc: int, d_llm: int) -> nn.Module:
         return MLPMapper(d_enc, d_llm, cfg.n_prefix, cfg.mlp_hidden, cfg.dropout)
     if cfg.mapper == "qformer":
         return QFormerMapper(
-            d_enc, d_llm, cfg.n_prefix, cfg.n_heads, cfg.qformer_layers, cfg.qformer_width, cfg.qformer_dropout
+            d_enc,
+            d_llm,
+            cfg.n_prefix,
+            cfg.n_heads,
+            cfg.qformer_layers,
+            cfg.qformer_width,
+            cfg.qformer_dropout,
         )
     raise ValueError(f"model.mapper: unknown mapper {cfg.mapper!r}; expected attention, mlp or qformer")

@@ -1,0 +1,478 @@
+"""The ECG-language model, top to bottom: encode -> fuse -> splice into the prompt -> frozen LLM.
+
+    ECG (B, 12, T) --frozen encoder--> tokens (B, N, D_enc), pooled (B, D_enc)      [cacheable per ECG]
+                   --mapper (the only trainable part, maybe fast weights)--> prefix (B, n_prefix, D_llm)
+                   --spliced into the token embeddings of the prompt--> frozen LLM --> answer-token logits
+
+Every sequence has three parts, `[before ; prefix ; after]`:
+
+    prefix_first    before = [BOS]                        after = "Question: {q}" "Answer: " answer EOS
+    question_first  before = [BOS] "Question: {q}"        after = "Answer: " answer EOS
+    paper_compat    before = []                           after = tokenizer("Question: {q}Answer: ") cut /
+                                                                  padded to 30 tokens (with its BOS)
+
+(BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.) `before` is
+LEFT-padded and `after` RIGHT-padded, so the prefix sits at one column for the whole batch and every row is
+contiguous; explicit position ids skip the padding, so a padded row computes exactly what it would alone.
+`before` does not depend on the ECG, so it can be run once without gradient and reused as a KV cache: with
+question_first that is the whole question (computed once per episode, reused by every inner step).
+
+Teacher forcing: the loss covers the answer tokens + EOS only, and logits are computed only at the
+positions that predict them (final hidden state gathered there, then the LM head), never for the whole
+sequence and vocabulary. `paper_compat` reproduces the official quirk: answer token j (BOS included) is read
+from the logit at position n_prefix - 1 + j, i.e. over the question; the answer is never fed.
+
+The LLM is frozen (requires_grad False, eval mode); gradients flow through its activations into the prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ecgray.config import ModelConfig
+
+QUESTION_WRAP = "Question: "
+ANSWER_WRAP = "Answer: "
+
+
+def answer_text(answer: list[str] | str) -> str:
+    """An ECG-QA answer (an unordered set) as the string the LLM learns: sorted, joined with ", "."""
+    if isinstance(answer, str):
+        return answer
+    return ", ".join(sorted(a.strip().lower() for a in answer))
+
+
+@dataclass
+class PromptRows:
+    """Tokenised rows as Python lists (cheap to concatenate across tasks); `collate` makes tensors."""
+
+    before: list[list[int]]
+    after: list[list[int]]
+    target_start: list[int]
+    """Index into `[prefix ; after]` of the position whose logit predicts the first target token."""
+    targets: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.before)
+
+    def __add__(self, other: PromptRows) -> PromptRows:
+        return PromptRows(
+            self.before + other.before,
+            self.after + other.after,
+            self.target_start + other.target_start,
+            self.targets + other.targets,
+        )
+
+    def select(self, index: list[int]) -> PromptRows:
+        return PromptRows(
+            [self.before[i] for i in index],
+            [self.after[i] for i in index],
+            [self.target_start[i] for i in index],
+            [self.targets[i] for i in index],
+        )
+
+
+@dataclass
+class PromptBatch:
+    """Padded tensors of B rows + (optionally) the frozen KV cache of their `before` tokens."""
+
+    before_ids: torch.Tensor  # (B, Lb) left-padded
+    before_mask: torch.Tensor  # (B, Lb)
+    after_ids: torch.Tensor  # (B, R) right-padded
+    after_mask: torch.Tensor  # (B, R)
+    target_pos: torch.Tensor  # (B, A) index into [prefix ; after]
+    target_ids: torch.Tensor  # (B, A)
+    target_mask: torch.Tensor  # (B, A) bool
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    """Per layer (keys, values) of `before`, (B, heads, Lb, head_dim); None: `before` is run every pass."""
+
+    @property
+    def size(self) -> int:
+        return self.after_ids.shape[0]
+
+
+@dataclass
+class TaskData:
+    """One support or query set: frozen encoder outputs + tokenised prompts (built once per episode)."""
+
+    pooled: torch.Tensor  # (B, D_enc)
+    tokens: torch.Tensor | None  # (B, N, D_enc) or None when the mapper reads only the pooled vector
+    rows: PromptRows
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+
+
+class ECGLanguageModel(nn.Module):
+    """Frozen encoder + trainable mapper + frozen LLM (module docstring).
+
+    encoder: (B, 12, T), lead_mask -> (tokens, pooled), or None when features come precomputed.
+    mapper: `fusion.build_mapper(...)`; llm, tokenizer: `llm.load_llm(...)`."""
+
+    def __init__(
+        self, encoder: nn.Module | None, mapper: nn.Module, llm: nn.Module, tokenizer, cfg: ModelConfig
+    ):
+        super().__init__()
+        if cfg.paper_compat and cfg.prompt_layout != "prefix_first":
+            raise ValueError(
+                "model.paper_compat=True needs model.prompt_layout=prefix_first (the paper's layout)"
+            )
+        self.cfg = cfg
+        self.encoder = encoder
+        self.mapper = mapper
+        self.llm = llm
+        self.tokenizer = tokenizer
+        for module in (encoder, llm):
+            if module is not None:
+                module.eval()
+                module.requires_grad_(False)
+        self.decoder = llm.base_model  # the transformer without its LM head
+        self.lm_head = llm.get_output_embeddings()
+        self.embed = llm.get_input_embeddings()  # Gemma's sqrt(D) scale lives inside: same space as prefix
+        self.d_llm = int(self.embed.weight.shape[1])
+        self.softcap = getattr(llm.config, "final_logit_softcapping", None)
+        params = inspect.signature(self.decoder.forward).parameters
+        # transformers >= 5.2x calls the cache argument `cache`, older releases `past_key_values`
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.sliding_window = getattr(llm.config, "sliding_window", None)
+
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: needs an EOS token (the answer ends with it)")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        probe = tokenizer("a")["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.bos = [int(bos)] if bos is not None and probe and probe[0] == bos else []
+        self._question_wrap = self._ids(QUESTION_WRAP)
+        self._answer_wrap = self._ids(ANSWER_WRAP)
+
+    def train(self, mode: bool = True) -> ECGLanguageModel:
+        # Only the mapper ever trains (dropout); the frozen parts stay in eval mode.
+        self.mapper.train(mode)
+        self.training = mode
+        return self
+
+    # ------------------------------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(
+        self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen encoder: ecg (B, 12, T) -> (tokens (B, N, D_enc), pooled (B, D_enc)); cache these per ECG."""
+        if self.encoder is None:
+            raise ValueError("ECGLanguageModel.encode: built without an encoder; pass precomputed features")
+        return self.encoder(ecg, lead_mask)
+
+    # -------------------------------------------------------------------------------------------- fuse
+    def mapper_params(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (the meta-parameters), by name."""
+        return dict(self.mapper.named_parameters())
+
+    def fuse(
+        self, pooled: torch.Tensor, tokens: torch.Tensor | None, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(B, D_enc), (B, N, D_enc) -> prefix (B, n_prefix, D_llm); `params` = fast weights (else the module's)."""
+        if params is None:
+            return self.mapper(pooled, tokens)
+        return functional_call(self.mapper, params, (pooled, tokens))
+
+    # ------------------------------------------------------------------------------------------ prompt
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_rows(
+        self, questions: list[str], answers: list[list[str] | str | list[int]] | None = None, eos: bool = True
+    ) -> PromptRows:
+        """Tokenise B samples for the configured layout. answers: ECG-QA answer lists / strings, or token-id
+        lists (decoding); None: no targets. eos: append EOS to the targets (proper mode)."""
+        if answers is not None and len(answers) != len(questions):
+            raise ValueError(f"prompt_rows: {len(questions)} questions but {len(answers)} answers")
+        rows = PromptRows([], [], [], [])
+        n_prefix = self.cfg.n_prefix
+        for i, question in enumerate(questions):
+            answer = None if answers is None else answers[i]
+            if self.cfg.paper_compat:
+                # the official input: tokenizer(prompt) with its BOS, cut / padded to 30; target keeps its BOS
+                prompt = self.tokenizer(f"{QUESTION_WRAP}{question.lower()}{ANSWER_WRAP}")["input_ids"]
+                prompt = list(prompt)[: self.cfg.paper_prompt_tokens]
+                prompt += [self.pad_id] * (self.cfg.paper_prompt_tokens - len(prompt))
+                if answer is None:
+                    target = []
+                elif isinstance(answer, list) and answer and isinstance(answer[0], int):
+                    target = list(answer)
+                else:
+                    target = list(self.tokenizer(answer_text(answer))["input_ids"])
+                if len(target) > len(prompt) + 1:
+                    raise ValueError(
+                        f"paper_compat: answer of {len(target)} tokens is longer than the "
+                        f"{len(prompt)}-token prompt it is read from (sample {i})"
+                    )
+                rows.before.append([])
+                rows.after.append(prompt)
+                rows.target_start.append(n_prefix - 1)  # over the question: the quirk
+                rows.targets.append(target)
+                continue
+            q_ids = self._ids(question.lower())[: self.cfg.max_question_tokens]
+            if answer is None:
+                a_ids = []
+            elif isinstance(answer, list) and answer and isinstance(answer[0], int):
+                a_ids = list(answer)
+            else:
+                a_ids = self._ids(answer_text(answer))
+            target = a_ids + ([self.eos_id] if eos and answer is not None else [])
+            if self.cfg.prompt_layout == "question_first":
+                before = self.bos + self._question_wrap + q_ids
+                after = self._answer_wrap + a_ids
+            else:
+                before = list(self.bos)
+                after = self._question_wrap + q_ids + self._answer_wrap + a_ids
+            # the token at index n_prefix + len(after without answer) - 1 predicts the first answer token
+            rows.before.append(before)
+            rows.after.append(after)  # EOS is only a target: nothing is predicted from its position
+            rows.target_start.append(n_prefix + len(after) - len(a_ids) - 1)
+            rows.targets.append(target)
+        return rows
+
+    def collate(self, rows: PromptRows, use_cache: bool | None = None) -> PromptBatch:
+        """Pad rows into tensors; with use_cache (default: question_first) also run `before` once (no grad)."""
+        device = self.embed.weight.device
+        before_ids, before_mask = _pad(rows.before, self.pad_id, left=True)
+        after_ids, after_mask = _pad(rows.after, self.pad_id, left=False)
+        target_ids, target_mask = _pad(rows.targets, self.pad_id, left=False)
+        width = target_ids.shape[1]
+        target_pos = torch.tensor(rows.target_start, dtype=torch.long)[:, None] + torch.arange(width)[None]
+        # padded target slots point at position 0 (masked out anyway) so gathers stay in range
+        target_pos = torch.where(target_mask.bool(), target_pos, torch.zeros_like(target_pos))
+        batch = PromptBatch(
+            before_ids.to(device),
+            before_mask.to(device),
+            after_ids.to(device),
+            after_mask.to(device),
+            target_pos.to(device),
+            target_ids.to(device),
+            target_mask.bool().to(device),
+        )
+        if use_cache is None:
+            use_cache = self.cfg.prompt_layout == "question_first"
+        if use_cache and batch.before_ids.shape[1] > 0:
+            batch.cache = self._before_cache(rows, batch)
+        return batch
+
+    @torch.no_grad()
+    def _before_cache(self, rows: PromptRows, batch: PromptBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lb = batch.before_ids.shape[1]
+        if self.sliding_window is not None and lb >= self.sliding_window - 1:
+            raise ValueError(
+                f"question_first KV cache: {lb} question tokens do not fit the LLM's sliding window "
+                f"({self.sliding_window}); lower model.max_question_tokens"
+            )
+        # Episodes repeat questions (one question_id group per class): run each distinct one once.
+        distinct: dict[tuple[int, ...], int] = {}
+        inverse = [distinct.setdefault(tuple(b), len(distinct)) for b in rows.before]
+        first = [inverse.index(u) for u in range(len(distinct))]
+        ids, mask = batch.before_ids[first], batch.before_mask[first]
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = self._new_cache(None)
+        self.decoder(
+            inputs_embeds=self.embed(ids),
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        index = torch.tensor(inverse, device=ids.device)
+        return [
+            (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
+        ]
+
+    def _new_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        from transformers import DynamicCache
+
+        # A fresh cache object per pass: the LLM appends the new keys to it, the stored tensors stay untouched.
+        return DynamicCache(ddp_cache_data=kv, config=self.llm.config)
+
+    # ------------------------------------------------------------------------------------- frozen LLM
+    def hidden_states(self, prefix: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor, int]:
+        """Run the frozen LLM on [before ; prefix ; after] -> (final hidden states, offset of the prefix in it)."""
+        b, p = prefix.shape[:2]
+        if b != batch.size or prefix.shape[2] != self.d_llm:
+            raise ValueError(
+                f"prefix {tuple(prefix.shape)} does not fit the prompt batch: expected ({batch.size}, "
+                f"n_prefix, {self.d_llm})"
+            )
+        if p != self.cfg.n_prefix:
+            raise ValueError(f"prefix has {p} positions but model.n_prefix={self.cfg.n_prefix}")
+        device = prefix.device
+        parts = [prefix.to(self.embed.weight.dtype), self.embed(batch.after_ids)]  # (B, P, D), (B, R, D)
+        mask = torch.cat([batch.before_mask, batch.before_mask.new_ones(b, p), batch.after_mask], dim=1)
+        n_before = batch.before_mask.sum(1, keepdim=True)  # (B, 1) real tokens before the prefix
+        kwargs = {}
+        if batch.cache is not None:
+            kwargs[self._cache_kw] = self._new_cache(batch.cache)
+            position_ids = n_before + torch.arange(p + batch.after_ids.shape[1], device=device)[None]
+            offset = 0
+        else:
+            parts.insert(0, self.embed(batch.before_ids))
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+            offset = batch.before_ids.shape[1]
+        out = self.decoder(
+            inputs_embeds=torch.cat(parts, dim=1),
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=batch.cache is not None,
+            **kwargs,
+        )
+        return out.last_hidden_state, offset
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head (+ Gemma's final soft-capping) in fp32."""
+        logits = self.lm_head(hidden).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def target_logits(
+        self, prefix: torch.Tensor, batch: PromptBatch, full_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits at the positions that predict each target token: (N, V) over the True cells of target_mask
+        (row-major). full_logits: compute the whole (B, S, V) first (the reference engine's cost)."""
+        hidden, offset = self.hidden_states(prefix, batch)
+        pos = batch.target_pos + offset  # (B, A)
+        if full_logits:
+            logits = self.logits(hidden)  # (B, S, V)
+            picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+            return picked[batch.target_mask]
+        picked = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, A, D)
+        return self.logits(picked[batch.target_mask])  # (N, V)
+
+    def token_nll(self, prefix: torch.Tensor, batch: PromptBatch, full_logits: bool = False) -> torch.Tensor:
+        """Teacher-forced negative log-likelihood per target token, (B, A), zero on padding."""
+        logits = self.target_logits(prefix, batch, full_logits)
+        nll = batch.target_mask.new_zeros(batch.target_mask.shape, dtype=torch.float32)
+        nll = nll.masked_scatter(
+            batch.target_mask, F.cross_entropy(logits, batch.target_ids[batch.target_mask], reduction="none")
+        )
+        return nll
+
+    # ---------------------------------------------------------------------------------------- training
+    def task_data(
+        self, pooled: torch.Tensor, tokens: torch.Tensor | None, questions: list[str], answers
+    ) -> TaskData:
+        """One support / query set from precomputed encoder outputs."""
+        if pooled.shape[0] != len(questions):
+            raise ValueError(f"task_data: {pooled.shape[0]} ECG vectors but {len(questions)} questions")
+        return TaskData(pooled, tokens, self.prompt_rows(questions, answers))
+
+    def task_losses(
+        self,
+        fast_weights: list[dict[str, torch.Tensor]],
+        tasks: list[TaskData],
+        batch: PromptBatch | None = None,
+        full_logits: bool = False,
+    ) -> torch.Tensor:
+        """Mean answer-token loss of each task under its own fast weights, (M,), in ONE frozen-LLM pass over
+        all M tasks' rows. batch: `collate` of the tasks' rows concatenated (pass it to reuse the KV cache)."""
+        if len(fast_weights) != len(tasks):
+            raise ValueError(f"task_losses: {len(fast_weights)} fast-weight sets for {len(tasks)} tasks")
+        if batch is None:
+            batch = self.collate(stack_rows(tasks))
+        prefix = torch.cat(
+            [self.fuse(t.pooled, t.tokens, w) for w, t in zip(fast_weights, tasks, strict=True)], dim=0
+        )  # (sum of B_m, n_prefix, D_llm)
+        nll = self.token_nll(prefix, batch, full_logits)
+        sizes = [len(t.rows) for t in tasks]
+        per_task_nll = torch.stack([chunk.sum() for chunk in nll.split(sizes)])
+        per_task_count = torch.stack([chunk.sum() for chunk in batch.target_mask.split(sizes)])
+        if (per_task_count == 0).any():
+            raise ValueError("task_losses: a task has no answer tokens (answers missing?)")
+        return per_task_nll / per_task_count
+
+    # ---------------------------------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def score_options(
+        self, prefix: torch.Tensor, questions: list[str], options: list[list[str]], chunk: int = 256
+    ) -> list[torch.Tensor]:
+        """Constrained decoding: log p(option + EOS | prompt) summed over its tokens, for every admissible
+        option of every sample -> list of (n_options_i,) tensors. Rows go through the LLM in chunks."""
+        if self.cfg.paper_compat:
+            raise ValueError(
+                "score_options: option scoring needs teacher forcing; set model.paper_compat=False"
+            )
+        flat = [(i, o) for i, opts in enumerate(options) for o in opts]
+        if not flat:
+            raise ValueError("score_options: no options given")
+        scores = []
+        for start in range(0, len(flat), chunk):
+            part = flat[start : start + chunk]
+            rows = self.prompt_rows([questions[i] for i, _ in part], [o for _, o in part])
+            nll = self.token_nll(prefix[[i for i, _ in part]], self.collate(rows))
+            scores.append(-nll.sum(1))
+        flat_scores = torch.cat(scores)
+        return list(flat_scores.split([len(o) for o in options]))
+
+    def greedy(
+        self, prefix: torch.Tensor, questions: list[str], max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Greedy decoding until EOS or max_answer_tokens -> answer strings."""
+        ids = self.greedy_ids(prefix, questions, max_new_tokens)
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+    @torch.no_grad()
+    def greedy_ids(
+        self, prefix: torch.Tensor, questions: list[str], max_new_tokens: int | None = None
+    ) -> list[list[int]]:
+        """Greedy token ids (EOS excluded); one LLM pass per new token, the question cache built once."""
+        if self.cfg.paper_compat:
+            raise ValueError("greedy: the paper's quirk never feeds the answer; use target_predictions")
+        max_new_tokens = max_new_tokens or self.cfg.max_answer_tokens
+        generated: list[list[int]] = [[] for _ in questions]
+        done = [False] * len(questions)
+        # the cache of the question part does not change while decoding: build it once
+        base = self.collate(self.prompt_rows(questions, [[self.eos_id]] * len(questions), eos=False))
+        for _ in range(max_new_tokens):
+            # a placeholder token at the end makes its predicting position a target: read the next token there
+            rows = self.prompt_rows(questions, [g + [self.eos_id] for g in generated], eos=False)
+            batch = self.collate(rows, use_cache=False)
+            batch.cache = base.cache
+            logits = self.target_logits(prefix, batch)  # (N, V) row-major
+            last = torch.cumsum(batch.target_mask.sum(1), 0) - 1
+            next_ids = logits[last].argmax(-1).tolist()
+            for i, tok in enumerate(next_ids):
+                if not done[i]:
+                    if tok == self.eos_id:
+                        done[i] = True
+                    else:
+                        generated[i].append(tok)
+            if all(done):
+                break
+        return generated
+
+    @torch.no_grad()
+    def target_predictions(self, prefix: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+        """argmax token at every target position, (B, A) (padding: -1). With paper_compat this is the
+        official prediction (length taken from the gold answer): token accuracy = mean(pred == target)."""
+        pred = self.target_logits(prefix, batch).argmax(-1)
+        out = torch.full_like(batch.target_ids, -1)
+        return out.masked_scatter(batch.target_mask, pred)
+
+
+def stack_rows(tasks: list[TaskData]) -> PromptRows:
+    """The prompt rows of M tasks, concatenated in task order (for one shared LLM pass)."""
+    rows = tasks[0].rows
+    for t in tasks[1:]:
+        rows = rows + t.rows
+    return rows

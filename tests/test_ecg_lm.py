@@ -1,0 +1,173 @@
+"""The ECG-language model forward: teacher forcing against a hand-built LLM call, both layouts, the KV cache,
+padding invariance, paper_compat, decoding, and a frozen LLM that never receives a gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ecgray.config import EncoderConfig, ModelConfig
+from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
+from ecgray.models.encoder import ECGEncoder
+from ecgray.models.fusion import build_mapper
+from ecgray.models.llm import llm_hidden_size, load_llm
+
+QUESTIONS = [
+    "Does this ECG show symptoms of baseline drift?",
+    "Which leads show static noise in this ECG?",
+    "Does this ECG show symptoms of baseline drift?",
+]
+ANSWERS = [["yes"], ["v1", "lead i"], ["no"]]
+D_ENC = 16
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma"])
+def llm(request):
+    return request.param, *load_llm(request.param)
+
+
+def make_model(llm, layout="prefix_first", **overrides) -> ECGLanguageModel:
+    name, model, tokenizer = llm
+    cfg = ModelConfig(llm=name, prompt_layout=layout, **overrides)
+    torch.manual_seed(0)
+    mapper = build_mapper(cfg, D_ENC, llm_hidden_size(model)).eval()
+    return ECGLanguageModel(None, mapper, model, tokenizer, cfg)
+
+
+def hand_built_nll(m: ECGLanguageModel, prefix, question, answer, layout) -> torch.Tensor:
+    """One sample through the plain HF forward, full logits, with the answer spliced by hand."""
+    tok, emb = m.tokenizer, m.llm.get_input_embeddings()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    bos = [tok.bos_token_id]  # the tiny tokenizers prepend BOS
+    q, a = ids("Question: ") + ids(question.lower()), ids(answer_text(answer))
+    if layout == "prefix_first":
+        before, after = bos, q + ids("Answer: ") + a
+    else:
+        before, after = bos + q, ids("Answer: ") + a
+    x = torch.cat([emb(torch.tensor([before])), prefix[None], emb(torch.tensor([after]))], 1)
+    logits = m.llm(inputs_embeds=x).logits[0].float()
+    first = len(before) + prefix.shape[0] + len(after) - len(a) - 1  # predicts the first answer token
+    targets = torch.tensor(a + [tok.eos_token_id])
+    return F.cross_entropy(logits[first : first + len(targets)], targets, reduction="none")
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_teacher_forced_loss_equals_hand_built_forward(llm, layout):
+    m = make_model(llm, layout)
+    prefix = m.fuse(torch.randn(3, D_ENC), None)
+    batch = m.collate(m.prompt_rows(QUESTIONS, ANSWERS))
+    assert (batch.cache is not None) == (layout == "question_first")
+    nll = m.token_nll(prefix, batch)
+    for i in range(3):
+        ref = hand_built_nll(m, prefix[i], QUESTIONS[i], ANSWERS[i], layout)
+        assert int(batch.target_mask[i].sum()) == len(ref)
+        torch.testing.assert_close(nll[i, : len(ref)], ref, rtol=1e-4, atol=1e-4)
+    # answer-position logits == full-sequence logits, gathered
+    torch.testing.assert_close(m.token_nll(prefix, batch, full_logits=True), nll, rtol=1e-5, atol=1e-5)
+
+
+def test_question_cache_equals_full_pass_and_padding_is_invisible(llm):
+    m = make_model(llm, "question_first")
+    prefix = m.fuse(torch.randn(3, D_ENC), None)
+    rows = m.prompt_rows(QUESTIONS, ANSWERS)
+    cached = m.token_nll(prefix, m.collate(rows))
+    full = m.token_nll(prefix, m.collate(rows, use_cache=False))
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    for i in range(3):  # a padded row computes what it computes alone
+        alone = m.token_nll(prefix[i : i + 1], m.collate(rows.select([i])))
+        torch.testing.assert_close(alone[0], cached[i, : alone.shape[1]], rtol=1e-5, atol=1e-5)
+    # the distinct questions are run once: rows 0 and 2 share their cached keys
+    k = m.collate(rows).cache[0][0]
+    assert torch.equal(k[0], k[2]) and not torch.equal(k[0], k[1])
+
+
+def test_paper_compat_reads_the_answer_over_the_question(llm):
+    m = make_model(llm, paper_compat=True)
+    tok = m.tokenizer
+    prefix = m.fuse(torch.randn(3, D_ENC), None)
+    batch = m.collate(m.prompt_rows(QUESTIONS, ANSWERS))
+    assert batch.after_ids.shape[1] == 30 and batch.before_ids.shape[1] == 0
+    nll = m.token_nll(prefix, batch)
+    for i in range(3):
+        prompt = tok(f"Question: {QUESTIONS[i].lower()}Answer: ")["input_ids"][:30]
+        x = torch.cat([prefix[i][None], m.llm.get_input_embeddings()(torch.tensor([prompt]))], 1)
+        logits = m.llm(inputs_embeds=x).logits[0].float()
+        target = tok(answer_text(ANSWERS[i]))["input_ids"]  # BOS included: the quirk
+        assert target[0] == tok.bos_token_id
+        p = m.cfg.n_prefix
+        ref = F.cross_entropy(logits[p - 1 : p - 1 + len(target)], torch.tensor(target), reduction="none")
+        torch.testing.assert_close(nll[i, : len(target)], ref, rtol=1e-4, atol=1e-4)
+    pred = m.target_predictions(prefix, batch)
+    assert ((pred >= 0) == batch.target_mask).all()
+    with pytest.raises(ValueError, match="prefix_first"):
+        make_model(llm, "question_first", paper_compat=True)
+
+
+def test_llm_is_frozen_and_gets_no_gradient(llm):
+    m = make_model(llm, "question_first")
+    before = {k: v.clone() for k, v in m.llm.state_dict().items()}
+    tasks = [m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, ANSWERS)]
+    loss = m.task_losses([m.mapper_params()], tasks).sum()
+    loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in m.llm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.mapper.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.llm.state_dict().items())
+    m.train()
+    assert m.mapper.training and not m.llm.training
+
+
+def test_task_losses_are_per_task_token_means(llm):
+    m = make_model(llm, "question_first")
+    t1 = m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, ANSWERS)
+    t2 = m.task_data(torch.randn(2, D_ENC), None, QUESTIONS[:2], [["no"], ["v2"]])
+    w = m.mapper_params()
+    w2 = {k: v + 0.01 * torch.randn_like(v) for k, v in w.items()}
+    both = m.task_losses([w, w2], [t1, t2])
+    torch.testing.assert_close(both[0], m.task_losses([w], [t1])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], m.task_losses([w2], [t2])[0], rtol=1e-5, atol=1e-5)
+    batch = m.collate(t1.rows)
+    nll = m.token_nll(m.fuse(t1.pooled, None), batch)
+    torch.testing.assert_close(both[0], nll.sum() / batch.target_mask.sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
+    m = make_model(llm, layout)
+    prefix = m.fuse(torch.randn(3, D_ENC), None)
+    generated = m.greedy_ids(prefix, QUESTIONS, max_new_tokens=3)
+    assert len(generated) == 3 and len(m.greedy(prefix, QUESTIONS, max_new_tokens=3)) == 3
+    for i, ids in enumerate(generated):
+        rows = m.prompt_rows([QUESTIONS[i]], [ids + [m.eos_id]], eos=False)
+        pred = m.target_predictions(prefix[i : i + 1], m.collate(rows))[0].tolist()
+        if ids:  # every generated token is the argmax at its position
+            assert pred[: len(ids)] == ids
+        if len(ids) < 3:  # it stopped: EOS was the argmax
+            assert pred[len(ids)] == m.eos_id
+    options = [["yes", "no"], ["v1", "lead i, v1", "none"], ["yes", "no"]]
+    scores = m.score_options(prefix, QUESTIONS, options, chunk=2)
+    assert [s.shape[0] for s in scores] == [2, 3, 2]
+    nll = m.token_nll(prefix[[1]], m.collate(m.prompt_rows([QUESTIONS[1]], [["lead i", "v1"]])))
+    torch.testing.assert_close(scores[1][1], -nll.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_to_loss_end_to_end():
+    name, model, tokenizer = "tiny-llama", *load_llm("tiny-llama")
+    enc_cfg = EncoderConfig(d_enc=32, n_layers=1, n_heads=2, patch=25)
+    torch.manual_seed(0)
+    encoder = ECGEncoder(enc_cfg)
+    cfg = ModelConfig(llm=name, mapper="qformer", qformer_width=32, qformer_layers=1)
+    m = ECGLanguageModel(encoder, build_mapper(cfg, 32, llm_hidden_size(model)), model, tokenizer, cfg)
+    tokens, pooled = m.encode(torch.randn(3, 12, 500))
+    assert not pooled.requires_grad and not any(p.requires_grad for p in encoder.parameters())
+    loss = m.task_losses([m.mapper_params()], [m.task_data(pooled, tokens, QUESTIONS, ANSWERS)])
+    assert loss.shape == (1,) and torch.isfinite(loss).all()
+
+
+def test_bad_prefix_shape_is_named(llm):
+    m = make_model(llm)
+    batch = m.collate(m.prompt_rows(QUESTIONS, ANSWERS))
+    with pytest.raises(ValueError, match="does not fit the prompt batch"):
+        m.token_nll(torch.randn(2, 4, m.d_llm), batch)
+    with pytest.raises(ValueError, match="3 ECG vectors but 2 questions"):
+        m.task_data(torch.randn(3, D_ENC), None, QUESTIONS[:2], ANSWERS[:2])
