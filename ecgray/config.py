@@ -145,6 +145,11 @@ class EncoderConfig:
     """AdamW weight decay."""
     pretrain_temperature: float = 0.1
     """InfoNCE temperature (contrastive objective)."""
+    pretrain_lead_dropout: float = 0.1
+    """Chance that each present lead is zero-filled and masked in a training view (limited-lead robustness;
+    at least one lead is always kept)."""
+    pretrain_noise: float = 0.05
+    """Gaussian noise added to training views, as a fraction of the record's standard deviation."""
     pretrain_exclude_codes: list[str] = field(default_factory=list)
     """SCP codes never used as supervised labels (e.g. the statements of meta-test classes)."""
     probe_labels: list[str] = field(default_factory=lambda: ["NORM", "IMI", "ASMI", "LVH", "heart_axis"])

@@ -1,13 +1,17 @@
-"""ECG encoder: shapes, lead masking, determinism, checkpoint round trip and refusals."""
+"""ECG encoder: shapes, lead masking, determinism, checkpoint round trip and refusals; its pretraining
+(`ecgray pretrain-encoder`): losses fall on a tiny synthetic set, artefacts load back, probe report, Parquet
+labels."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
-from ecgray.config import EncoderConfig
+from ecgray.config import EncoderConfig, load_config
 from ecgray.models.encoder import (
     ECGEncoder,
     load_encoder,
@@ -15,6 +19,7 @@ from ecgray.models.encoder import (
     read_encoder_config,
     save_encoder,
 )
+from ecgray.train import pretrain_encoder as pe
 
 
 def tiny_cfg(**kw) -> EncoderConfig:
@@ -134,3 +139,170 @@ def test_golden_output_under_fixed_init():
 
 
 GOLDEN = [-0.17775, -0.71519, 0.01919, -0.07912]
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+
+T = 200  # samples per window (tiny)
+AXES = ["LAD", "MID", "RAD"]
+
+
+def synthetic_records(n: int, seed: int = 0):
+    """Beat trains whose lead gains follow a heart axis; ids 100.., 3/4 train, 1/4 test."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(T)
+    angles = {"LAD": -45.0, "MID": 60.0, "RAD": 120.0}
+    lead_angles = np.array([0, 60, 120, -150, -30, 90, 0, 0, 0, 0, 0, 0], dtype=float)
+    signals, metadata = [], []
+    for i in range(n):
+        axis = AXES[i % 3]
+        period = rng.integers(25, 60)
+        beat = np.zeros(T)
+        for start in range(rng.integers(0, period), T, period):
+            beat += np.exp(-0.5 * ((t - start) / 2.0) ** 2)
+        gains = np.cos(np.deg2rad(lead_angles - angles[axis]))
+        gains[6:] = rng.normal(0.5, 0.3, 6)
+        x = gains[:, None] * beat[None] + 0.05 * rng.normal(size=(12, T))
+        signals.append(x.astype(np.float32))
+        codes = {"NORM": 100.0} if axis == "MID" else {"LAD" if axis == "LAD" else "RAD": 0.0}
+        metadata.append({"scp_codes": codes, "heart_axis": axis})
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+    split = np.array(["train" if i % 4 else "test" for i in range(n)], dtype=object)
+    return ids, split, metadata, np.stack(signals)
+
+
+def array_source(n: int = 48, seed: int = 0) -> pe.PretrainData:
+    ids, split, metadata, signals = synthetic_records(n, seed)
+    row = {int(e): i for i, e in enumerate(ids)}
+
+    def get_signals(q):
+        return signals[[row[int(e)] for e in q]]
+
+    def get_mask(q):
+        return np.ones((len(q), 12), dtype=bool)
+
+    return pe.PretrainData(ids, split, metadata, get_signals, get_mask, fs=500)
+
+
+def tiny_config(tmp_path, **enc):
+    sets = {
+        "encoder.d_enc": 32,
+        "encoder.n_layers": 1,
+        "encoder.n_heads": 4,
+        "encoder.patch": 10,
+        "encoder.stem_channels": 16,
+        "encoder.pretrain_steps": 12,
+        "encoder.pretrain_batch_size": 16,
+        "encoder.pretrain_lr": 3e-3,
+        "encoder.probe_labels": ["NORM", "heart_axis", "XYZ"],
+        "encoder.dropout": 0.0,
+        "encoder.pretrain_lead_dropout": 0.0,
+    }
+    sets.update({f"encoder.{k}": v for k, v in enc.items()})
+    return load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in sets.items()])
+
+
+@pytest.mark.parametrize("objective", ["contrastive", "supervised"])
+def test_pretraining_loss_falls_and_artefacts_load(tmp_path, objective):
+    lr = 3e-3 if objective == "contrastive" else 1e-2
+    cfg = tiny_config(tmp_path, pretrain_objective=objective, pretrain_lr=lr)
+    result = pe.pretrain(cfg, array_source(), tmp_path / "out", progress=False)
+    losses = result["losses"]
+    assert len(losses) == 12
+    # InfoNCE starts at ln(16) = 2.77 (chance for a batch of 16); BCE near ln(2) = 0.69
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    log = [json.loads(line) for line in (tmp_path / "out" / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(12)) and log[-1]["loss"] == pytest.approx(losses[-1])
+    enc_cfg = cfg.encoder
+    enc_cfg.checkpoint = str(result["checkpoint"])
+    encoder = load_encoder(enc_cfg)
+    assert all(not p.requires_grad for p in encoder.parameters())
+    probe = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert probe["train_ecgs"] == 36 and probe["test_ecgs"] == 12 and probe["test_split"] == "test"
+    assert probe["labels"]["heart_axis"]["classes"] == AXES
+    assert probe["labels"]["heart_axis"]["test_counts"] == [4, 4, 4]
+    for name in ("pretrained", "random_init"):
+        scores = probe["labels"]["NORM"][name]
+        assert 0.0 <= scores["balanced_accuracy"] <= 1.0 and 0.0 <= scores["auroc"] <= 1.0
+    assert "skipped" in probe["labels"]["XYZ"]  # a code no ECG carries
+
+
+def test_pretraining_is_reproducible_for_a_seed(tmp_path):
+    cfg = tiny_config(tmp_path, pretrain_steps=3, probe_labels=[])
+    a = pe.pretrain(cfg, array_source(), tmp_path / "a", progress=False)["losses"]
+    b = pe.pretrain(cfg, array_source(), tmp_path / "b", progress=False)["losses"]
+    assert a == b
+    cfg.seed = 1
+    c = pe.pretrain(cfg, array_source(), tmp_path / "c", progress=False)["losses"]
+    assert a != c
+
+
+def test_sampling_rate_mismatch_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, fs=250)
+    with pytest.raises(ValueError, match="sampled at 500 Hz but encoder.fs=250"):
+        pe.pretrain(cfg, array_source(), tmp_path / "out", progress=False)
+
+
+def test_info_nce_prefers_matching_pairs():
+    z = torch.randn(8, 16)
+    matched = pe.info_nce(z, z + 0.01 * torch.randn(8, 16), 0.1)
+    shuffled = pe.info_nce(z, z[torch.randperm(8)], 0.1)
+    assert matched < 0.05 < shuffled
+
+
+def test_cmsc_views_and_lead_dropout():
+    x = torch.arange(2 * 12 * 100, dtype=torch.float32).reshape(2, 12, 100)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 1:] = False  # only lead I present: it must never be dropped
+    gen = torch.Generator().manual_seed(0)
+    cfg = EncoderConfig(patch=20, pretrain_lead_dropout=0.5, pretrain_noise=0.05)
+    xa, ma, xb, mb = pe.cmsc_views(x, mask, cfg, gen)
+    assert xa.shape == xb.shape == (2, 12, 40)  # T/2 = 50 -> 40 (multiple of patch)
+    assert torch.allclose(xa, x[..., :40], atol=0.05 * x.std() * 6)
+    assert ma[1].tolist() == mb[1].tolist() == mask[1].tolist()
+    assert 0 < (~ma[0]).sum() < 12 and not torch.equal(ma[0], mb[0])  # each view drops its own leads
+
+
+def test_supervised_labels_exclude_codes():
+    data = array_source()
+    assert pe.scp_label_space(data, []) == ["LAD", "NORM", "RAD"]
+    assert pe.scp_label_space(data, ["NORM"]) == ["LAD", "RAD"]
+
+
+def test_logistic_probe_separates_separable_features():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = rng.normal(size=(60, 5)) + 4.0 * np.eye(3, 5)[y]
+    proba = pe.fit_logistic(x[:45], y[:45], 3)(x[45:])
+    assert (proba.argmax(1) == y[45:]).mean() == 1.0
+    assert pe.auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+
+
+def test_read_ecg_table_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "ecgs").mkdir()
+    table = pa.table(
+        {
+            "ecg_id": pa.array([1, 2, 3], pa.int64()),
+            "fs": pa.array([500, 500, 500], pa.int32()),
+            "split": ["train", "train", "test"],
+            "metadata": [
+                json.dumps({"scp_codes": {"NORM": 100.0}, "heart_axis": "MID"}),
+                json.dumps({"scp_codes": "{'IMI': 0.0, 'LAD': 50.0}", "heart_axis": None}),
+                "",
+            ],
+        }
+    )
+    pq.write_table(table, tmp_path / "ecgs" / "part-0.parquet")
+    ids, split, meta, fs = pe.read_ecg_table(tmp_path)
+    assert ids.tolist() == [1, 2, 3] and split.tolist() == ["train", "train", "test"]
+    assert [pe.scp_codes_of(m) for m in meta] == [["NORM"], ["IMI", "LAD"], []]
+    assert fs.tolist() == [500, 500, 500]
+
+    pq.write_table(table.drop_columns(["metadata"]), tmp_path / "ecgs" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['metadata'\]"):
+        pe.read_ecg_table(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no ecgs/\\*.parquet"):
+        pe.read_ecg_table(tmp_path / "nowhere")

