@@ -1,0 +1,23 @@
+"""Meta-learning in pure torch: `adapt` (inner loop on fast weights) and the meta-gradient engines."""
+
+from ecgray.meta.maml import (
+    AdaptResult,
+    MetaStep,
+    adapt,
+    apply_meta_gradient,
+    make_meta_optimizer,
+    meta_step,
+    reference_meta_step,
+    run_meta_step,
+)
+
+__all__ = [
+    "AdaptResult",
+    "MetaStep",
+    "adapt",
+    "apply_meta_gradient",
+    "make_meta_optimizer",
+    "meta_step",
+    "reference_meta_step",
+    "run_meta_step",
+]

@@ -106,6 +106,15 @@ class TaskData:
     rows: PromptRows
 
 
+@dataclass
+class TaskSet:
+    """M tasks' support (or query) sets with their rows collated once (question KV cache included), so
+    every inner step reuses them; `ECGLanguageModel.loss_fn` reads it."""
+
+    tasks: list[TaskData]
+    batch: PromptBatch
+
+
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -400,6 +409,20 @@ class ECGLanguageModel(nn.Module):
         if (per_task_count == 0).any():
             raise ValueError("task_losses: a task has no answer tokens (answers missing?)")
         return per_task_nll / per_task_count
+
+    def task_set(self, tasks: list[TaskData]) -> TaskSet:
+        """Collate M tasks' rows into one batch (and, question_first, their question KV cache) once."""
+        return TaskSet(list(tasks), self.collate(stack_rows(tasks)))
+
+    def loss_fn(self, full_logits: bool = False):
+        """The `ecgray.meta` loss: (fast weights dict | list of M dicts, TaskSet) -> scalar | (M,)."""
+
+        def loss(fast_weights, data: TaskSet) -> torch.Tensor:
+            if isinstance(fast_weights, dict):
+                return self.task_losses([fast_weights], data.tasks, data.batch, full_logits)[0]
+            return self.task_losses(fast_weights, data.tasks, data.batch, full_logits)
+
+        return loss
 
     # ---------------------------------------------------------------------------------------- decoding
     @torch.no_grad()

@@ -1,0 +1,253 @@
+"""MAML in pure torch: the inner loop on functional fast weights and the meta-gradient (method.md section 3).
+
+A task's parameters are a dict name -> tensor (the mapper's, see `ECGLanguageModel.mapper_params`). The
+loss function is supplied by the caller and never inspected here:
+
+    loss_fn(fast_weights, data) -> loss
+        fast_weights: one dict (one task) -> a scalar loss, or
+                      a list of M dicts (M tasks in lockstep) -> (M,) losses, one per task, computed in one
+                      shared pass (e.g. `ECGLanguageModel.task_losses`: M support sets stacked into one
+                      frozen-LLM batch, each task's prefix made with its own fast weights).
+
+Because task m's loss depends only on its own fast weights, one backward of sum_m loss_m gives every task
+its own gradient: M inner loops cost one LLM forward + backward per step, not M.
+
+Engines (both return the same `MetaStep`):
+- `meta_step`: first_order=True is FOMAML: fast weights are detached after every update, the query gradient
+  after each of the inner steps query_from_step..inner_steps is taken at once w.r.t. the fast weights and
+  accumulated, so no graph outlives the pass that made it. first_order=False is full second-order MAML
+  (inner gradients with create_graph; the graph of the whole inner loop is kept: memory grows with steps,
+  and attention kernels must support double backward).
+- `reference_meta_step`: the official loop, one task: fast = theta - lr * detached grad (still attached
+  to theta), the 14 query losses kept with their graphs, one backward of their mean at the end. Its gradient
+  equals FOMAML's; it exists to measure what the fast engine saves and to check it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class AdaptResult:
+    fast_weights: Params | list[Params]
+    """Same structure as the `params` given to `adapt`, detached when first_order."""
+    support_losses: torch.Tensor
+    """(inner_steps, M): support loss of each task before each step (M = 1 for a single task)."""
+
+
+@dataclass
+class MetaStep:
+    grads: Params
+    """Meta-gradient w.r.t. the meta-parameters, averaged over the M tasks (and the query steps)."""
+    meta_loss: float
+    """Mean query loss over the query steps and tasks (what the outer step minimises)."""
+    support_losses: torch.Tensor
+    """(inner_steps, M) support loss before each inner step."""
+    query_losses: torch.Tensor
+    """(n_query_steps, M) query loss after inner steps query_from_step..inner_steps."""
+
+
+def _task_list(params: Params | list[Params]) -> tuple[list[Params], bool]:
+    if isinstance(params, dict):
+        return [params], False
+    if not params:
+        raise ValueError("adapt: no tasks (params is an empty list)")
+    return list(params), True
+
+
+def _losses(loss_fn: LossFn, fast: list[Params], batched: bool, data: Any) -> torch.Tensor:
+    loss = loss_fn(fast if batched else fast[0], data)
+    expected = (len(fast),) if batched else ()
+    if tuple(loss.shape) != expected:
+        raise ValueError(
+            f"loss_fn returned shape {tuple(loss.shape)}; expected {expected} for {len(fast)} task(s)"
+        )
+    return loss.reshape(-1)  # (M,)
+
+
+def _sgd_step(fast: list[Params], loss: torch.Tensor, inner_lr: float, first_order: bool) -> list[Params]:
+    flat = [v for task in fast for v in task.values()]
+    # sum over tasks: task m's loss depends only on task m's fast weights
+    grads = iter(torch.autograd.grad(loss.sum(), flat, create_graph=not first_order))
+    new = []
+    for task in fast:
+        step = {k: v - inner_lr * next(grads) for k, v in task.items()}
+        if first_order:
+            step = {k: v.detach().requires_grad_() for k, v in step.items()}
+        new.append(step)
+    return new
+
+
+def _start(params: list[Params], first_order: bool) -> list[Params]:
+    if first_order:
+        return [{k: v.detach().clone().requires_grad_() for k, v in p.items()} for p in params]
+    return [dict(p) for p in params]
+
+
+def adapt(
+    loss_fn: LossFn,
+    params: Params | list[Params],
+    support: Any,
+    inner_steps: int,
+    inner_lr: float,
+    first_order: bool = True,
+    on_step: Callable[[int, Params | list[Params]], None] | None = None,
+) -> AdaptResult:
+    """`inner_steps` plain SGD steps of `loss_fn` on `support` from `params` -> fast weights.
+
+    params: one task's dict, or a list of M dicts (lockstep). first_order: no graph through the updates
+    (the fast weights come back detached); else they stay differentiable w.r.t. `params`.
+    on_step(step, fast_weights) runs after every update (step = 1..inner_steps), e.g. to predict the query
+    set after each step at meta-test time."""
+    if inner_steps < 0:
+        raise ValueError(f"adapt: inner_steps must be >= 0, got {inner_steps}")
+    tasks, batched = _task_list(params)
+    fast = _start(tasks, first_order)
+    support_losses = []
+    for step in range(1, inner_steps + 1):
+        loss = _losses(loss_fn, fast, batched, support)
+        support_losses.append(loss.detach())
+        fast = _sgd_step(fast, loss, inner_lr, first_order)
+        if on_step is not None:
+            on_step(step, fast if batched else fast[0])
+    losses = torch.stack(support_losses) if support_losses else torch.zeros(0, len(tasks))
+    return AdaptResult(fast if batched else fast[0], losses)
+
+
+def _check_steps(inner_steps: int, query_from_step: int) -> None:
+    if not 1 <= query_from_step <= inner_steps:
+        raise ValueError(
+            f"meta.query_from_step={query_from_step} must lie in 1..meta.inner_steps={inner_steps}"
+        )
+
+
+def meta_step(
+    loss_fn: LossFn,
+    params: Params,
+    support: Any,
+    query: Any,
+    n_tasks: int,
+    inner_steps: int = 15,
+    inner_lr: float = 0.05,
+    query_from_step: int = 2,
+    first_order: bool = True,
+) -> MetaStep:
+    """One outer step's meta-gradient for `n_tasks` tasks whose inner loops run in lockstep.
+
+    loss_fn(list of n_tasks fast-weight dicts, support | query) -> (n_tasks,) losses; `support` / `query`
+    hold the n_tasks tasks' data (opaque here). The query loss after each inner step
+    query_from_step..inner_steps enters the meta-loss (the paper: 2..15, i.e. 14 losses)."""
+    _check_steps(inner_steps, query_from_step)
+    names = list(params)
+    theta = [params] * n_tasks
+    fast = _start(theta, first_order)
+    support_losses, query_losses = [], []
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    kept = []  # second order: query losses with their graphs
+    for step in range(1, inner_steps + 1):
+        loss = _losses(loss_fn, fast, True, support)
+        support_losses.append(loss.detach())
+        fast = _sgd_step(fast, loss, inner_lr, first_order)
+        if step < query_from_step:
+            continue
+        q_loss = _losses(loss_fn, fast, True, query)
+        query_losses.append(q_loss.detach())
+        if first_order:
+            # FOMAML: d(query loss)/d(fast weights) now; the graph of this pass is freed right here
+            flat = [task[k] for task in fast for k in names]
+            q_grads = torch.autograd.grad(q_loss.sum(), flat)
+            for i, g in enumerate(q_grads):
+                grads[names[i % len(names)]] += g
+        else:
+            kept.append(q_loss)
+    n_query_steps = len(query_losses)
+    if first_order:
+        grads = {k: g / (n_tasks * n_query_steps) for k, g in grads.items()}
+    else:
+        meta_loss = torch.stack(kept).mean()
+        leaves = [params[k] for k in names]
+        grads = dict(zip(names, torch.autograd.grad(meta_loss, leaves), strict=True))
+    query = torch.stack(query_losses)
+    return MetaStep(grads, float(query.mean()), torch.stack(support_losses), query)
+
+
+def reference_meta_step(
+    loss_fn: LossFn,
+    params: Params,
+    support: Any,
+    query: Any,
+    inner_steps: int = 15,
+    inner_lr: float = 0.05,
+    query_from_step: int = 2,
+) -> MetaStep:
+    """The official first-order loop for ONE task (loss_fn takes a one-element list, returns (1,)): query
+    losses keep their graphs until a single backward of their mean at the end."""
+    _check_steps(inner_steps, query_from_step)
+    names = list(params)
+    fast = dict(params)  # attached to the meta-parameters
+    support_losses, kept = [], []
+    for step in range(1, inner_steps + 1):
+        loss = _losses(loss_fn, [fast], True, support)
+        support_losses.append(loss.detach())
+        g = torch.autograd.grad(loss.sum(), [fast[k] for k in names])  # no create_graph: first order
+        fast = {k: fast[k] - inner_lr * gk for k, gk in zip(names, g, strict=True)}
+        if step >= query_from_step:
+            kept.append(_losses(loss_fn, [fast], True, query))  # graph retained until the end
+    meta_loss = torch.stack(kept).mean()
+    grads = dict(zip(names, torch.autograd.grad(meta_loss, [params[k] for k in names]), strict=True))
+    query_losses = torch.stack([q.detach() for q in kept])
+    return MetaStep(grads, float(meta_loss.detach()), torch.stack(support_losses), query_losses)
+
+
+def make_meta_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """AdamW(meta_lr, weight_decay) over the meta-parameters (cfg: `MetaConfig`)."""
+    return torch.optim.AdamW(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
+
+
+def apply_meta_gradient(
+    optimizer: torch.optim.Optimizer, params: Params, grads: Params, grad_clip: float | None
+) -> float:
+    """Write `grads` into `.grad`, clip their global norm to grad_clip (None / <= 0: no clipping), step.
+    Returns the norm before clipping."""
+    missing = set(params) - set(grads)
+    if missing:
+        raise ValueError(f"apply_meta_gradient: no gradient for {sorted(missing)}")
+    for k, p in params.items():
+        p.grad = grads[k].detach().to(p.dtype).clone()
+    tensors = list(params.values())
+    if grad_clip is not None and grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(tensors, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in tensors]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def run_meta_step(loss_fn: LossFn, params: Params, support: Any, query: Any, cfg) -> MetaStep:
+    """`meta_step` / `reference_meta_step` as chosen by a `MetaConfig` (n_tasks = cfg.tasks_per_step)."""
+    if cfg.engine == "reference":
+        if cfg.tasks_per_step != 1 or not cfg.first_order:
+            raise ValueError("meta.engine=reference runs one task, first order (meta.tasks_per_step=1)")
+        return reference_meta_step(
+            loss_fn, params, support, query, cfg.inner_steps, cfg.inner_lr, cfg.query_from_step
+        )
+    return meta_step(
+        loss_fn,
+        params,
+        support,
+        query,
+        cfg.tasks_per_step,
+        cfg.inner_steps,
+        cfg.inner_lr,
+        cfg.query_from_step,
+        cfg.first_order,
+    )
