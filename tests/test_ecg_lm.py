@@ -1,16 +1,20 @@
 """The ECG-language model forward: teacher forcing against a hand-built LLM call, both layouts, the KV cache,
-padding invariance, paper_compat, decoding, and a frozen LLM that never receives a gradient."""
+padding invariance, paper_compat, decoding, and a frozen LLM that never receives a gradient. Checkpoints
+(round trip, atomic replace, named mismatches) at the end."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ecgray.config import EncoderConfig, ModelConfig
+from ecgray.config import Config, ConfigError, EncoderConfig, ModelConfig
+from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, load_metrics, save_checkpoint
 from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
 from ecgray.models.encoder import ECGEncoder
-from ecgray.models.fusion import build_mapper
+from ecgray.models.fusion import AttentionMapper, build_mapper
 from ecgray.models.llm import llm_hidden_size, load_llm
 
 QUESTIONS = [
@@ -171,3 +175,52 @@ def test_bad_prefix_shape_is_named(llm):
         m.token_nll(torch.randn(2, 4, m.d_llm), batch)
     with pytest.raises(ValueError, match="3 ECG vectors but 2 questions"):
         m.task_data(torch.randn(3, D_ENC), None, QUESTIONS[:2], ANSWERS[:2])
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def test_round_trip_and_replace(tmp_path):
+    torch.manual_seed(0)
+    cfg = Config(seed=3, model=ModelConfig(mapper="attention", n_prefix=2))
+    mapper = build_mapper(cfg.model, 8, 16)
+    out = save_checkpoint(tmp_path / "ckpt", mapper.state_dict(), cfg, {"step": 100, "loss": 0.5})
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "mapper.safetensors", "metrics.json"]
+    state, loaded = load_checkpoint(out)
+    assert loaded == cfg and isinstance(loaded, Config)
+    fresh = build_mapper(loaded.model, 8, 16)
+    load_mapper_state(fresh, state)
+    for k, v in mapper.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    assert load_metrics(out) == {"step": 100, "loss": 0.5}
+    # replacing: the new one wins, no temp / old dirs are left behind
+    save_checkpoint(out, {k: v * 0 for k, v in mapper.state_dict().items()}, cfg, {"step": 200})
+    assert json.loads((out / "metrics.json").read_text()) == {"step": 200}
+    assert load_checkpoint(out)[0]["prefix"].abs().sum() == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    cfg = Config()
+    save_checkpoint(tmp_path / "c", {"w": torch.ones(2)}, cfg, {"step": 1})
+    with pytest.raises(TypeError, match="not tensors"):
+        save_checkpoint(tmp_path / "c", {"w": [1.0, 2.0]}, cfg, {"step": 2})
+    assert load_metrics(tmp_path / "c") == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_mismatches_are_named(tmp_path):
+    cfg = Config()
+    mapper = AttentionMapper(8, 16)
+    save_checkpoint(tmp_path / "c", mapper.state_dict(), cfg)
+    state, _ = load_checkpoint(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"shape mismatch \[.ff.bias: checkpoint \(16,\) vs model \(32,\)"):
+        load_mapper_state(AttentionMapper(8, 32), state)
+    with pytest.raises(ValueError, match="missing"):
+        load_mapper_state(build_mapper(ModelConfig(mapper="mlp", mlp_hidden=4), 8, 16), state)
+    (tmp_path / "c" / "config.yaml").write_text("model:\n  mapper: transformer\n")
+    with pytest.raises(ConfigError, match="model.mapper"):
+        load_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / "mapper.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="mapper.safetensors is missing"):
+        load_checkpoint(tmp_path / "c")
