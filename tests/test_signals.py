@@ -114,3 +114,9 @@ def test_bad_shapes_and_inf():
         to_canonical(x, ["I", "II"], 100, cfg(), record="q")
     with pytest.raises(SignalError, match=r"'V7' is not one of the 12 leads"):
         to_canonical(np.zeros((300, 1)), ["I"], 100, cfg(leads=["V7"]))
+
+
+def test_resampling_keeps_a_dc_offset_at_the_edges():
+    # zero padding would pull the first samples of a 7 mV offset towards 0
+    out = to_canonical(np.full((1500, 1), 7.0), ["I"], 500, cfg(fs=100))
+    assert np.allclose(out.signal[0], 7.0, atol=1e-5)

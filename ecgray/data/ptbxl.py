@@ -24,7 +24,11 @@ MIMIC_RECORD_COLUMNS = ["subject_id", "study_id", "file_name", "ecg_time", "path
 
 
 class RecordError(ValueError):
-    """A WFDB record that is missing or cannot be read; the message names the record."""
+    """A WFDB record that is missing (`missing=True`) or cannot be read; the message names the record."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +179,7 @@ class Record:
 
 def _check_header(path: Path) -> None:
     if not Path(str(path) + ".hea").is_file():
-        raise RecordError(f"record {path}: {path.name}.hea not found")
+        raise RecordError(f"record {path}: {path.name}.hea not found", missing=True)
 
 
 def read_record(path: str | Path, cfg: DataConfig | None = None) -> Record | Canonical:
@@ -187,7 +191,7 @@ def read_record(path: str | Path, cfg: DataConfig | None = None) -> Record | Can
     try:
         signal, fields = wfdb.rdsamp(str(path))
     except FileNotFoundError as err:
-        raise RecordError(f"record {path}: {Path(err.filename or '?').name} not found") from None
+        raise RecordError(f"record {path}: {Path(err.filename or '?').name} not found", missing=True) from None
     except Exception as err:  # wfdb raises bare ValueError / IndexError on damaged files
         raise RecordError(f"record {path}: wfdb could not read it ({type(err).__name__}: {err})") from None
     rec = Record(str(path), signal, list(fields["sig_name"]), float(fields["fs"]))
@@ -257,7 +261,7 @@ def read_record_fast(
     expected = sig_len * n_sig * 2
     size = dat.stat().st_size if dat.is_file() else -1
     if size < 0:
-        raise RecordError(f"record {path}: {dat.name} not found")
+        raise RecordError(f"record {path}: {dat.name} not found", missing=True)
     if size < expected:
         raise RecordError(
             f"record {path}: {dat.name} is truncated ({size} bytes, header needs {sig_len} x {n_sig} x 2 = {expected})"

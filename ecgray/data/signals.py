@@ -71,7 +71,9 @@ def resample(x: np.ndarray, fs: float, target_fs: float, record: str | None = No
     ratio = Fraction(target_fs).limit_denominator(1000) / src
     from scipy.signal import resample_poly
 
-    return resample_poly(x, ratio.numerator, ratio.denominator, axis=0)
+    # padtype="line": extend the edges along their trend instead of with zeros, so a record does not ring
+    # at its start (the window most often taken).
+    return resample_poly(x, ratio.numerator, ratio.denominator, axis=0, padtype="line")
 
 
 def _apply_nan_policy(x: np.ndarray, names: list[str], policy: str, record: str | None) -> np.ndarray:

@@ -1,0 +1,202 @@
+"""`ecgray prepare` end to end on a small fixture tree (WFDB records written here + a small ECG-QA), and the
+shards read back through ECGStore / read_qa."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ecgray.config import LEAD_NAMES, DataConfig
+from ecgray.data.prepare import PrepareError, collect, prepare, read_batch
+from ecgray.data.ptbxl import record_path
+from ecgray.data.shards import ECGStore, read_qa
+
+MIMIC_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
+CFG = dict(fs=100, window_s=2.0, read_batch_size=2, shard_rows=2)  # tiny windows: (12, 200)
+
+
+def _wrsamp(path: Path, x: np.ndarray, names: list[str], fs: int) -> None:
+    import wfdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = len(names)
+    wfdb.wrsamp(path.name, fs=fs, units=["mV"] * c, sig_name=names, p_signal=x, fmt=["16"] * c,
+                adc_gain=[1000.0] * c, baseline=[0] * c, write_dir=str(path.parent))
+
+
+def lead_values(ecg_id: int, names: list[str], t: int) -> np.ndarray:
+    """(t, C): channel named L holds ecg_id + (canonical index of L) / 100, so placement is checkable."""
+    lower = [n.lower() for n in LEAD_NAMES]
+    row = [ecg_id + lower.index(n.lower()) / 100 if n.lower() in lower else -1.0 for n in names]
+    return np.tile(np.asarray(row), (t, 1))
+
+
+def sample(sample_id, ecg_ids, qtype="single-verify", template=1, answer=("yes",)):
+    return {
+        "template_id": template, "question_id": template * 10, "sample_id": sample_id, "question_type": qtype,
+        "attribute_type": "scp_code", "question": f"q{sample_id}?", "answer": list(answer), "ecg_id": ecg_ids,
+        "attribute": None if qtype.startswith("comparison") else ["x"],
+    }
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """PTB-XL ids 1-5 (5 has no record), 6 absent from the database; MIMIC studies 40000001-2; ECG-QA both."""
+    root = tmp_path_factory.mktemp("prep")
+    ptb, qa, mimic = root / "ptbxl", root / "ecgqa", root / "mimic"
+    ptb.mkdir()
+    rows = ["ecg_id,patient_id,age,sex,scp_codes,heart_axis,static_noise,strat_fold"]
+    for i in range(1, 6):
+        rows.append(f"{i},{100 + i}.0,{50 + i},1,\"{{'NORM': 100.0}}\",MID,\" , I-AVF,  \",{i}")
+    (ptb / "ptbxl_database.csv").write_text("\n".join(rows) + "\n")
+    _wrsamp(record_path(ptb, 1), lead_values(1, LEAD_NAMES, 500), LEAD_NAMES, 100)
+    names2 = [n.lower() for n in LEAD_NAMES] + ["vx", "vy", "vz"]  # lower case + Frank leads
+    _wrsamp(record_path(ptb, 2), lead_values(2, names2, 500), names2, 100)
+    x3 = lead_values(3, LEAD_NAMES, 2000)
+    x3[100:104, 3] = np.nan  # 4 NaN samples in aVR
+    _wrsamp(record_path(ptb, 3), x3, LEAD_NAMES, 400)
+    _wrsamp(record_path(ptb, 4), lead_values(4, ["I", "II", "V1"], 1000), ["I", "II", "V1"], 500)  # missing leads
+    # 5: in the database, no record on disk; 6: referenced, not in the database
+    v = qa / "ptbxl"
+    for variant in ("template", "paraphrased"):
+        (v / variant / "train").mkdir(parents=True)
+        (v / variant / "test").mkdir(parents=True)
+        train = [sample(0, [1]), sample(1, [2], answer=("no",)), sample(2, [3]), sample(3, [5]), sample(4, [6])]
+        test = [sample(10, [4, 1], "comparison_irrelevant-query", 69, ("qrs duration",))]
+        (v / variant / "train" / "0.json").write_text(json.dumps(train))
+        (v / variant / "test" / "10.json").write_text(json.dumps(test))
+    (v / "train_ecgs.tsv").write_text("0\t1\n1\t2\n2\t3\n3\t5\n4\t6\n")
+    (v / "test_ecgs.tsv").write_text("0\t4\n")
+    m = qa / "mimic-iv-ecg" / "template" / "test"
+    m.mkdir(parents=True)
+    (m / "20.json").write_text(json.dumps([sample(20, [40000001, 40000002], "comparison_irrelevant-query", 68)]))
+    mimic.mkdir()
+    (mimic / "record_list.csv").write_text(
+        "subject_id,study_id,file_name,ecg_time,path\n"
+        "7,40000001,40000001,2150-01-01 10:00:00,files/p1000/p7/s40000001/40000001\n"
+        "8,40000002,40000002,2150-01-02 10:00:00,files/p1000/p8/s40000002/40000002\n"
+    )
+    for study in (40000001, 40000002):
+        _wrsamp(mimic / f"files/p1000/p{study - 39999994}/s{study}/{study}", lead_values(7, MIMIC_ORDER, 1000),
+                MIMIC_ORDER, 500)
+    return root
+
+
+def cfg_for(tree: Path, **kw) -> DataConfig:
+    return DataConfig(ptbxl_dir=str(tree / "ptbxl"), ecgqa_dir=str(tree / "ecgqa"), **{**CFG, **kw})
+
+
+def test_collect_lists_ids_without_metadata_and_skips_sources_without_records(tree):
+    samples, items, failures, skipped, _ = collect(cfg_for(tree))
+    assert [i["ecg_id"] for i in items] == [1, 2, 3, 4, 5]
+    assert [(f["ecg_id"], f["reason"]) for f in failures] == [(6, "not in ptbxl_database.csv")]
+    assert "mimic" in skipped and "--mimic" in skipped["mimic"]
+    assert len(samples) == 12  # 6 samples x 2 variants, PTB-XL only
+    assert {i["ecg_id"]: i["split"] for i in items} == {1: "train", 2: "train", 3: "train", 4: "test", 5: "train"}
+    assert json.loads(items[0]["metadata"])["static_noise"] == LEAD_NAMES[:6]
+
+
+def test_read_batch_without_ray(tree):
+    _, items, _, _, _ = collect(cfg_for(tree))
+    batch = {k: np.asarray([it[k] for it in items], dtype=object if k != "ecg_id" else np.int64) for k in items[0]}
+    table = read_batch(batch, cfg_for(tree).__dict__)
+    rows = table.select(["ecg_id", "error", "error_kind", "nan_count"]).to_pylist()
+    assert [r["error"] is None for r in rows] == [True, True, True, True, False]
+    assert rows[4]["error_kind"] == "missing" and "00005_hr.hea not found" in rows[4]["error"]
+    assert rows[2]["nan_count"] == 4
+
+
+@pytest.mark.slow
+def test_prepare_end_to_end(tree, ray_session, tmp_path):
+    out = tmp_path / "prepared"
+    cfg = cfg_for(tree, mimic_dir=str(tree / "mimic"))
+    report = prepare(cfg, out, progress=False)
+    assert report["records"]["read"] == 6 and report["records"]["failed"] == 2
+    assert {(f["ecg_id"], f["kind"]) for f in report["failures"]} == {(5, "missing"), (6, "missing")}
+    assert report["nan"] == {"policy": "interpolate", "records_with_nan": 1, "nan_samples": 4,
+                             "per_record": {"ptbxl/3": 4}}
+    # samples 3 and 4 need the missing ECGs 5 and 6, in both variants
+    assert report["qa"]["dropped_missing_ecg"] == 4 and report["qa"]["rows"] == 9
+    assert report["qa"]["by"]["ptbxl/paraphrased/train/single-verify"] == 3
+    assert report["qa"]["by"]["mimic/template/test/comparison_irrelevant-query"] == 1
+    assert json.loads((out / "report.json").read_text())["records"] == report["records"]
+    assert sorted(p.name for p in (out / "ecgs").iterdir()) == ["part-00000.parquet", "part-00001.parquet",
+                                                                 "part-00002.parquet"]
+
+    # shards read back with pyarrow alone
+    table = pq.read_table(out / "ecgs")
+    assert table.column("signal").type.list_size == 12 and table.column("signal").type.value_type.list_size == 200
+    store = ECGStore.open(out)
+    assert sorted(store.ecg_ids.tolist()) == [1, 2, 3, 4, 40000001, 40000002]
+    x = store.signals([2, 1, 40000001])
+    assert x.shape == (3, 12, 200) and x.dtype == np.float32 and x.flags.c_contiguous
+    expect = np.arange(12) / 100
+    assert np.allclose(x[0, :, 0], 2 + expect, atol=1e-3)  # lower-case names, vx/vy/vz dropped
+    assert np.allclose(x[1, :, 50], 1 + expect, atol=1e-3)
+    assert np.allclose(x[2, :, 7], 7 + expect, atol=1e-3)  # MIMIC order: aVF/aVL back in place
+    assert np.allclose(store.signals([3])[0, 3, :], 3.03, atol=1e-3)  # 400 Hz resampled, NaN interpolated
+    assert store.lead_mask([4])[0].tolist() == [n in ("I", "II", "V1") for n in LEAD_NAMES]
+    assert store.patient_ids([1, 4, 40000002]).tolist() == [101, 104, 8]
+    assert store.split([1, 4]) == ["train", "test"]
+    with pytest.raises(KeyError, match="ecg_id 5 is not in the prepared ECGs"):
+        store.signals([1, 5])
+    meta = json.loads(table["metadata"][table["ecg_id"].to_pylist().index(1)].as_py())
+    assert meta["age"] == 51 and meta["scp_codes"] == {"NORM": 100.0} and meta["heart_axis"] == "MID"
+
+    qa = read_qa(out, source="ptbxl", variant="template")
+    assert sorted(r["sample_id"] for r in qa) == [0, 1, 2, 10]
+    comparison = [r for r in qa if r["sample_id"] == 10][0]
+    assert comparison["ecg_id"] == [4, 1] and comparison["attribute"] is None and comparison["split"] == "test"
+    assert len(read_qa(out, question_types=["single-verify"])) == 6
+    assert len(read_qa(out, source="mimic")) == 1
+
+    # re-run: the same shards, the output replaced whole, no temporary directories left behind
+    first = {p.name: pq.read_table(p) for p in (out / "ecgs").iterdir()}
+    prepare(cfg, out, progress=False)
+    second = {p.name: pq.read_table(p) for p in (out / "ecgs").iterdir()}
+    assert first.keys() == second.keys() and all(first[k].equals(second[k]) for k in first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+@pytest.mark.slow
+def test_prepare_strict_fails_and_leaves_nothing(tree, ray_session, tmp_path):
+    out = tmp_path / "prepared"
+    with pytest.raises(PrepareError, match=r"--strict: 2 records missing or corrupt: .*00005_hr.hea not found.*"
+                                           r"not in ptbxl_database.csv"):
+        prepare(cfg_for(tree), out, strict=True, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_strict_exit_code_and_message(tree, ray_session, tmp_path, capsys):
+    from ecgray.cli import main
+
+    args = ["prepare", "--ptbxl", str(tree / "ptbxl"), "--ecgqa", str(tree / "ecgqa"), "--out", str(tmp_path / "o"),
+            "--no-progress", "--set", "data.fs=100", "data.window_s=2.0"]
+    assert main(args + ["--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ecgray prepare: --strict: 2 records missing or corrupt: record ") and "00005_hr" in err
+    assert not (tmp_path / "o").exists()
+    assert main(args) == 0
+    assert "prepared 4 ECGs (2 missing or corrupt" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["config"]["fs"] == 100
+
+
+def test_refuses_to_replace_a_foreign_directory(tree, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="is not a prepared directory"):
+        prepare(cfg_for(tree), tmp_path / "home", progress=False)
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_help_works(capsys):
+    from ecgray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--help"])
+    assert exit_info.value.code == 0 and "--strict" in capsys.readouterr().out
