@@ -255,15 +255,33 @@ class SynthConfig:
 @_forbid_extra
 @dataclass
 class ServeConfig:
+    """The few-shot QA service (`ecgray serve`, serve/config.yaml): where it listens and what it accepts."""
+
     host: str = "127.0.0.1"
+    """Interface the HTTP proxy binds to; loopback unless deliberately opened."""
     port: int = 8000
+    """HTTP port of the Serve proxy."""
     checkpoint: str | None = None
+    """Checkpoint directory (`ecgray.models.checkpoint`) whose mapper and config the service loads."""
     max_payload_mb: float = 16.0
+    """Largest request body, checked before the body is parsed (413 beyond it)."""
     max_support: int = 100
+    """Most support items in one support set (the paper's episodes hold 25)."""
     max_queries: int = 64
+    """Most query ECGs in one /v1/answer request."""
+    max_options: int = 64
+    """Most admissible options scored for one question."""
+    max_duration_s: float = 120.0
+    """Longest ECG accepted, in seconds at its own sampling rate (ECG-QA records are 10 s)."""
     adapter_cache_mb: float = 512.0
+    """Memory cap of the adapted fast weights kept per replica (LRU, by tensor bytes)."""
     max_batch_size: int = 16
+    """Query ECGs answered in one batched pass across requests (@serve.batch)."""
     batch_wait_timeout_s: float = 0.02
+    """How long a batch waits to fill before running."""
+    template_answers: str | None = None
+    """answers_for_each_template.csv giving each template's admissible options; None: the PTB-XL table
+    shipped in ecgray/synth/assets."""
 
 
 @_forbid_extra

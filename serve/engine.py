@@ -1,0 +1,231 @@
+"""The model side of the service, without Ray: frozen models loaded once, adaptation, batched answering.
+
+`QAEngine.adapt` runs the inner loop (`ecgray.meta.adapt`, method.md section 3: inner_steps plain SGD steps
+of inner_lr on the whole support set, dropout off) and returns the fast weights. `QAEngine.answer` answers
+a batch of queries, each with its own fast weights (None: the meta-learned weights), in one frozen-LLM pass:
+the admissible options are scored when known (constrained decoding), else the answer is decoded greedily.
+
+Adaptation works on its own copy of the mapper module: `functional_call` swaps a module's parameters while
+it runs, so the answering thread and the adapting thread must never share one.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecgray.config import Config, ServeConfig
+from ecgray.data.signals import Canonical
+
+Params = dict[str, torch.Tensor]
+DEFAULT_TEMPLATE_ANSWERS = (
+    Path(__file__).resolve().parents[1]
+    / "ecgray"
+    / "synth"
+    / "assets"
+    / "ecgqa_ptbxl_answers_for_each_template.csv"
+)
+
+
+@dataclass
+class Query:
+    ecg: Canonical
+    question: str
+    options: list[str] | None
+    fast_weights: Params | None
+    """None: the meta-learned (zero-shot) weights."""
+
+
+def read_template_answers(path: str | Path) -> dict[int, list[str]]:
+    """answers_for_each_template.csv (template_id, Python-literal list) -> template_id -> admissible answers."""
+    out = {}
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                out[int(row["template_id"])] = [str(a) for a in ast.literal_eval(row["classes"])]
+            except (KeyError, ValueError, SyntaxError) as err:
+                raise ValueError(f"{path}: line {line}: expected template_id,classes ({err})") from None
+    return out
+
+
+def params_bytes(params: Params) -> int:
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+class AdapterCache:
+    """LRU of fast weights capped by their tensor bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, Params] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Params | None:
+        params = self._items.get(key)
+        if params is not None:
+            self._items.move_to_end(key)
+        return params
+
+    def put(self, key: str, params: Params) -> None:
+        size = params_bytes(params)
+        if size > self.max_bytes:
+            raise ValueError(
+                f"adapter of {size} bytes does not fit serve.adapter_cache_mb ({self.max_bytes} bytes)"
+            )
+        if key in self._items:
+            self._items.move_to_end(key)
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= params_bytes(old)
+            self.evictions += 1
+        self._items[key] = params
+        self.bytes += size
+
+
+class QAEngine:
+    """Frozen encoder + LLM and the meta-learned mapper of one checkpoint (module docstring)."""
+
+    def __init__(self, cfg: Config, mapper_state: Params, device: str = "cpu"):
+        from ecgray.models.checkpoint import load_mapper_state
+        from ecgray.models.ecg_lm import ECGLanguageModel
+        from ecgray.models.encoder import load_encoder
+        from ecgray.models.fusion import build_mapper
+        from ecgray.models.llm import llm_hidden_size, load_llm
+
+        if cfg.encoder.fs != cfg.data.fs:
+            raise ValueError(
+                f"encoder.fs={cfg.encoder.fs} Hz but data.fs={cfg.data.fs} Hz: the encoder reads data.fs"
+            )
+        self.cfg = cfg
+        encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
+        llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
+        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm))
+        load_mapper_state(mapper, mapper_state, source="checkpoint mapper")
+        self.lm = ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model).to(device).eval()
+        # adaptation's own mapper module (module docstring); encoder and LLM are shared, read-only
+        self.adapt_lm = ECGLanguageModel(encoder, copy.deepcopy(mapper), llm, tokenizer, cfg.model).eval()
+        self.device = torch.device(device)
+        h = hashlib.sha256()
+        for name, tensor in sorted(mapper_state.items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self.checkpoint_id = h.hexdigest()[:16]
+        # what an adapter id depends on besides the support set
+        self.model_id = (
+            f"{self.checkpoint_id}|{cfg.model.llm}|{cfg.model.prompt_layout}|{cfg.meta.inner_steps}|"
+            f"{cfg.meta.inner_lr}|{cfg.data.fs}|{cfg.data.window_s}|{cfg.data.window}|{cfg.data.leads}"
+        )
+        self.adapter_bytes = params_bytes(dict(mapper.named_parameters()))
+
+    # ------------------------------------------------------------------------------------------- encode
+    def _encode(self, lm, ecgs: list[Canonical]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.stack([e.signal for e in ecgs])).to(self.device)  # (B, 12, T)
+        mask = torch.from_numpy(np.stack([e.lead_mask for e in ecgs])).to(self.device)  # (B, 12)
+        tokens, pooled = lm.encode(x, mask)
+        return pooled, tokens
+
+    # -------------------------------------------------------------------------------------------- adapt
+    def adapt(self, support: list[tuple[Canonical, str, list[str]]]) -> tuple[Params, list[float]]:
+        """Inner loop on one support set -> (fast weights, support loss before each step)."""
+        from ecgray.meta.maml import adapt
+
+        lm = self.adapt_lm
+        pooled, tokens = self._encode(lm, [s[0] for s in support])
+        data = lm.task_set([lm.task_data(pooled, tokens, [s[1] for s in support], [s[2] for s in support])])
+        params = {k: v.detach() for k, v in lm.mapper_params().items()}
+        with torch.enable_grad():
+            result = adapt(lm.loss_fn(), params, data, self.cfg.meta.inner_steps, self.cfg.meta.inner_lr)
+        fast = {k: v.detach() for k, v in result.fast_weights.items()}
+        return fast, result.support_losses[:, 0].tolist()
+
+    # ------------------------------------------------------------------------------------------- answer
+    @torch.no_grad()
+    def answer(self, queries: list[Query]) -> list[dict]:
+        """Answer a batch: one encoder pass, one mapper call per distinct fast-weight set, one LLM pass for
+        the option-scored rows and one greedy decode for the rest."""
+        lm = self.lm
+        pooled, tokens = self._encode(lm, [q.ecg for q in queries])
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(id(q.fast_weights), []).append(i)
+        prefix = [None] * len(queries)
+        for index in groups.values():
+            weights = queries[index[0]].fast_weights
+            rows = torch.tensor(index)
+            out = lm.fuse(pooled[rows], None if tokens is None else tokens[rows], weights)  # (b, P, D_llm)
+            for k, i in enumerate(index):
+                prefix[i] = out[k]
+        prefix = torch.stack(prefix)  # (B, n_prefix, D_llm)
+        results: list[dict] = [{} for _ in queries]
+        scored = [i for i, q in enumerate(queries) if q.options]
+        if scored:
+            options = [queries[i].options for i in scored]
+            scores = lm.score_options(prefix[scored], [queries[i].question for i in scored], options)
+            for i, opts, s in zip(scored, options, scores, strict=True):
+                values = [float(v) for v in s]
+                bad = [o for o, v in zip(opts, values, strict=True) if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"non-finite option scores for {bad}")
+                results[i] = {
+                    "answer": opts[int(np.argmax(values))],
+                    "scores": dict(zip(opts, values, strict=True)),
+                }
+        free = [i for i, q in enumerate(queries) if not q.options]
+        if free:
+            texts = lm.greedy(prefix[free], [queries[i].question for i in free])
+            for i, text in zip(free, texts, strict=True):
+                results[i] = {"answer": text, "scores": None}
+        return results
+
+    def info(self) -> dict:
+        from ecgray.config import to_dict
+
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "llm": self.cfg.model.llm,
+            "d_llm": self.lm.d_llm,
+            "mapper": self.cfg.model.mapper,
+            "mapper_params": sum(p.numel() for p in self.lm.mapper.parameters()),
+            "adapter_bytes": self.adapter_bytes,
+            "model": to_dict(self.cfg.model),
+            "encoder": to_dict(self.cfg.encoder),
+            "data": to_dict(self.cfg.data),
+            "meta": {"inner_steps": self.cfg.meta.inner_steps, "inner_lr": self.cfg.meta.inner_lr},
+        }
+
+
+def load_engine(checkpoint: str | Path, llm: str | None = None, device: str = "cpu") -> QAEngine:
+    """A checkpoint directory (safetensors + YAML, never pickle) -> QAEngine; `llm` overrides model.llm."""
+    from ecgray.config import from_dict, to_dict
+    from ecgray.models.checkpoint import load_checkpoint
+
+    state, cfg = load_checkpoint(checkpoint)
+    if llm is not None:
+        tree = to_dict(cfg)
+        tree["model"]["llm"] = llm
+        cfg = from_dict(tree)
+    return QAEngine(cfg, state, device)
+
+
+def serve_limits_check(engine: QAEngine, cfg: ServeConfig) -> None:
+    """Fail at start-up when the adapter cache cannot hold even one adapter."""
+    cap = int(cfg.adapter_cache_mb * 2**20)
+    if cap < engine.adapter_bytes:
+        raise ValueError(
+            f"serve.adapter_cache_mb={cfg.adapter_cache_mb} ({cap} bytes) cannot hold one adapter "
+            f"({engine.adapter_bytes} bytes for {engine.cfg.model.llm})"
+        )

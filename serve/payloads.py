@@ -1,0 +1,326 @@
+"""Request bodies of the QA service and their conversion into the encoder's input (no Ray, no torch).
+
+An ECG arrives in one of three forms, each turned into the canonical (12, T) window by
+`ecgray.data.signals.to_canonical` -- exactly the path `ecgray prepare` uses in training:
+
+    {"fs": 500, "leads": ["I", ...], "signal": [[...], ...]}                      leads x samples, JSON numbers
+    {"fs": 500, "leads": [...], "data": "<base64>", "dtype": "float32", "shape": [L, T]}   little-endian
+    {"wfdb": {"header": "<.hea text>", "dat": "<base64 of the .dat>"}}            a WFDB record pair
+
+Every fault is a `PayloadError` naming the field (`ecgs[1].signal`) and what was expected; the service
+turns it into a 4xx JSON answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
+from ecgray.data.signals import Canonical, SignalError, check_fs, lead_index, to_canonical
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
+class PayloadError(ValueError):
+    """A request that cannot be served; `field` is the dotted path into the body, `status` the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+    def to_json(self) -> dict:
+        return {"error": f"{self.field}: {self.message}", "field": self.field, "message": self.message}
+
+
+# ----------------------------------------------------------------------------------------- request models
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WFDBIn(_Strict):
+    header: str = Field(min_length=1, max_length=65536, description="text of the .hea file")
+    dat: str = Field(min_length=1, description="base64 of the .dat file")
+
+
+class ECGIn(_Strict):
+    """One ECG: exactly one of `signal`, `data` (+ dtype, shape) or `wfdb`."""
+
+    fs: float | None = Field(None, description="sampling rate in Hz (signal / data forms)")
+    leads: list[str] | None = Field(None, description="lead name of each row, e.g. I, II, aVR, V1")
+    signal: list[list[float]] | None = Field(None, description="leads x samples, mV")
+    data: str | None = Field(None, description="base64 of a little-endian (leads, samples) array")
+    dtype: Literal["float32", "float16"] | None = None
+    shape: list[int] | None = Field(None, description="[leads, samples] of `data`")
+    wfdb: WFDBIn | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ECGIn:
+        forms = [name for name in ("signal", "data", "wfdb") if getattr(self, name) is not None]
+        if len(forms) != 1:
+            raise ValueError(f"expected exactly one of signal, data or wfdb, got {forms or 'none'}")
+        if forms[0] == "wfdb":
+            extra = [n for n in ("fs", "leads", "dtype", "shape") if getattr(self, n) is not None]
+            if extra:
+                raise ValueError(f"{extra}: not allowed with wfdb (the header carries them)")
+        else:
+            if self.fs is None or self.leads is None:
+                raise ValueError(f"{forms[0]} needs fs (Hz) and leads (one name per row)")
+            if forms[0] == "data" and (self.dtype is None or self.shape is None):
+                raise ValueError("data needs dtype (float32 | float16) and shape [leads, samples]")
+        return self
+
+
+class SupportItem(_Strict):
+    ecg: ECGIn
+    question: str = Field(min_length=1, max_length=1000)
+    answer: list[str] | str = Field(description="ECG-QA answer: a set of strings, or one string")
+
+
+class AdaptRequest(_Strict):
+    support: list[SupportItem] = Field(min_length=1)
+
+
+class AnswerRequest(_Strict):
+    """Query ECG(s) + one question, answered with exactly one of adapter_id, support or zero_shot."""
+
+    question: str = Field(min_length=1, max_length=1000)
+    ecgs: list[ECGIn] = Field(min_length=1)
+    options: list[str] | None = Field(None, description="admissible answers, scored one by one")
+    template_id: int | None = Field(None, description="ECG-QA template: its admissible answers are scored")
+    adapter_id: str | None = Field(None, min_length=1, max_length=128)
+    support: list[SupportItem] | None = Field(None, min_length=1)
+    zero_shot: bool = Field(False, description="answer with the meta-learned weights, no adaptation")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> AnswerRequest:
+        modes = [m for m, on in (("adapter_id", self.adapter_id is not None),
+                                 ("support", self.support is not None),
+                                 ("zero_shot", self.zero_shot)) if on]  # fmt: skip
+        if len(modes) != 1:
+            raise ValueError(
+                f"expected exactly one of adapter_id, support or zero_shot=true, got {modes or 'none'}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------- size limits
+def check_limits(req: AdaptRequest | AnswerRequest, cfg: ServeConfig) -> None:
+    """Counts the configured limits allow (support size, queries, options)."""
+    support = req.support or []
+    if len(support) > cfg.max_support:
+        raise PayloadError(
+            "support", f"{len(support)} items; at most serve.max_support={cfg.max_support}", 413
+        )
+    if isinstance(req, AnswerRequest):
+        if len(req.ecgs) > cfg.max_queries:
+            raise PayloadError(
+                "ecgs", f"{len(req.ecgs)} ECGs; at most serve.max_queries={cfg.max_queries}", 413
+            )
+        if req.options is not None:
+            if not 1 <= len(req.options) <= cfg.max_options:
+                raise PayloadError("options", f"{len(req.options)} options; expected 1..{cfg.max_options}")
+            clean = [o.strip().lower() for o in req.options]
+            if any(not o for o in clean):
+                raise PayloadError("options", "empty option string")
+            if len(set(clean)) != len(clean):
+                raise PayloadError("options", f"duplicated options in {req.options}")
+    for i, item in enumerate(support):
+        answers = [item.answer] if isinstance(item.answer, str) else item.answer
+        if not answers or any(not a.strip() for a in answers):
+            raise PayloadError(
+                f"support[{i}].answer", "expected a non-empty string or list of non-empty strings"
+            )
+
+
+# ---------------------------------------------------------------------------------------- ECG decoding
+def _check_leads(leads: list[str], where: str) -> None:
+    seen: dict[int, str] = {}
+    for k, name in enumerate(leads):
+        j = lead_index(name)
+        if j is None:
+            raise PayloadError(f"{where}.leads[{k}]", f"unknown lead {name!r}; expected one of {LEAD_NAMES}")
+        if j in seen:
+            raise PayloadError(
+                f"{where}.leads", f"lead {LEAD_NAMES[j]} appears twice ({seen[j]!r}, {name!r})"
+            )
+        seen[j] = name
+
+
+def _check_duration(n_samples: int, fs: float, where: str, cfg: ServeConfig) -> None:
+    if n_samples / fs > cfg.max_duration_s:
+        raise PayloadError(
+            where, f"{n_samples} samples at {fs:g} Hz = {n_samples / fs:.1f} s; at most serve.max_duration_s="
+            f"{cfg.max_duration_s:g} s", 413,
+        )  # fmt: skip
+
+
+def _fs(ecg: ECGIn, where: str) -> float:
+    try:
+        return check_fs(ecg.fs)
+    except SignalError as err:
+        raise PayloadError(f"{where}.fs", str(err).removeprefix("ECG: ")) from None
+
+
+def _b64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise PayloadError(where, f"not valid base64 ({err})") from None
+
+
+def decode_array(ecg: ECGIn, where: str, cfg: ServeConfig) -> tuple[np.ndarray, list[str], float]:
+    """signal / data forms -> ((T, C) float64, channel names, fs), after the lead, shape and size checks."""
+    fs = _fs(ecg, where)
+    leads = list(ecg.leads or [])
+    if not leads:
+        raise PayloadError(f"{where}.leads", "expected at least one lead name")
+    _check_leads(leads, where)
+    if ecg.signal is not None:
+        rows = ecg.signal
+        if len(rows) != len(leads):
+            raise PayloadError(
+                f"{where}.signal", f"{len(rows)} rows but {len(leads)} leads; expected leads x samples"
+            )
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise PayloadError(f"{where}.signal", f"rows of different lengths {sorted(lengths)}")
+        _check_duration(lengths.pop(), fs, f"{where}.signal", cfg)
+        x = np.asarray(rows, dtype=np.float64)  # (C, T)
+    else:
+        shape = ecg.shape or []
+        if len(shape) != 2 or shape[0] != len(leads) or shape[1] < 1:
+            raise PayloadError(f"{where}.shape", f"{shape}: expected [{len(leads)} leads, samples >= 1]")
+        _check_duration(shape[1], fs, f"{where}.shape", cfg)
+        raw = _b64(ecg.data or "", f"{where}.data")
+        dtype = np.dtype(_DTYPES[ecg.dtype or "float32"])
+        expected = shape[0] * shape[1] * dtype.itemsize
+        if len(raw) != expected:
+            raise PayloadError(
+                f"{where}.data", f"{len(raw)} bytes; shape {shape} of {ecg.dtype} needs {expected}"
+            )
+        x = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float64)  # (C, T)
+    return x.T, leads, fs
+
+
+def _read_wfdb(wf: WFDBIn, where: str, cfg: ServeConfig) -> tuple[np.ndarray, list[str], float]:
+    """Write the pair into a private temp dir and read it with the training reader (wfdb)."""
+    import wfdb
+
+    from ecgray.data.ptbxl import RecordError, read_record
+
+    dat = _b64(wf.dat, f"{where}.wfdb.dat")
+    lines = [ln for ln in wf.header.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    try:
+        head = lines[0].split()
+        name, n_sig = head[0].split("/")[0], int(head[1])
+        signal_lines = [ln.split() for ln in lines[1 : 1 + n_sig]]
+        files = {s[0] for s in signal_lines}
+    except (IndexError, ValueError):
+        raise PayloadError(
+            f"{where}.wfdb.header", "expected a WFDB header: 'name n_sig fs n_samples' + one line per signal"
+        ) from None
+    if not _FILE_NAME.match(name) or not 1 <= n_sig <= 64 or len(signal_lines) != n_sig:
+        raise PayloadError(
+            f"{where}.wfdb.header", f"record line {lines[0][:80]!r}: expected a plain name and 1-64 signals "
+            f"with one line each (got {len(signal_lines)} signal lines)",
+        )  # fmt: skip
+    if len(files) != 1 or not _FILE_NAME.match(next(iter(files))):
+        raise PayloadError(
+            f"{where}.wfdb.header",
+            f"signals must all be stored in one plain-named .dat file, got {sorted(files)}",
+        )
+    with tempfile.TemporaryDirectory(prefix="ecgray-wfdb-") as tmp:
+        (Path(tmp) / f"{name}.hea").write_text(wf.header)
+        (Path(tmp) / next(iter(files))).write_bytes(dat)
+        try:
+            header = wfdb.rdheader(str(Path(tmp) / name))
+            fs = check_fs(header.fs)
+            if header.sig_len is None:
+                raise PayloadError(f"{where}.wfdb.header", "no sample count on the record line")
+            _check_duration(int(header.sig_len), fs, f"{where}.wfdb.header", cfg)
+            record = read_record(Path(tmp) / name)
+        except PayloadError:
+            raise
+        except (RecordError, SignalError) as err:
+            raise PayloadError(f"{where}.wfdb", str(err).replace(str(Path(tmp)) + "/", "")) from None
+        except Exception as err:  # wfdb's header parser raises bare ValueError / IndexError / TypeError
+            raise PayloadError(
+                f"{where}.wfdb.header", f"wfdb could not parse it ({type(err).__name__}: {err})"
+            ) from None
+    if record.signal.shape[0] == 0:
+        raise PayloadError(f"{where}.wfdb.dat", "the record has no samples")
+    return record.signal, record.sig_names, record.fs
+
+
+def canonical_ecg(ecg: ECGIn, where: str, cfg: ServeConfig, data_cfg: DataConfig) -> Canonical:
+    """One ECG payload -> the canonical window, through `to_canonical` exactly as in training."""
+    if ecg.wfdb is not None:
+        x, names, fs = _read_wfdb(ecg.wfdb, where, cfg)
+    else:
+        x, names, fs = decode_array(ecg, where, cfg)
+    try:
+        out = to_canonical(x, names, fs, data_cfg, record=None)
+    except SignalError as err:
+        raise PayloadError(where, str(err).removeprefix("ECG: ")) from None
+    if not out.lead_mask.any():
+        raise PayloadError(
+            where, f"none of the leads the model reads ({data_cfg.leads}) is present and finite"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------- support digests
+def normalise_answer(answer: list[str] | str) -> list[str]:
+    """ECG-QA answers are unordered sets: lowercased, stripped, sorted."""
+    answers = [answer] if isinstance(answer, str) else answer
+    return sorted(a.strip().lower() for a in answers)
+
+
+@dataclass
+class SupportSample:
+    """One canonicalised support item."""
+
+    ecg: Canonical
+    question: str
+    answer: list[str]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.ecg.signal, dtype="<f4").tobytes())
+        h.update(self.ecg.lead_mask.astype(np.uint8).tobytes())
+        h.update(self.question.strip().lower().encode())
+        h.update(b"\0" + "\x1f".join(self.answer).encode())
+        return h.hexdigest()
+
+
+def canonical_support(
+    items: list[SupportItem], cfg: ServeConfig, data_cfg: DataConfig, field: str = "support"
+) -> list[SupportSample]:
+    """Canonicalise and sort by content (the support set is a set: its order never changes the adapter)."""
+    out = [
+        SupportSample(canonical_ecg(item.ecg, f"{field}[{i}].ecg", cfg, data_cfg), item.question,
+                      normalise_answer(item.answer))
+        for i, item in enumerate(items)
+    ]  # fmt: skip
+    return sorted(out, key=SupportSample.digest)
+
+
+def adapter_id(support: list[SupportSample], model_id: str) -> str:
+    """Content hash of the canonical support set + the model (checkpoint and inner-loop settings)."""
+    h = hashlib.sha256(model_id.encode())
+    for sample in support:
+        h.update(sample.digest().encode())
+    return "ad-" + h.hexdigest()[:32]

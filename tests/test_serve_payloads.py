@@ -1,0 +1,237 @@
+"""Serve payloads without Ray: ECG forms -> the training path, every fault a PayloadError naming the field."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
+from ecgray.data.signals import to_canonical
+from serve.app import BodyLimit, _multipart, _validation_errors
+from serve.engine import AdapterCache, read_template_answers, DEFAULT_TEMPLATE_ANSWERS
+from serve.payloads import (
+    AdaptRequest,
+    AnswerRequest,
+    ECGIn,
+    PayloadError,
+    adapter_id,
+    canonical_ecg,
+    canonical_support,
+    check_limits,
+)
+
+DATA = DataConfig(fs=100, window_s=2.0)
+LIMITS = ServeConfig(max_support=4, max_queries=2, max_duration_s=10.0)
+MIMIC_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def record(seed: int = 0, t: int = 300) -> np.ndarray:
+    """(C, T) float32: channel c = c + noise, so where each lead lands is visible."""
+    rng = np.random.default_rng(seed)
+    return (np.arange(12)[:, None] + 0.1 * rng.normal(size=(12, t))).astype(np.float32)
+
+
+def json_ecg(x: np.ndarray, leads=MIMIC_ORDER, fs=100) -> dict:
+    return {"fs": fs, "leads": list(leads), "signal": x.tolist()}
+
+
+def b64_ecg(x: np.ndarray, leads=MIMIC_ORDER, fs=100, dtype="float32") -> dict:
+    data = base64.b64encode(x.astype("<f4" if dtype == "float32" else "<f2").tobytes()).decode()
+    return {"fs": fs, "leads": list(leads), "data": data, "dtype": dtype, "shape": list(x.shape)}
+
+
+def wfdb_ecg(x: np.ndarray, tmp_path, leads=MIMIC_ORDER, fs=100, name="rec") -> dict:
+    import wfdb
+
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=x.T.astype(np.float64),
+                fmt=["16"] * len(leads), write_dir=str(tmp_path))  # fmt: skip
+    header = (tmp_path / f"{name}.hea").read_text()
+    dat = base64.b64encode((tmp_path / f"{name}.dat").read_bytes()).decode()
+    return {"wfdb": {"header": header, "dat": dat}}
+
+
+def canon(payload: dict, cfg=LIMITS):
+    return canonical_ecg(ECGIn.model_validate(payload), "ecgs[0]", cfg, DATA)
+
+
+def error(payload: dict, cfg=LIMITS) -> PayloadError:
+    with pytest.raises(PayloadError) as info:
+        canon(payload, cfg)
+    return info.value
+
+
+def test_three_forms_give_the_training_window(tmp_path):
+    x = record()
+    expected = to_canonical(x.T.astype(np.float64), MIMIC_ORDER, 100, DATA)
+    for payload in (json_ecg(x), b64_ecg(x)):
+        out = canon(payload)
+        np.testing.assert_array_equal(out.signal, expected.signal)
+        assert out.lead_mask.all()
+    # leads are reordered by name: canonical aVL (index 4) holds the channel named aVL (position 5 = value 5)
+    assert abs(float(canon(json_ecg(x)).signal[4].mean()) - 5.0) < 0.05
+    # WFDB stores 16-bit digital values: equal up to the quantisation step
+    out = canon(wfdb_ecg(x, tmp_path))
+    np.testing.assert_allclose(out.signal, expected.signal, atol=2e-3)
+    half = canon(b64_ecg(x, dtype="float16"))
+    np.testing.assert_allclose(half.signal, expected.signal, atol=1e-2)
+
+
+def test_resampled_and_windowed_like_training():
+    x = np.random.default_rng(1).normal(size=(12, 1500)).astype(np.float32)  # 3 s at 500 Hz
+    out = canon(json_ecg(x, LEAD_NAMES, fs=500))
+    expected = to_canonical(x.T.astype(np.float64), LEAD_NAMES, 500, DATA)
+    assert out.signal.shape == (12, 200)
+    np.testing.assert_array_equal(out.signal, expected.signal)
+
+
+def test_missing_leads_masked_and_nan_interpolated():
+    x = record()[:3].copy()
+    x[0, 10] = np.nan
+    out = canon(json_ecg(x, ["I", "II", "V1"]))
+    assert out.lead_mask.tolist() == [j in (0, 1, 6) for j in range(12)]
+    assert out.nan_count == 1 and np.isfinite(out.signal).all()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "words"),
+    [
+        (json_ecg(record()[:2], ["I", "foo"]), "ecgs[0].leads[1]", "unknown lead 'foo'"),
+        (json_ecg(record()[:2], ["I", "i"]), "ecgs[0].leads", "appears twice"),
+        (json_ecg(record()[:3], ["I", "II"]), "ecgs[0].signal", "3 rows but 2 leads"),
+        ({"fs": 100, "leads": ["I", "II"], "signal": [[1.0] * 300, [1.0] * 299]}, "ecgs[0].signal", "different lengths"),
+        (json_ecg(record()[:1], ["I"], fs=1e9), "ecgs[0].fs", "plausible range"),
+        (json_ecg(record()[:1], ["I"], fs=float("nan")), "ecgs[0].fs", "plausible range"),
+        (json_ecg(record(t=1200)[:1], ["I"], fs=100), "ecgs[0].signal", "max_duration_s"),
+        (json_ecg(record(t=150)[:1], ["I"]), "ecgs[0]", "shorter than the 2 s window"),
+        ({"fs": 100, "leads": ["I"], "signal": [[1.0] * 250 + [float("inf")] * 50]}, "ecgs[0]", "infinite"),
+        ({**b64_ecg(record()[:1], ["I"]), "data": "@@@"}, "ecgs[0].data", "base64"),
+        ({**b64_ecg(record()[:1], ["I"]), "shape": [1, 301]}, "ecgs[0].data", "1200 bytes"),
+        ({**b64_ecg(record()[:1], ["I"]), "shape": [2, 300]}, "ecgs[0].shape", "expected [1 leads"),
+        ({"fs": 100, "leads": ["I"], "signal": [[float("nan")] * 300]}, "ecgs[0]", "none of the leads"),
+    ],
+)
+def test_bad_ecgs_name_the_field(payload, field, words):
+    err = error(payload)
+    assert err.field == field and words in err.message, (err.field, err.message)
+    assert 400 <= err.status < 500
+
+
+def test_wfdb_header_cannot_point_outside_its_temp_dir(tmp_path):
+    payload = wfdb_ecg(record(), tmp_path)
+    header = payload["wfdb"]["header"].replace("rec.dat", "../../etc/passwd")
+    err = error({"wfdb": {"header": header, "dat": payload["wfdb"]["dat"]}})
+    assert err.field == "ecgs[0].wfdb.header" and "plain-named" in err.message
+    err = error({"wfdb": {"header": "garbage", "dat": payload["wfdb"]["dat"]}})
+    assert err.field == "ecgs[0].wfdb.header"
+    truncated = base64.b64encode(base64.b64decode(payload["wfdb"]["dat"])[:100]).decode()
+    err = error({"wfdb": {"header": payload["wfdb"]["header"], "dat": truncated}})
+    assert err.field.startswith("ecgs[0].wfdb")
+
+
+def test_ecg_form_rules_are_schema_errors():
+    for bad in ({}, {"fs": 100, "leads": ["I"]}, {"signal": [[1.0]]}, {"fs": 1, "leads": ["I"], "data": "AA=="},
+                {"wfdb": {"header": "h", "dat": "AA=="}, "fs": 100}, {"fs": 1, "leads": ["I"], "signal": [["x"]]}):  # fmt: skip
+        with pytest.raises(ValidationError) as info:
+            ECGIn.model_validate(bad)
+        _, errors = _validation_errors(info.value.errors())
+        assert errors and all(e["field"] and e["message"] for e in errors)
+
+
+def test_answer_request_modes_and_limits():
+    ecg = json_ecg(record())
+    base = {"question": "does this ecg show baseline drift?", "ecgs": [ecg]}
+    for modes in ({}, {"adapter_id": "x", "zero_shot": True}):
+        with pytest.raises(ValidationError, match="exactly one of adapter_id, support or zero_shot"):
+            AnswerRequest.model_validate({**base, **modes})
+    req = AnswerRequest.model_validate({**base, "zero_shot": True, "ecgs": [ecg] * 3})
+    with pytest.raises(PayloadError, match="at most serve.max_queries=2"):
+        check_limits(req, LIMITS)
+    req = AnswerRequest.model_validate({**base, "zero_shot": True, "options": ["yes", "Yes "]})
+    with pytest.raises(PayloadError, match="duplicated options"):
+        check_limits(req, LIMITS)
+    item = {"ecg": ecg, "question": "q", "answer": ["yes"]}
+    with pytest.raises(PayloadError, match="max_support=4") as info:
+        check_limits(AdaptRequest.model_validate({"support": [item] * 5}), LIMITS)
+    assert info.value.status == 413
+    with pytest.raises(PayloadError) as info:
+        check_limits(AdaptRequest.model_validate({"support": [{**item, "answer": [" "]}]}), LIMITS)
+    assert info.value.field == "support[0].answer"
+    _, errors = _validation_errors(
+        pytest.raises(ValidationError, AnswerRequest.model_validate, {**base, "zero_shot": True, "extra": 1}).value.errors()
+    )
+    assert errors == [{"field": "extra", "message": "unknown field"}]
+
+
+def test_adapter_id_is_a_content_hash_of_the_support_set():
+    items = [{"ecg": json_ecg(record(i)), "question": "Q?", "answer": a} for i, a in enumerate([["yes"], ["no"], ["no"]])]
+    support = canonical_support(AdaptRequest.model_validate({"support": items}).support, LIMITS, DATA)
+    shuffled = canonical_support(AdaptRequest.model_validate({"support": items[::-1]}).support, LIMITS, DATA)
+    assert adapter_id(support, "m1") == adapter_id(shuffled, "m1")  # a set: order does not matter
+    assert adapter_id(support, "m1") != adapter_id(support, "m2")  # another checkpoint / inner loop
+    flipped = [dict(items[0], answer=["no"])] + items[1:]
+    other = canonical_support(AdaptRequest.model_validate({"support": flipped}).support, LIMITS, DATA)
+    assert adapter_id(other, "m1") != adapter_id(support, "m1")
+    # answers are sets: order and case do not matter
+    a = canonical_support(AdaptRequest.model_validate({"support": [dict(items[0], answer=["I", "avr"])]}).support, LIMITS, DATA)
+    b = canonical_support(AdaptRequest.model_validate({"support": [dict(items[0], answer=["aVR", "i"])]}).support, LIMITS, DATA)
+    assert adapter_id(a, "m") == adapter_id(b, "m")
+
+
+def test_adapter_cache_is_lru_capped_by_bytes():
+    weights = lambda: {"w": torch.zeros(256)}  # 1,024 bytes  # noqa: E731
+    cache = AdapterCache(max_bytes=2500)
+    cache.put("a", weights())
+    cache.put("b", weights())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", weights())
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert cache.bytes == 2048 and cache.evictions == 1
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.put("big", {"w": torch.zeros(1000)})
+
+
+def test_template_answers_table():
+    table = read_template_answers(DEFAULT_TEMPLATE_ANSWERS)
+    assert table[2] == ["no", "yes"] and len(table) == 70
+
+
+def test_multipart_parser():
+    body = (b"--XX\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\nwhat?\r\n"
+            b"--XX\r\nContent-Disposition: form-data; name=\"dat\"; filename=\"r.dat\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n\x00\x01\xff\r\n--XX--\r\n")  # fmt: skip
+    fields = _multipart("multipart/form-data; boundary=XX", body)
+    assert fields == {"question": b"what?", "dat": b"\x00\x01\xff"}
+    with pytest.raises(PayloadError) as info:
+        _multipart("application/json", body)
+    assert info.value.status == 415
+
+
+def test_body_limit_refuses_before_parsing():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    app.add_middleware(BodyLimit)
+    app.state.max_body_bytes = 100
+    seen = []
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:
+        seen.append(body)
+        return body
+
+    client = TestClient(app)
+    assert client.post("/echo", json={"a": 1}).json() == {"a": 1}
+    r = client.post("/echo", content=b'{"a": "' + b"x" * 200 + b'"}', headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body" and len(seen) == 1
+
+    def chunks():  # no content-length: counted while streaming
+        for _ in range(10):
+            yield b"x" * 20
+
+    r = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and len(seen) == 1
