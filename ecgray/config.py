@@ -216,26 +216,71 @@ class MetaConfig:
 @_forbid_extra
 @dataclass
 class TrainConfig:
-    """Ray Train + DeepSpeed."""
+    """Ray Train + DeepSpeed (meta-training) and Ray Tune (sweeps).
+
+    The `meta.tasks_per_step` tasks of one outer step are split evenly across the workers (it must be a
+    multiple of num_workers) and their meta-gradients averaged, so 1 and N workers take the same steps."""
 
     num_workers: int = 1
+    """Ray Train workers (one process each; one GPU each when use_gpu)."""
     use_gpu: bool = False
+    """One GPU per worker, nccl, bf16 LLM; False: CPU, gloo, fp32."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves for each worker (also its torch thread count)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage: 0 = plain data parallel (all-reduce of the meta-gradients, DDP semantics),
+    1/2 = optimizer state / + gradients partitioned, 3 = + parameters (the frozen LLM too)."""
     max_failures: int = 3
+    """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
     storage_path: str = "runs"
     """Where Ray Train writes checkpoints (a local dir or a cloud URI)."""
+    name: str = "meta_train"
+    """Run name: checkpoints go to storage_path/name."""
     resume: bool = True
+    """Resume from the run's latest checkpoint (step, mapper, optimizer state) after a restart."""
+    tune_space: dict[str, list] = field(default_factory=dict)
+    """`ecgray tune`: dotted config key -> values to sweep (a grid), e.g. {"meta.inner_lr": [0.01, 0.05]}."""
+    tune_samples: int = 1
+    """`ecgray tune`: repetitions of the grid (each with its own seed offset)."""
+    tune_metric: str = "meta_test_accuracy"
+    """`ecgray tune`: the reported metric ASHA maximises."""
+    tune_grace_period: int = 1
+    """`ecgray tune`: meta-test reports a trial survives before ASHA may stop it."""
+    tune_reduction_factor: int = 2
+    """`ecgray tune`: ASHA keeps 1 / reduction_factor of the trials at each rung."""
 
 
 @_forbid_extra
 @dataclass
 class EvalConfig:
+    """Meta-test on unseen classes, the baselines and limited leads (`ecgray eval`)."""
+
     episodes: int = 1000
-    baselines: list[str] = field(
+    """Meta-test episodes (the paper evaluates on 1,000)."""
+    seed: int = 0
+    """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
+    baselines: list[Literal["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]] = field(
         default_factory=lambda: ["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]
     )
+    """Baselines run on the same episodes (ecgray.eval.baselines)."""
     lead_subsets: dict[str, list[str]] = field(default_factory=dict)
-    """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}."""
+    """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}; the meta-test is
+    repeated with only those leads (the others zero-filled and masked before the encoder)."""
+    options: Literal["template+support", "template", "support"] = "template+support"
+    """Constrained decoding's choices per query: the template's admissible answers (answers_for_each_template
+    .csv), plus / or the answers of the episode's support items of the same template."""
+    ci_level: float = 0.95
+    """Confidence level of the intervals over episodes."""
+    ci_method: Literal["t", "normal"] = "t"
+    """Student-t (n-1 dof) or normal quantile for the interval of the per-episode mean."""
+    supervised_steps: int = 2000
+    """supervised baseline: minibatch steps on meta-train samples (not from the paper)."""
+    supervised_batch_size: int = 25
+    """supervised baseline: samples per step (= one episode's support set at 5-way 5-shot)."""
+    supervised_lr: float = 5e-4
+    """supervised baseline: AdamW learning rate (the paper's meta_lr; weight decay / clipping from meta)."""
+    in_context_k: int | None = None
+    """in_context baseline: support examples per class put in the prompt; None: all k_shot."""
 
 
 @_forbid_extra

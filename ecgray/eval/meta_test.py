@@ -1,0 +1,373 @@
+"""Meta-test (method.md section 3): adapt a copy of the meta-learned mapper on each episode's support set
+and answer its query set after every inner step.
+
+For every episode:
+  1. the frozen encoder embeds the episode's ECGs once (optionally with only a subset of the leads: the
+     others are zero-filled and masked before the encoder, see `mask_leads`);
+  2. step 0 answers the query set with the meta-learned weights themselves; then `ecgray.meta.adapt` runs
+     `meta.inner_steps` plain SGD steps at `meta.inner_lr` on the support loss, starting from a detached
+     copy (first order: no meta-gradient is needed at test time), and the query set is answered after each;
+  3. answers are option-constrained (`model.decoding=constrained`: the admissible answers of the question's
+     template, see `query_options`, scored by log p(option + EOS | prompt)) or greedy; under
+     `model.paper_compat` the official prediction is used (argmax at every gold position, BOS included).
+The model is in eval mode throughout (mapper dropout off); its weights are never modified, and it is built
+once for all episodes. Results are deterministic for given episodes and weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecgray.config import LEAD_NAMES, Config
+from ecgray.eval import metrics
+from ecgray.meta import adapt
+from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, torch.Tensor]
+Features = tuple[torch.Tensor, torch.Tensor | None]  # pooled (B, D_enc), tokens (B, N, D_enc) | None
+
+EMBEDDED_TEMPLATE_ANSWERS = (
+    Path(__file__).resolve().parents[1] / "synth" / "assets" / "ecgqa_ptbxl_answers_for_each_template.csv"
+)
+"""ECG-QA v1.0.2's PTB-XL answers_for_each_template.csv, shipped with the package (the synthetic world's)."""
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu") -> ECGLanguageModel:
+    """Frozen encoder (`cfg.encoder`) + a fresh mapper + frozen LLM (`cfg.model.llm`), built once."""
+    from ecgray.models.encoder import load_encoder
+    from ecgray.models.fusion import build_mapper
+    from ecgray.models.llm import llm_hidden_size, load_llm
+
+    encoder = load_encoder(cfg.encoder, device, seed=cfg.seed)
+    llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)
+    return ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model)
+
+
+def needs_tokens(model: ECGLanguageModel) -> bool:
+    """Whether the mapper reads the encoder's tokens (QFormer) or only the pooled vector."""
+    return model.cfg.mapper == "qformer"
+
+
+def device_of(model: ECGLanguageModel) -> torch.device:
+    return model.embed.weight.device
+
+
+@contextlib.contextmanager
+def eval_mode(model: ECGLanguageModel):
+    """Mapper dropout off for the block; the previous mode is restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def copy_params(params: Params) -> Params:
+    """Detached copies (what `adapt` starts from); the originals are never written."""
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+# ------------------------------------------------------------------------------------------- leads
+
+
+def lead_subset_mask(leads: list[str]) -> np.ndarray:
+    """Lead names -> bool (12,) in canonical order; an unknown or repeated name is an error."""
+    unknown = [name for name in leads if name not in LEAD_NAMES]
+    if unknown or not leads or len(set(leads)) != len(leads):
+        raise ValueError(
+            f"lead subset {leads}: expected distinct names among {LEAD_NAMES}"
+            + (f" (unknown: {unknown})" if unknown else "")
+        )
+    return np.isin(np.asarray(LEAD_NAMES), leads)
+
+
+def mask_leads(
+    signals: np.ndarray, lead_mask: np.ndarray, leads: list[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only `leads` (None: all): the other leads are zero-filled and marked absent. A lead missing
+    from the recording stays absent. signals (B, 12, T), lead_mask (B, 12) -> copies of both."""
+    if leads is None:
+        return signals.copy(), lead_mask.copy()
+    keep = lead_subset_mask(leads)  # (12,)
+    mask = lead_mask & keep[None, :]  # (B, 12)
+    return signals * mask[:, :, None].astype(signals.dtype), mask
+
+
+def encode_ecgs(model: ECGLanguageModel, store, ecg_ids: list[int], leads: list[str] | None) -> Features:
+    """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None)."""
+    signals, mask = mask_leads(store.signals(ecg_ids), store.lead_mask(ecg_ids), leads)
+    if not mask.any(axis=1).all():
+        bad = [int(i) for i, m in zip(ecg_ids, mask, strict=True) if not m.any()][:5]
+        raise ValueError(f"ECGs {bad}: none of the leads {leads} is present in the recording")
+    device = device_of(model)
+    tokens, pooled = model.encode(torch.from_numpy(signals).to(device), torch.from_numpy(mask).to(device))
+    return pooled, (tokens if needs_tokens(model) else None)
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+def load_template_answers(cfg: Config) -> dict[int, list[str]]:
+    """template_id -> admissible answers: `data.ecgqa_dir`'s answers_for_each_template.csv for
+    `data.source`, or, with no ecgqa_dir, the PTB-XL table shipped with the package."""
+    from ecgray.data.ecgqa import read_template_answers
+
+    if cfg.data.ecgqa_dir is not None:
+        return read_template_answers(cfg.data.ecgqa_dir, cfg.data.source)
+    if cfg.data.source != "ptbxl":
+        raise ValueError(
+            f"data.source={cfg.data.source!r} needs data.ecgqa_dir (its answers_for_each_template.csv); "
+            "only the PTB-XL table ships with ecgray"
+        )
+    log.info("admissible answers: the embedded PTB-XL table %s", EMBEDDED_TEMPLATE_ANSWERS)
+    import ast
+    import csv
+
+    with open(EMBEDDED_TEMPLATE_ANSWERS, newline="") as f:
+        return {int(r["template_id"]): ast.literal_eval(r["classes"]) for r in csv.DictReader(f)}
+
+
+def query_options(
+    episode: dict, template_answers: dict[int, list[str]] | None, mode: str = "template+support"
+) -> list[list[str]]:
+    """The answers constrained decoding chooses from, per query item (sorted, as answer strings):
+    - `template`: the admissible single answers of the item's template;
+    - `template+support`: those plus every answer of the episode's support items of the same template
+      (so `both` and multi-answer query sets the support set teaches are reachable);
+    - `support`: the support answers of the same template only.
+    The query's own answer is never added: if it is not among the options it cannot be matched."""
+    if mode not in ("template", "template+support", "support"):
+        raise ValueError(f"eval.options={mode!r}: expected template, template+support or support")
+    support: dict[int, set[str]] = {}
+    for item in episode["support"]:
+        support.setdefault(int(item["template_id"]), set()).add(answer_text(item["answer"]))
+    out = []
+    for item in episode["query"]:
+        tid = int(item["template_id"])
+        options: set[str] = set()
+        if mode != "support":
+            if template_answers is None or tid not in template_answers:
+                raise ValueError(
+                    f"query sample {item['sample_id']}: template {tid} has no admissible answers "
+                    "(answers_for_each_template.csv)"
+                )
+            options.update(answer_text([a]) for a in template_answers[tid])
+        if mode != "template":
+            options.update(support.get(tid, ()))
+        if not options:
+            raise ValueError(f"query sample {item['sample_id']}: no answer options (eval.options={mode})")
+        out.append(sorted(options))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- answering
+
+
+@dataclasses.dataclass
+class StepScore:
+    """One answering of a query set."""
+
+    correct: list[bool]
+    token_acc_bos: float
+    token_acc: float
+    predictions: list[str]
+
+
+def _answer_ids(model: ECGLanguageModel, answer) -> list[int]:
+    return list(model.tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"])
+
+
+def score_predictions(model: ECGLanguageModel, predictions: list[str], golds: list[list[str]]) -> StepScore:
+    """Exact match and token accuracy (with / without BOS) of decoded answer strings."""
+    pred_ids = [_answer_ids(model, p) for p in predictions]
+    gold_ids = [_answer_ids(model, g) for g in golds]
+    # no BOS in this tokenizer: the BOS-included number equals the answer-token one
+    bos = model.bos[0] if model.bos else None
+    return StepScore(
+        correct=[metrics.exact_match(p, g) for p, g in zip(predictions, golds, strict=True)],
+        token_acc_bos=metrics.token_accuracy(pred_ids, gold_ids, bos=bos),
+        token_acc=metrics.token_accuracy(pred_ids, gold_ids),
+        predictions=list(predictions),
+    )
+
+
+def paper_compat_score(model: ECGLanguageModel, prefix: torch.Tensor, questions, golds) -> StepScore:
+    """The official prediction: argmax at every gold position (gold length, BOS included in the target)."""
+    batch = model.collate(model.prompt_rows(questions, golds))
+    pred = model.target_predictions(prefix, batch)  # (B, A), -1 on padding
+    preds, targets = [], []
+    for i in range(len(questions)):
+        keep = batch.target_mask[i]
+        preds.append(pred[i][keep].tolist())
+        targets.append(batch.target_ids[i][keep].tolist())
+    has_bos = bool(model.bos) and all(t and t[0] == model.bos[0] for t in targets)
+    # without BOS: drop the BOS target position (and what was predicted there)
+    skip = 1 if has_bos else 0
+    texts = [model.tokenizer.decode(p[skip:], skip_special_tokens=True).strip() for p in preds]
+    return StepScore(
+        correct=[metrics.exact_match(t, g) for t, g in zip(texts, golds, strict=True)],
+        token_acc_bos=metrics.token_accuracy(preds, targets),
+        token_acc=metrics.token_accuracy([p[skip:] for p in preds], [t[skip:] for t in targets]),
+        predictions=texts,
+    )
+
+
+def answer_query(
+    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], golds, options: list[list[str]]
+) -> StepScore:
+    """Answer B query questions given their prefixes (B, n_prefix, D_llm) as `model.cfg` says."""
+    if model.cfg.paper_compat:
+        return paper_compat_score(model, prefix, questions, golds)
+    if model.cfg.decoding == "constrained":
+        scores = model.score_options(prefix, questions, options)
+        predictions = [opts[int(s.argmax())] for opts, s in zip(options, scores, strict=True)]
+    else:
+        predictions = model.greedy(prefix, questions)
+    return score_predictions(model, predictions, golds)
+
+
+# ------------------------------------------------------------------------------------- the episodes
+
+FeatureFn = Callable[[dict], tuple[Features, Features]]
+"""episode -> ((support pooled, tokens), (query pooled, tokens))."""
+Answerer = Callable[[ECGLanguageModel, Params | None, Features, Features, dict, list[list[str]]], StepScore]
+"""(model, params, support features, query features, episode, options) -> the query set's StepScore."""
+
+
+def default_answerer(model, params, support_features, query_features, episode, options) -> StepScore:
+    pooled, tokens = query_features
+    prefix = model.fuse(pooled, tokens, params)
+    q = episode["query"]
+    return answer_query(model, prefix, [i["question"] for i in q], [i["answer"] for i in q], options)
+
+
+def ecg_features(model: ECGLanguageModel, store, leads: list[str] | None = None) -> FeatureFn:
+    """FeatureFn of the frozen encoder on the stored ECGs (lead subset applied)."""
+
+    def features(episode: dict) -> tuple[Features, Features]:
+        ids = [int(i["ecg_id"]) for i in episode["support"] + episode["query"]]
+        pooled, tokens = encode_ecgs(model, store, ids, leads)
+        n = len(episode["support"])
+        split = (lambda t: (t[:n], t[n:])) if tokens is not None else (lambda t: (None, None))
+        (ts, tq) = split(tokens)
+        return (pooled[:n], ts), (pooled[n:], tq)
+
+    return features
+
+
+def run_episodes(
+    model: ECGLanguageModel,
+    start_params: Callable[[int], Params] | None,
+    episodes: list[dict],
+    features: FeatureFn,
+    cfg: Config,
+    *,
+    template_answers: dict[int, list[str]] | None,
+    answerer: Answerer = default_answerer,
+    adapt_steps: int | None = None,
+    method: str = "meta_test",
+    progress: bool = False,
+) -> dict:
+    """The loop every method shares: per episode, answer the query set with `start_params(index)`
+    (step 0), then after each of `adapt_steps` (default `meta.inner_steps`; 0: no adaptation) SGD steps on
+    the support loss. start_params None: a method without trainable weights (step 0 only).
+    -> {"method", "steps", "summary" (metrics.summarize), "episodes" (per-episode records)}."""
+    steps = cfg.meta.inner_steps if adapt_steps is None else adapt_steps
+    if start_params is None:
+        steps = 0
+    need_options = model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    records = []
+    iterator = enumerate(episodes)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(episodes), desc=method, unit="ep")
+    with eval_mode(model):
+        for index, episode in iterator:
+            options = query_options(episode, template_answers, cfg.eval.options) if need_options else []
+            params = None if start_params is None else start_params(index)
+            scores = _run_episode(model, params, episode, features(episode), options, answerer, steps, cfg)
+            records.append(
+                metrics.episode_record(
+                    index,
+                    episode["query"][0]["question_type"],
+                    episode["classes"],
+                    list(range(steps + 1)),
+                    [s.correct for s in scores],
+                    [s.token_acc_bos for s in scores],
+                    [s.token_acc for s in scores],
+                    [i["class"] for i in episode["query"]],
+                    scores[-1].predictions,
+                )
+            )
+    return {
+        "method": method,
+        "steps": list(range(steps + 1)),
+        "summary": metrics.summarize(records, cfg.eval.ci_level, cfg.eval.ci_method),
+        "episodes": records,
+    }
+
+
+def _run_episode(model, params, episode, features, options, answerer, steps, cfg) -> list[StepScore]:
+    """The query set's StepScore at step 0 and after each of `steps` inner steps."""
+    support_features, query_features = features
+    scores: list[StepScore] = []
+
+    def predict(step: int, fast: Params | None) -> None:
+        with torch.no_grad():
+            scores.append(answerer(model, fast, support_features, query_features, episode, options))
+
+    predict(0, params)
+    if steps > 0:
+        support = episode["support"]
+        questions, answers = [i["question"] for i in support], [i["answer"] for i in support]
+        task = model.task_data(support_features[0], support_features[1], questions, answers)
+        adapt(
+            model.loss_fn(), params, model.task_set([task]), steps, cfg.meta.inner_lr, True, on_step=predict
+        )
+    return scores
+
+
+def meta_test(
+    model: ECGLanguageModel,
+    meta_params: Params,
+    episodes: list[dict],
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers: dict[int, list[str]] | None = None,
+    leads: list[str] | None = None,
+    progress: bool = False,
+    method: str = "meta_test",
+) -> dict:
+    """Adapt a copy of `meta_params` on every episode's support set and answer its query set after each
+    inner step 0..meta.inner_steps (module docstring). leads: evaluate with only these leads (by name).
+    template_answers: admissible answers per template (default: `load_template_answers(cfg)`)."""
+    if template_answers is None and model.cfg.decoding == "constrained" and cfg.eval.options != "support":
+        template_answers = load_template_answers(cfg)
+    return run_episodes(
+        model,
+        lambda index: copy_params(meta_params),
+        episodes,
+        ecg_features(model, ecg_store, leads),
+        cfg,
+        template_answers=template_answers,
+        method=method,
+        progress=progress,
+    )

@@ -1,0 +1,441 @@
+"""Meta-test evaluation: metric numbers by hand, determinism, untouched meta weights, the baselines, lead
+masking, and `ecgray eval` end to end on a tiny prepared dir + checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ecgray.config import (
+    LEAD_NAMES,
+    Config,
+    DataConfig,
+    EncoderConfig,
+    EpisodeConfig,
+    EvalConfig,
+    MetaConfig,
+    ModelConfig,
+)
+from ecgray.data.episodes import EpisodeSampler
+from ecgray.data.shards import ECGStore
+from ecgray.eval import baselines as B
+from ecgray.eval import metrics
+from ecgray.eval.meta_test import (
+    build_model,
+    encode_ecgs,
+    load_template_answers,
+    mask_leads,
+    meta_test,
+    query_options,
+)
+
+T = 100  # samples per ECG: 4 encoder tokens of 25
+ATTRS = ["baseline drift", "static noise", "burst noise", "electrodes problems"]
+QUESTION = "Does this ECG show symptoms of {}?"
+
+
+def qa_rows() -> list[dict]:
+    """Template 27 (single-verify): 4 attributes x yes/no = 8 classes, one question group of 6 each."""
+    rows, sid = [], 0
+    for qid, attr in enumerate(ATTRS):
+        for answer in ("yes", "no"):
+            for _ in range(6):
+                rows.append(
+                    {"sample_id": sid, "template_id": 27, "question_id": qid, "question_type": "single-verify",
+                     "attribute_type": "noise", "question": QUESTION.format(attr), "answer": [answer],
+                     "ecg_id": [sid + 1], "attribute": [attr], "source": "ptbxl", "variant": "template",
+                     "split": "train"}
+                )  # fmt: skip
+                sid += 1
+    return rows
+
+
+def tiny_cfg(**eval_kw) -> Config:
+    return Config(
+        data=DataConfig(fs=40, window_s=2.5),
+        episodes=EpisodeConfig(
+            n_way=2,
+            k_shot=2,
+            n_query=2,
+            min_group_size=4,
+            meta_train_fraction=0.5,
+            min_class_size={"single-verify": 4, "single-choose": 4, "single-query": 4},
+        ),  # fmt: skip
+        encoder=EncoderConfig(d_enc=16, n_layers=1, n_heads=2, patch=25, stem_channels=8, fs=40),
+        model=ModelConfig(llm="tiny-llama", dropout=0.5),
+        meta=MetaConfig(inner_steps=2, inner_lr=0.5),
+        eval=EvalConfig(episodes=2, supervised_steps=3, supervised_batch_size=4, **eval_kw),
+    )
+
+
+def tiny_store(n: int, seed: int = 0) -> ECGStore:
+    rng = np.random.default_rng(seed)
+    signals = rng.normal(size=(n, 12, T)).astype(np.float32)
+    mask = np.ones((n, 12), dtype=bool)
+    mask[0, 7] = False  # ECG 1 lacks V2
+    return ECGStore(np.arange(1, n + 1), signals, mask, np.arange(n), ["ptbxl"] * n, ["train"] * n, fs=40)
+
+
+@pytest.fixture(scope="module")
+def world():
+    cfg = tiny_cfg()
+    rows = qa_rows()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init encoder warns
+        model = build_model(cfg)
+    episodes = EpisodeSampler(rows, cfg.episodes, "meta-test", seed=0).episodes(2)
+    return cfg, rows, model, tiny_store(len(rows)), episodes
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_exact_match_compares_sets():
+    assert metrics.exact_match("v1, lead i", ["lead i", "v1"])
+    assert metrics.exact_match(["Yes "], "yes")
+    assert not metrics.exact_match("v1", ["lead i", "v1"])
+    assert not metrics.exact_match("v1, lead i, v2", ["lead i", "v1"])
+
+
+def test_token_accuracy_by_hand():
+    golds = [[5], [7, 8, 9]]
+    preds = [[6], [7, 3]]  # 0/1 right; 1/3 right (the missing third token counts wrong)
+    assert metrics.token_accuracy(preds, golds) == pytest.approx(1 / 4)
+    # BOS (id 1) prepended to both: (0 + 1) + (1 + 1) right of 2 + 4 positions
+    assert metrics.token_accuracy(preds, golds, bos=1) == pytest.approx(3 / 6)
+    # yes/no floor with BOS: all wrong answers still give 50 %
+    assert metrics.token_accuracy([[4], [4]], [[5], [6]], bos=1) == pytest.approx(0.5)
+    assert metrics.token_matches([7, 8, 9, 10], [7, 8]) == (2, 2)  # extra tokens are ignored
+    with pytest.raises(ValueError, match="2 predictions but 1 gold"):
+        metrics.token_accuracy(preds, golds[:1])
+
+
+def test_confidence_intervals_by_hand():
+    values = [0.5, 1.0, 0.0, 0.5]
+    std = math.sqrt(0.5 / 3)  # ddof=1
+    t = metrics.mean_ci(values, method="t")
+    assert t["mean"] == pytest.approx(0.5) and t["std"] == pytest.approx(std)
+    assert t["half_width"] == pytest.approx(3.182446305284263 * std / 2)  # t_{0.975, 3}
+    n = metrics.mean_ci(values, method="normal")
+    assert n["half_width"] == pytest.approx(1.959963984540054 * std / 2)
+    assert (n["lo"], n["hi"]) == pytest.approx((0.5 - n["half_width"], 0.5 + n["half_width"]))
+    assert math.isnan(metrics.mean_ci([0.7])["half_width"])
+    with pytest.raises(ValueError, match="method"):
+        metrics.mean_ci(values, method="bootstrap")
+
+
+def test_summarize_per_type_step_and_class():
+    rec = metrics.episode_record
+    records = [
+        rec(0, "single-verify", ["a", "b"], [0, 1], [[True, False], [True, True]], [0.75, 1.0], [0.5, 1.0], ["a", "b"]),
+        rec(1, "single-verify", ["a", "c"], [0, 1], [[False, False], [False, True]], [0.5, 0.75], [0.0, 0.5], ["a", "c"]),
+        rec(2, "single-choose", ["d", "e"], [0, 1], [[True, True], [True, False]], [1.0, 0.5], [1.0, 0.0], ["d", "e"]),
+    ]  # fmt: skip
+    s = metrics.summarize(records)
+    assert set(s) == {"single-verify", "single-choose", "all"}
+    v = s["single-verify"]
+    assert v["episodes"] == 2 and v["steps"] == [0, 1]
+    assert [c["mean"] for c in v["exact_match"]] == pytest.approx([0.25, 0.75])
+    assert [c["mean"] for c in v["token_acc"]] == pytest.approx([0.25, 0.75])
+    assert [c["mean"] for c in s["all"]["exact_match"]] == pytest.approx(
+        [(0.5 + 0 + 1) / 3, (1 + 0.5 + 0.5) / 3]
+    )
+    # per class at the last step: a right once of twice, b right, c right
+    assert v["per_class"] == {
+        "a": {"correct": 1, "total": 2, "accuracy": 0.5},
+        "b": {"correct": 1, "total": 1, "accuracy": 1.0},
+        "c": {"correct": 1, "total": 1, "accuracy": 1.0},
+    }
+
+
+# ------------------------------------------------------------------------------------------- options
+
+
+def test_query_options_template_and_support():
+    episode = {
+        "support": [{"template_id": 3, "answer": ["both"]}, {"template_id": 3, "answer": ["v1", "lead i"]}],
+        "query": [{"sample_id": 9, "template_id": 3, "answer": ["v2"]}],
+    }
+    table = {3: ["none", "V2"]}
+    assert query_options(episode, table, "template") == [["none", "v2"]]
+    assert query_options(episode, table, "support") == [["both", "lead i, v1"]]
+    assert query_options(episode, table) == [["both", "lead i, v1", "none", "v2"]]
+    with pytest.raises(ValueError, match="template 3 has no admissible answers"):
+        query_options(episode, {}, "template")
+    assert load_template_answers(Config())[27] == ["no", "yes"]
+
+
+# ----------------------------------------------------------------------------------------- meta-test
+
+
+def test_meta_test_is_deterministic_and_leaves_the_meta_weights_alone(world):
+    cfg, _, model, store, episodes = world
+    model.train()  # meta_test must switch dropout off itself, and restore the mode afterwards
+    meta_params = model.mapper_params()
+    before = {k: v.detach().clone() for k, v in meta_params.items()}
+    first = meta_test(model, meta_params, episodes, store, cfg)
+    second = meta_test(model, meta_params, episodes, store, cfg)
+    assert first == second
+    assert model.mapper.training
+    for k, v in model.mapper_params().items():
+        assert torch.equal(v, before[k]) and v.grad is None
+    s = first["summary"]["single-verify"]
+    assert first["steps"] == [0, 1, 2] and s["episodes"] == 2 and len(s["exact_match"]) == 3
+    assert all(0 <= c["mean"] <= 1 for m in metrics.METRICS for c in s[m])
+    # yes/no: one answer token + BOS -> the BOS-included accuracy is (1 + acc) / 2 per episode
+    for rec in first["episodes"]:
+        assert rec["token_acc_bos"] == pytest.approx([(1 + a) / 2 for a in rec["token_acc"]])
+        assert all(p in ("no", "yes") for p in rec["predictions"])
+    model.eval()
+
+
+def test_step_zero_is_the_unadapted_model_and_adaptation_moves_it(world):
+    cfg, _, model, store, episodes = world
+    import dataclasses
+
+    params = model.mapper_params()
+    no_adapt = meta_test(
+        model, params, episodes, store, dataclasses.replace(cfg, meta=MetaConfig(inner_steps=0))
+    )
+    adapted = meta_test(model, params, episodes, store, cfg)
+    assert no_adapt["steps"] == [0]
+    for a, b in zip(no_adapt["episodes"], adapted["episodes"], strict=True):
+        assert a["exact_match"][0] == b["exact_match"][0] and a["token_acc"][0] == b["token_acc"][0]
+    # the query answers' scores change after adaptation (the fast weights are used)
+    from ecgray.eval.meta_test import ecg_features
+
+    (sp, st), (qp, qt) = ecg_features(model, store)(episodes[0])
+    questions = [i["question"] for i in episodes[0]["query"]]
+    with torch.no_grad():
+        s0 = model.score_options(model.fuse(qp, qt, params), questions, [["yes", "no"]] * len(questions))
+    from ecgray.meta import adapt
+
+    support = episodes[0]["support"]
+    task = model.task_data(sp, st, [i["question"] for i in support], [i["answer"] for i in support])
+    model.eval()
+    fast = adapt(model.loss_fn(), params, model.task_set([task]), 2, cfg.meta.inner_lr).fast_weights
+    with torch.no_grad():
+        s2 = model.score_options(model.fuse(qp, qt, fast), questions, [["yes", "no"]] * len(questions))
+    assert not torch.allclose(torch.stack(s0), torch.stack(s2))
+
+
+def test_paper_compat_scores_the_official_prediction(world):
+    cfg, _, model, store, episodes = world
+    import dataclasses
+
+    view = B._view(model, paper_compat=True)
+    res = meta_test(view, model.mapper_params(), episodes[:1], store, cfg)
+    rec = res["episodes"][0]
+    # target = [BOS, answer token]: BOS-included accuracy = mean of the two positions' hits
+    from ecgray.eval.meta_test import ecg_features
+
+    _, (qp, qt) = ecg_features(model, store)(episodes[0])
+    q = episodes[0]["query"]
+    with torch.no_grad():
+        prefix = view.fuse(qp, qt, model.mapper_params())
+        batch = view.collate(view.prompt_rows([i["question"] for i in q], [i["answer"] for i in q]))
+        pred = view.target_predictions(prefix, batch)
+    hits = (pred == batch.target_ids) & batch.target_mask
+    assert rec["token_acc_bos"][0] == pytest.approx(float(hits.sum() / batch.target_mask.sum()))
+    assert rec["token_acc"][0] == pytest.approx(float(hits[:, 1:].sum() / batch.target_mask[:, 1:].sum()))
+    with pytest.raises(ValueError, match="paper_compat"):
+        B.blind_llm(view, episodes, store, dataclasses.replace(cfg))
+
+
+# ----------------------------------------------------------------------------------------- baselines
+
+
+def test_baselines_return_the_meta_test_structure(world):
+    cfg, rows, model, store, episodes = world
+    params = model.mapper_params()
+    before = {k: v.detach().clone() for k, v in params.items()}
+    ref = meta_test(model, params, episodes, store, cfg)
+    items = B.meta_train_items(rows, cfg)
+    sup_params, losses = B.train_supervised(model, items, store, cfg)
+    results = {
+        "blind_llm": B.blind_llm(model, episodes, store, cfg),
+        "ecg_free": B.ecg_free(model, params, episodes, store, cfg),
+        "supervised": B.supervised(model, sup_params, episodes, store, cfg),
+        "finetune_scratch": B.finetune_scratch(model, episodes, store, cfg),
+        "in_context": B.in_context(model, params, episodes, store, cfg),
+    }
+    for name, res in results.items():
+        assert set(res) == set(ref), name
+        assert res["method"] == name
+        assert res["steps"] == ([0] if name in ("blind_llm", "in_context") else [0, 1, 2]), name
+        assert set(res["summary"]) == {"single-verify"}
+        assert len(res["episodes"]) == len(episodes)
+    for k, v in model.mapper_params().items():
+        assert torch.equal(v, before[k])
+    # supervised: meta-train classes only (the meta-test ones never), and the loss went somewhere
+    test_classes = {c for ep in episodes for c in ep["classes"]}
+    assert items and not test_classes & {i["class"] for i in items}
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert any(
+        not torch.equal(sup_params[k], B.fresh_mapper_params(model, cfg.eval.seed)[k]) for k in sup_params
+    )
+
+
+def test_blind_llm_answers_from_the_question_alone(world):
+    cfg, _, model, store, episodes = world
+    res = B.blind_llm(model, episodes[:1], store, cfg)
+    tok, llm = model.tokenizer, model.llm
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for item, pred in zip(episodes[0]["query"], res["episodes"][0]["predictions"], strict=True):
+        scores = {}
+        for option in ("no", "yes"):
+            prompt = [tok.bos_token_id] + ids("Question: ") + ids(item["question"].lower()) + ids("Answer: ")
+            target = ids(option) + [tok.eos_token_id]
+            with torch.no_grad():
+                logits = llm(torch.tensor([prompt + target[:-1]])).logits[0]
+            lp = F.log_softmax(logits[len(prompt) - 1 :], -1)
+            scores[option] = float(lp[torch.arange(len(target)), torch.tensor(target)].sum())
+        assert pred == max(scores, key=scores.get)
+
+
+def test_ecg_free_ignores_the_ecgs_and_finetune_scratch_starts_fresh(world):
+    cfg, rows, model, store, episodes = world
+    params = model.mapper_params()
+    other = tiny_store(len(rows), seed=5)
+    assert B.ecg_free(model, params, episodes, store, cfg) == B.ecg_free(model, params, episodes, other, cfg)
+    scratch = B.finetune_scratch(model, episodes, store, cfg)
+    fresh = meta_test(model, B.fresh_mapper_params(model, cfg.eval.seed), episodes, store, cfg)
+    assert scratch["episodes"] == fresh["episodes"]
+
+
+def test_in_context_cache_equals_one_full_forward(world):
+    cfg, _, model, store, episodes = world
+    view = B._view(model, prompt_layout="prefix_first")
+    items = B._context_items(episodes[0], 1)
+    assert [i["class"] for i in items] == episodes[0]["classes"]  # one shot per class, interleaved
+    params = model.mapper_params()
+    pooled, tokens = encode_ecgs(model, store, [i["ecg_id"] for i in items], None)
+    query = episodes[0]["query"][0]
+    qp, qt = encode_ecgs(model, store, [query["ecg_id"]], None)
+    with torch.no_grad():
+        sp, qprefix = view.fuse(pooled, tokens, params), view.fuse(qp, qt, params)
+        embeds = B._context_embeds(view, sp, items)
+        context = B._context_cache(view, embeds)
+        batch = view.collate(view.prompt_rows([query["question"]], [["yes"]]), use_cache=False)
+        nll = view.token_nll(qprefix, B._with_context(batch, context))[0]
+        # by hand: [context ; query prefix ; "Question: q" "Answer: yes"] through the plain HF forward
+        after = view.prompt_rows([query["question"]], [["yes"]]).after[0]
+        x = torch.cat([embeds[0], qprefix[0], view.embed(torch.tensor(after))], 0)[None]
+        logits = model.llm(inputs_embeds=x).logits[0]
+        target = batch.target_ids[0][batch.target_mask[0]]
+        first = embeds.shape[1] + qprefix.shape[1] + len(after) - (len(target) - 1) - 1
+        ref = F.cross_entropy(logits[first : first + len(target)], target, reduction="none")
+    torch.testing.assert_close(nll[: len(target)], ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- leads
+
+
+def test_mask_leads_changes_only_the_dropped_leads():
+    store = tiny_store(3)
+    signals, mask = store.signals([1, 2, 3]), store.lead_mask([1, 2, 3])
+    kept = ["I", "II", "V2"]
+    s, m = mask_leads(signals, mask, kept)
+    keep = np.isin(LEAD_NAMES, kept)
+    assert np.array_equal(m, mask & keep[None])
+    assert not m[0, 7] and m[1, 7]  # ECG 1 has no V2 in its recording: it stays absent
+    assert np.array_equal(s[:, keep][m[:, keep]], signals[:, keep][m[:, keep]])
+    assert not s[:, ~keep].any() and not s[0, 7].any()
+    assert np.array_equal(mask_leads(signals, mask, None)[0], signals)
+    assert np.array_equal(store.signals([1, 2, 3]), signals)  # the store is untouched
+    with pytest.raises(ValueError, match="unknown: \\['V7'\\]"):
+        mask_leads(signals, mask, ["I", "V7"])
+
+
+def test_lead_subset_features_see_only_their_leads(world):
+    cfg, rows, model, store, episodes = world
+    ids = [2, 3]
+    base = encode_ecgs(model, store, ids, ["I"])[0]
+    changed = tiny_store(len(rows))
+    changed._signals[1:3, 1:] += 5.0  # every lead but I of ECGs 2, 3
+    assert torch.equal(encode_ecgs(model, changed, ids, ["I"])[0], base)
+    assert not torch.equal(encode_ecgs(model, changed, ids, None)[0], encode_ecgs(model, store, ids, None)[0])
+    changed._signals[1:3, 0] += 5.0
+    assert not torch.equal(encode_ecgs(model, changed, ids, ["I"])[0], base)
+    res = meta_test(model, model.mapper_params(), episodes, store, cfg, leads=["I"])
+    assert res["steps"] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def write_prepared(folder, rows, store):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ecgray.data.shards import ecg_schema, qa_schema, signals_to_arrow
+
+    (folder / "ecgs").mkdir(parents=True)
+    (folder / "qa").mkdir()
+    ids = store.ecg_ids
+    n = len(ids)
+    table = pa.table(
+        {
+            "ecg_id": pa.array(ids, pa.int64()),
+            "source": ["ptbxl"] * n,
+            "patient_id": pa.array(store.patient_ids(ids), pa.int64()),
+            "fs": pa.array([store.fs] * n, pa.int32()),
+            "signal": signals_to_arrow(store.signals(ids)),
+            "lead_mask": pa.array(store.lead_mask(ids).tolist(), pa.list_(pa.bool_(), 12)),
+            "split": ["train"] * n,
+            "nan_count": pa.array([0] * n, pa.int32()),
+            "metadata": ["{}"] * n,
+        },
+        schema=ecg_schema(T),
+    )
+    pq.write_table(table, folder / "ecgs" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=qa_schema()), folder / "qa" / "part-0.parquet")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path, world, capsys):
+    from ecgray.cli import main
+    from ecgray.models.checkpoint import save_checkpoint
+
+    cfg, rows, model, store, _ = world
+    write_prepared(tmp_path / "prepared", rows, store)
+    save_checkpoint(tmp_path / "ckpt", model.mapper.state_dict(), cfg, {"step": 1})
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "prepared"),
+            "--out", str(tmp_path / "out"), "--no-progress",
+            "--set", "eval.lead_subsets={I: [I], limb: [I, II, III, aVR, aVL, aVF]}"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "meta_test" in printed and "leads limb" in printed and "in_context" in printed
+    out = tmp_path / "out"
+    for name in ("results.json", "config.yaml", "versions.json", "accuracy_vs_step.png", "per_class.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["results"]) == {"meta_test", *cfg.eval.baselines}
+    assert set(res["lead_subsets"]) == {"I", "limb"}
+    assert res["config"]["eval"]["lead_subsets"]["limb"] == ["I", "II", "III", "aVR", "aVL", "aVF"]
+    assert res["episodes"] == cfg.eval.episodes
+    # the same episodes and weights as the library call
+    episodes = EpisodeSampler(rows, cfg.episodes, "meta-test", seed=cfg.eval.seed).episodes(cfg.eval.episodes)
+    direct = meta_test(model, model.mapper_params(), episodes, store, cfg)
+    assert res["results"]["meta_test"]["episodes"] == json.loads(json.dumps(direct["episodes"]))
+    assert (out / "accuracy_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_help_and_bad_checkpoint(tmp_path, capsys):
+    from ecgray.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    code = main(
+        ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2 and "mapper.safetensors is missing" in capsys.readouterr().err
