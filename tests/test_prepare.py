@@ -45,12 +45,13 @@ def sample(sample_id, ecg_ids, qtype="single-verify", template=1, answer=("yes",
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    """PTB-XL ids 1-5 (5 has no record), 6 absent from the database; MIMIC studies 40000001-2; ECG-QA both."""
+    """PTB-XL ids 1-5 and 7 (5 has no record, 7 a truncated .dat), 6 absent from the database; MIMIC studies
+    40000001-2; ECG-QA for both."""
     root = tmp_path_factory.mktemp("prep")
     ptb, qa, mimic = root / "ptbxl", root / "ecgqa", root / "mimic"
     ptb.mkdir()
     rows = ["ecg_id,patient_id,age,sex,scp_codes,heart_axis,static_noise,strat_fold"]
-    for i in range(1, 6):
+    for i in (1, 2, 3, 4, 5, 7):
         rows.append(f"{i},{100 + i}.0,{50 + i},1,\"{{'NORM': 100.0}}\",MID,\" , I-AVF,  \",{i}")
     (ptb / "ptbxl_database.csv").write_text("\n".join(rows) + "\n")
     _wrsamp(record_path(ptb, 1), lead_values(1, LEAD_NAMES, 500), LEAD_NAMES, 100)
@@ -60,16 +61,19 @@ def tree(tmp_path_factory) -> Path:
     x3[100:104, 3] = np.nan  # 4 NaN samples in aVR
     _wrsamp(record_path(ptb, 3), x3, LEAD_NAMES, 400)
     _wrsamp(record_path(ptb, 4), lead_values(4, ["I", "II", "V1"], 1000), ["I", "II", "V1"], 500)  # missing leads
+    _wrsamp(record_path(ptb, 7), lead_values(7, LEAD_NAMES, 500), LEAD_NAMES, 100)
+    with open(str(record_path(ptb, 7)) + ".dat", "r+b") as f:
+        f.truncate(5000)
     # 5: in the database, no record on disk; 6: referenced, not in the database
     v = qa / "ptbxl"
     for variant in ("template", "paraphrased"):
         (v / variant / "train").mkdir(parents=True)
         (v / variant / "test").mkdir(parents=True)
-        train = [sample(0, [1]), sample(1, [2], answer=("no",)), sample(2, [3]), sample(3, [5]), sample(4, [6])]
+        train = [sample(0, [1]), sample(1, [2], answer=("no",)), sample(2, [3]), sample(3, [5]), sample(4, [6]), sample(5, [7])]
         test = [sample(10, [4, 1], "comparison_irrelevant-query", 69, ("qrs duration",))]
         (v / variant / "train" / "0.json").write_text(json.dumps(train))
         (v / variant / "test" / "10.json").write_text(json.dumps(test))
-    (v / "train_ecgs.tsv").write_text("0\t1\n1\t2\n2\t3\n3\t5\n4\t6\n")
+    (v / "train_ecgs.tsv").write_text("0\t1\n1\t2\n2\t3\n3\t5\n4\t6\n5\t7\n")
     (v / "test_ecgs.tsv").write_text("0\t4\n")
     m = qa / "mimic-iv-ecg" / "template" / "test"
     m.mkdir(parents=True)
@@ -92,11 +96,12 @@ def cfg_for(tree: Path, **kw) -> DataConfig:
 
 def test_collect_lists_ids_without_metadata_and_skips_sources_without_records(tree):
     samples, items, failures, skipped, _ = collect(cfg_for(tree))
-    assert [i["ecg_id"] for i in items] == [1, 2, 3, 4, 5]
+    assert [i["ecg_id"] for i in items] == [1, 2, 3, 4, 5, 7]
     assert [(f["ecg_id"], f["reason"]) for f in failures] == [(6, "not in ptbxl_database.csv")]
     assert "mimic" in skipped and "--mimic" in skipped["mimic"]
-    assert len(samples) == 12  # 6 samples x 2 variants, PTB-XL only
-    assert {i["ecg_id"]: i["split"] for i in items} == {1: "train", 2: "train", 3: "train", 4: "test", 5: "train"}
+    assert len(samples) == 14  # 7 samples x 2 variants, PTB-XL only
+    assert {i["ecg_id"]: i["split"] for i in items} == {1: "train", 2: "train", 3: "train", 4: "test", 5: "train",
+                                                        7: "train"}
     assert json.loads(items[0]["metadata"])["static_noise"] == LEAD_NAMES[:6]
 
 
@@ -105,8 +110,9 @@ def test_read_batch_without_ray(tree):
     batch = {k: np.asarray([it[k] for it in items], dtype=object if k != "ecg_id" else np.int64) for k in items[0]}
     table = read_batch(batch, cfg_for(tree).__dict__)
     rows = table.select(["ecg_id", "error", "error_kind", "nan_count"]).to_pylist()
-    assert [r["error"] is None for r in rows] == [True, True, True, True, False]
+    assert [r["error"] is None for r in rows] == [True, True, True, True, False, False]
     assert rows[4]["error_kind"] == "missing" and "00005_hr.hea not found" in rows[4]["error"]
+    assert rows[5]["error_kind"] == "corrupt" and "00007_hr.dat is truncated (5000 bytes" in rows[5]["error"]
     assert rows[2]["nan_count"] == 4
 
 
@@ -115,12 +121,13 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
     out = tmp_path / "prepared"
     cfg = cfg_for(tree, mimic_dir=str(tree / "mimic"))
     report = prepare(cfg, out, progress=False)
-    assert report["records"]["read"] == 6 and report["records"]["failed"] == 2
-    assert {(f["ecg_id"], f["kind"]) for f in report["failures"]} == {(5, "missing"), (6, "missing")}
+    assert report["records"]["read"] == 6 and report["records"]["failed"] == 3
+    assert report["records"]["referenced"] == 9 and report["records"]["by_reader"] == {"fast": 6}
+    assert {(f["ecg_id"], f["kind"]) for f in report["failures"]} == {(5, "missing"), (6, "missing"), (7, "corrupt")}
     assert report["nan"] == {"policy": "interpolate", "records_with_nan": 1, "nan_samples": 4,
                              "per_record": {"ptbxl/3": 4}}
-    # samples 3 and 4 need the missing ECGs 5 and 6, in both variants
-    assert report["qa"]["dropped_missing_ecg"] == 4 and report["qa"]["rows"] == 9
+    # samples 3, 4 and 5 need the failed ECGs 5, 6 and 7, in both variants
+    assert report["qa"]["dropped_missing_ecg"] == 6 and report["qa"]["rows"] == 9
     assert report["qa"]["by"]["ptbxl/paraphrased/train/single-verify"] == 3
     assert report["qa"]["by"]["mimic/template/test/comparison_irrelevant-query"] == 1
     assert json.loads((out / "report.json").read_text())["records"] == report["records"]
@@ -165,8 +172,8 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
 @pytest.mark.slow
 def test_prepare_strict_fails_and_leaves_nothing(tree, ray_session, tmp_path):
     out = tmp_path / "prepared"
-    with pytest.raises(PrepareError, match=r"--strict: 2 records missing or corrupt: .*00005_hr.hea not found.*"
-                                           r"not in ptbxl_database.csv"):
+    with pytest.raises(PrepareError, match=r"--strict: 3 records missing or corrupt: .*00005_hr.hea not found.*"
+                                           r"not in ptbxl_database.csv.*00007_hr.dat is truncated"):
         prepare(cfg_for(tree), out, strict=True, progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -179,10 +186,10 @@ def test_cli_strict_exit_code_and_message(tree, ray_session, tmp_path, capsys):
             "--no-progress", "--set", "data.fs=100", "data.window_s=2.0"]
     assert main(args + ["--strict"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ecgray prepare: --strict: 2 records missing or corrupt: record ") and "00005_hr" in err
+    assert err.startswith("ecgray prepare: --strict: 3 records missing or corrupt: record ") and "00005_hr" in err
     assert not (tmp_path / "o").exists()
     assert main(args) == 0
-    assert "prepared 4 ECGs (2 missing or corrupt" in capsys.readouterr().out
+    assert "prepared 4 ECGs (3 missing or corrupt" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "report.json").read_text())["config"]["fs"] == 100
 
 
@@ -200,3 +207,63 @@ def test_help_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", "--help"])
     assert exit_info.value.code == 0 and "--strict" in capsys.readouterr().out
+
+
+def test_collect_on_the_real_ecgqa_samples(shared_data, tmp_path):
+    (tmp_path / "ptbxl").mkdir()
+    (tmp_path / "ptbxl" / "ptbxl_database.csv").write_bytes(
+        (shared_data / "ptbxl" / "ptbxl_database_subset.csv").read_bytes()
+    )
+    cfg = DataConfig(ptbxl_dir=str(tmp_path / "ptbxl"), ecgqa_dir=str(shared_data / "ecgqa"))
+    samples, items, failures, skipped, unparsed = collect(cfg)
+    assert len(samples) == 2 * (10_000 + 2146) and list(skipped) == ["mimic"] and unparsed == 2
+    # 6,018 distinct ECGs referenced; 2,355 of them are among the 8,988 database rows of the sample
+    assert len(items) == 2355 and len(failures) == 6018 - 2355
+    assert {f["reason"] for f in failures} == {"not in ptbxl_database.csv"}
+    assert {i["split"] for i in items} == {"train", "test"}
+    item = next(i for i in items if i["ecg_id"] == 8)
+    assert item["path"].endswith("records500/00000/00008_hr") and item["patient_id"] == 11275
+    meta = json.loads(item["metadata"])
+    assert meta["baseline_drift"] == ["II", "aVF"] and meta["height"] is None and meta["scp_codes"]["IMI"] == 35.0
+
+
+def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
+    import pyarrow as pa
+
+    from ecgray.data.shards import ecg_schema, qa_schema, signals_to_arrow
+
+    (tmp_path / "ecgs").mkdir()
+    (tmp_path / "qa").mkdir()
+    x = np.arange(3 * 12 * 4, dtype=np.float32).reshape(3, 12, 4)  # (B, 12, T)
+    mask = np.ones((3, 12), dtype=bool)
+    mask[1, 5] = False
+    for part, rows in enumerate([[0, 1], [2]]):
+        table = pa.table({
+            "ecg_id": pa.array([10 + r for r in rows], pa.int64()), "source": ["ptbxl"] * len(rows),
+            "patient_id": pa.array([100 + r for r in rows], pa.int64()), "fs": pa.array([500] * len(rows), pa.int32()),
+            "signal": signals_to_arrow(x[rows]),
+            "lead_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask[rows].reshape(-1)), 12),
+            "split": ["train"] * len(rows), "nan_count": pa.array([0] * len(rows), pa.int32()),
+            "metadata": ["{}"] * len(rows),
+        }, schema=ecg_schema(4))
+        pq.write_table(table, tmp_path / "ecgs" / f"part-{part:05d}.parquet")
+    store = ECGStore.open(tmp_path)
+    assert store.ecg_ids.tolist() == [10, 11, 12] and store.n_samples == 4 and len(store) == 3
+    assert np.array_equal(store.signals([12, 10]), x[[2, 0]])
+    assert store.lead_mask([11])[0, 5] == False and store.lead_mask([11]).sum() == 11  # noqa: E712
+    assert store.patient_ids([11]).tolist() == [101]
+    with pytest.raises(KeyError, match="ecg_id 99 is not in the prepared ECGs"):
+        store.lead_mask([10, 99])
+    rows = [
+        {"sample_id": i, "template_id": 1, "question_id": 2, "question_type": qt, "attribute_type": "noise",
+         "question": "q", "answer": ["no"], "ecg_id": [10] if qt.startswith("single") else [10, 11],
+         "attribute": ["x"] if qt.startswith("single") else None, "source": "ptbxl", "variant": v, "split": "train"}
+        for i, (qt, v) in enumerate([("single-verify", "template"), ("single-query", "template"),
+                                     ("comparison_irrelevant-query", "paraphrased")])
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=qa_schema()), tmp_path / "qa" / "x.parquet")
+    assert read_qa(tmp_path) == rows
+    assert [r["sample_id"] for r in read_qa(tmp_path, variant="template", question_types="single-query")] == [1]
+    assert read_qa(tmp_path, source="mimic") == []
+    with pytest.raises(FileNotFoundError, match="run `ecgray prepare`"):
+        ECGStore.open(tmp_path / "nowhere")

@@ -156,25 +156,29 @@ def collect(cfg: DataConfig) -> tuple[list[dict], list[dict], list[dict], dict[s
             db = ptbxl.read_database(records_dir)
             unparsed += sum(bool(u) for u in db["noise_unparsed"])
             columns = [c for c in PTBXL_METADATA if c in db.columns]
+            wanted = db.loc[db.index.isin(list(splits)), ["patient_id", *columns]]
+            rows = dict(zip(wanted.index, wanted.to_dict("records"), strict=True))  # ecg_id -> row
             for ecg_id in sorted(splits):
-                if ecg_id not in db.index:
+                if ecg_id not in rows:
                     failures.append(_failure(source, ecg_id, None, "missing", "not in ptbxl_database.csv"))
                     continue
-                row = db.loc[ecg_id]
+                meta = rows[ecg_id]
                 items.append(
-                    _item(source, ecg_id, ptbxl.record_path(records_dir, ecg_id, cfg.record_fs), row["patient_id"],
-                          splits[ecg_id], {c: row[c] for c in columns})
+                    _item(source, ecg_id, ptbxl.record_path(records_dir, ecg_id, cfg.record_fs),
+                          meta.pop("patient_id"), splits[ecg_id], meta)
                 )
         else:
             records = ptbxl.read_mimic_record_list(records_dir)
+            wanted = records.loc[records.index.isin(list(splits)), ["path", *MIMIC_METADATA]]
+            rows = dict(zip(wanted.index, wanted.to_dict("records"), strict=True))  # study_id -> row
             for ecg_id in sorted(splits):
-                if ecg_id not in records.index:
+                if ecg_id not in rows:
                     failures.append(_failure(source, ecg_id, None, "missing", "study_id not in record_list.csv"))
                     continue
-                row = records.loc[ecg_id]
+                meta = rows[ecg_id]
                 items.append(
-                    _item(source, ecg_id, ptbxl.mimic_record_path(records_dir, records, ecg_id), row["subject_id"],
-                          splits[ecg_id], {c: row[c] for c in MIMIC_METADATA})
+                    _item(source, ecg_id, Path(records_dir) / str(meta.pop("path")), meta["subject_id"],
+                          splits[ecg_id], meta)
                 )
     if not samples:
         raise PrepareError(
