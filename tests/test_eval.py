@@ -82,6 +82,15 @@ def tiny_store(n: int, seed: int = 0) -> ECGStore:
     return ECGStore(np.arange(1, n + 1), signals, mask, np.arange(n), ["ptbxl"] * n, ["train"] * n, fs=40)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny models are ~100x slower with intra-op threads fighting over shared cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world():
     cfg = tiny_cfg()
@@ -439,3 +448,23 @@ def test_cli_help_and_bad_checkpoint(tmp_path, capsys):
         ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     )
     assert code == 2 and "mapper.safetensors is missing" in capsys.readouterr().err
+
+
+def test_cli_names_bad_data(tmp_path, capsys):
+    from ecgray.cli import main
+    from ecgray.models.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(1)}, tiny_cfg())
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--data",
+        str(tmp_path / "nothing"),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "no Parquet shards" in capsys.readouterr().err
+    assert main([*argv, "--set", "eval.baselines=[oracle]"]) == 2
+    assert "eval.baselines.0" in capsys.readouterr().err

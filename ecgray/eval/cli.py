@@ -113,18 +113,28 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.time()
 
-    store = ECGStore.open(args.data)
-    if store.fs != cfg.encoder.fs:
-        print(
-            f"ecgray eval: {args.data}/ecgs are sampled at {store.fs} Hz but the encoder expects "
-            f"encoder.fs={cfg.encoder.fs} Hz",
-            file=sys.stderr,
+    try:
+        store = ECGStore.open(args.data)
+        if store.fs != cfg.encoder.fs:
+            raise ValueError(
+                f"{args.data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs="
+                f"{cfg.encoder.fs} Hz"
+            )
+        types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
+        samples = read_qa(args.data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
+        sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
+        episodes = sampler.episodes(cfg.eval.episodes, progress=progress)
+        missing = sorted(
+            {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]}
+            - set(store.ecg_ids.tolist())
         )
+        if missing:
+            raise ValueError(
+                f"{args.data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})"
+            )
+    except (FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
+        print(f"ecgray eval: {err}", file=sys.stderr)
         return 2
-    types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
-    samples = read_qa(args.data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
-    sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
-    episodes = sampler.episodes(cfg.eval.episodes, progress=progress)
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device)
