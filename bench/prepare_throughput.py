@@ -43,15 +43,32 @@ def build(root: Path, n: int, seed: int = 0) -> DataConfig:
         path = record_path(ptb, ecg_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         x = rng.normal(0, 0.3, (5000, 12)).round(3)  # (T, 12) mV
-        wfdb.wrsamp(path.name, fs=500, units=["mV"] * 12, sig_name=list(LEAD_NAMES), p_signal=x, fmt=["16"] * 12,
-                    adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(path.parent))
+        wfdb.wrsamp(
+            path.name,
+            fs=500,
+            units=["mV"] * 12,
+            sig_name=list(LEAD_NAMES),
+            p_signal=x,
+            fmt=["16"] * 12,
+            adc_gain=[1000.0] * 12,
+            baseline=[0] * 12,
+            write_dir=str(path.parent),
+        )
         rows.append(f"{ecg_id},{ecg_id}.0,50,0,\"{{'NORM': 100.0}}\",{ecg_id % 10 + 1}")
     ptb.joinpath("ptbxl_database.csv").write_text("\n".join(rows) + "\n")
     (qa / "template" / "train").mkdir(parents=True)
     samples = [
-        {"template_id": 1, "question_id": 1, "sample_id": i, "question_type": "single-verify",
-         "attribute_type": "scp_code", "question": "Does this ECG show X?", "answer": ["yes"],
-         "ecg_id": [i + 1], "attribute": ["x"]}
+        {
+            "template_id": 1,
+            "question_id": 1,
+            "sample_id": i,
+            "question_type": "single-verify",
+            "attribute_type": "scp_code",
+            "question": "Does this ECG show X?",
+            "answer": ["yes"],
+            "ecg_id": [i + 1],
+            "attribute": ["x"],
+        }
         for i in range(n)
     ]
     (qa / "template" / "train" / "0.json").write_text(json.dumps(samples))
@@ -67,7 +84,9 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="records to write and read")
-    ap.add_argument("--batch-size", type=int, default=64, help="records per Ray Data task (data.read_batch_size)")
+    ap.add_argument(
+        "--batch-size", type=int, default=64, help="records per Ray Data task (data.read_batch_size)"
+    )
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs given to the local Ray")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -90,7 +109,9 @@ def main() -> None:
         import ray
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         ray_init = time.perf_counter() - t0
         _, items, _, _, _ = prep.collect(cfg)
         # The first pass also starts Ray's worker processes and imports ecgray in them.
@@ -103,22 +124,27 @@ def main() -> None:
         ray.shutdown()
         assert report["records"]["read"] == args.n, report["records"]
 
-    print(json.dumps({
-        "records": args.n,
-        "records_per_s": {k: round(args.n / v, 1) for k, v in seconds.items()},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "conditions": {
-            "record": "12 leads x 5000 samples, 500 Hz, format 16 (PTB-XL records500)",
-            "window": f"{cfg.window_s} s at {cfg.fs} Hz -> float32 (12, {cfg.n_samples})",
-            "read_batch_size": args.batch_size,
-            "ray_num_cpus": args.num_cpus,
-            "machine_cpus": os.cpu_count(),
-            "ray_init_s": round(ray_init, 2),
-            "build_records_s": round(t_build, 2),
-            "prepare_timings_s": report["timings_s"],
-            "versions": {k: versions()[k] for k in ("python", "ray", "wfdb", "numpy", "pyarrow")},
-        },
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "records": args.n,
+                "records_per_s": {k: round(args.n / v, 1) for k, v in seconds.items()},
+                "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                "conditions": {
+                    "record": "12 leads x 5000 samples, 500 Hz, format 16 (PTB-XL records500)",
+                    "window": f"{cfg.window_s} s at {cfg.fs} Hz -> float32 (12, {cfg.n_samples})",
+                    "read_batch_size": args.batch_size,
+                    "ray_num_cpus": args.num_cpus,
+                    "machine_cpus": os.cpu_count(),
+                    "ray_init_s": round(ray_init, 2),
+                    "build_records_s": round(t_build, 2),
+                    "prepare_timings_s": report["timings_s"],
+                    "versions": {k: versions()[k] for k in ("python", "ray", "wfdb", "numpy", "pyarrow")},
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,18 @@ def test_real_template_train_shard(root):
     assert Counter(s["template_id"] for s in samples) == {26: 5528, 28: 3434, 27: 1038}
     first = samples[0]
     assert first == {
-        "sample_id": 120000, "template_id": 26, "question_id": 1709, "question_type": "single-verify",
-        "attribute_type": "noise", "question": "Does this ECG show static noise in lead aVL?",
-        "answer": ["no"], "ecg_id": [3637], "attribute": ["static noise"],
-        "source": "ptbxl", "variant": "template", "split": "train",
+        "sample_id": 120000,
+        "template_id": 26,
+        "question_id": 1709,
+        "question_type": "single-verify",
+        "attribute_type": "noise",
+        "question": "Does this ECG show static noise in lead aVL?",
+        "answer": ["no"],
+        "ecg_id": [3637],
+        "attribute": ["static noise"],
+        "source": "ptbxl",
+        "variant": "template",
+        "split": "train",
     }
     # method.md section 1: template 27 has 1,038 samples, 715 "no" and 323 "yes"
     t27 = Counter(tuple(s["answer"]) for s in samples if s["template_id"] == 27)
@@ -41,7 +49,9 @@ def test_real_comparison_samples_carry_two_ids_and_null_attribute(root):
         assert all(s["question_type"] == "comparison_irrelevant-query" for s in samples)
         assert all(len(s["ecg_id"]) == 2 and s["attribute"] is None for s in samples)
     mimic = ecgqa.read_split(root, "mimic", "template", "test")
-    assert len(mimic) == 4364 and mimic[0]["ecg_id"] == [43402541, 41006988] and mimic[0]["answer"] == ["none"]
+    assert (
+        len(mimic) == 4364 and mimic[0]["ecg_id"] == [43402541, 41006988] and mimic[0]["answer"] == ["none"]
+    )
     assert ecgqa.read_split(root, "mimic", "paraphrased", "train") == []  # not in the sample: nothing
 
 
@@ -84,8 +94,15 @@ def test_record_paths(tmp_path):
 
 
 GOOD = {
-    "template_id": 1, "question_id": 2, "sample_id": 3, "question_type": "single-verify",
-    "attribute_type": "scp_code", "question": "q?", "answer": ["yes"], "ecg_id": [5], "attribute": ["x"],
+    "template_id": 1,
+    "question_id": 2,
+    "sample_id": 3,
+    "question_type": "single-verify",
+    "attribute_type": "scp_code",
+    "question": "q?",
+    "answer": ["yes"],
+    "ecg_id": [5],
+    "attribute": ["x"],
 }
 
 

@@ -4,6 +4,7 @@ shards read back through ECGStore / read_qa."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ def _wrsamp(path: Path, x: np.ndarray, names: list[str], fs: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     c = len(names)
-    wfdb.wrsamp(path.name, fs=fs, units=["mV"] * c, sig_name=names, p_signal=x, fmt=["16"] * c,
-                adc_gain=[1000.0] * c, baseline=[0] * c, write_dir=str(path.parent))
+    wfdb.wrsamp(
+        path.name,
+        fs=fs,
+        units=["mV"] * c,
+        sig_name=names,
+        p_signal=x,
+        fmt=["16"] * c,
+        adc_gain=[1000.0] * c,
+        baseline=[0] * c,
+        write_dir=str(path.parent),
+    )
 
 
 def lead_values(ecg_id: int, names: list[str], t: int) -> np.ndarray:
@@ -37,8 +47,14 @@ def lead_values(ecg_id: int, names: list[str], t: int) -> np.ndarray:
 
 def sample(sample_id, ecg_ids, qtype="single-verify", template=1, answer=("yes",)):
     return {
-        "template_id": template, "question_id": template * 10, "sample_id": sample_id, "question_type": qtype,
-        "attribute_type": "scp_code", "question": f"q{sample_id}?", "answer": list(answer), "ecg_id": ecg_ids,
+        "template_id": template,
+        "question_id": template * 10,
+        "sample_id": sample_id,
+        "question_type": qtype,
+        "attribute_type": "scp_code",
+        "question": f"q{sample_id}?",
+        "answer": list(answer),
+        "ecg_id": ecg_ids,
         "attribute": None if qtype.startswith("comparison") else ["x"],
     }
 
@@ -52,7 +68,7 @@ def tree(tmp_path_factory) -> Path:
     ptb.mkdir()
     rows = ["ecg_id,patient_id,age,sex,scp_codes,heart_axis,static_noise,strat_fold"]
     for i in (1, 2, 3, 4, 5, 7):
-        rows.append(f"{i},{100 + i}.0,{50 + i},1,\"{{'NORM': 100.0}}\",MID,\" , I-AVF,  \",{i}")
+        rows.append(f'{i},{100 + i}.0,{50 + i},1,"{{\'NORM\': 100.0}}",MID," , I-AVF,  ",{i}')
     (ptb / "ptbxl_database.csv").write_text("\n".join(rows) + "\n")
     _wrsamp(record_path(ptb, 1), lead_values(1, LEAD_NAMES, 500), LEAD_NAMES, 100)
     names2 = [n.lower() for n in LEAD_NAMES] + ["vx", "vy", "vz"]  # lower case + Frank leads
@@ -60,7 +76,9 @@ def tree(tmp_path_factory) -> Path:
     x3 = lead_values(3, LEAD_NAMES, 2000)
     x3[100:104, 3] = np.nan  # 4 NaN samples in aVR
     _wrsamp(record_path(ptb, 3), x3, LEAD_NAMES, 400)
-    _wrsamp(record_path(ptb, 4), lead_values(4, ["I", "II", "V1"], 1000), ["I", "II", "V1"], 500)  # missing leads
+    _wrsamp(
+        record_path(ptb, 4), lead_values(4, ["I", "II", "V1"], 1000), ["I", "II", "V1"], 500
+    )  # missing leads
     _wrsamp(record_path(ptb, 7), lead_values(7, LEAD_NAMES, 500), LEAD_NAMES, 100)
     with open(str(record_path(ptb, 7)) + ".dat", "r+b") as f:
         f.truncate(5000)
@@ -69,7 +87,14 @@ def tree(tmp_path_factory) -> Path:
     for variant in ("template", "paraphrased"):
         (v / variant / "train").mkdir(parents=True)
         (v / variant / "test").mkdir(parents=True)
-        train = [sample(0, [1]), sample(1, [2], answer=("no",)), sample(2, [3]), sample(3, [5]), sample(4, [6]), sample(5, [7])]
+        train = [
+            sample(0, [1]),
+            sample(1, [2], answer=("no",)),
+            sample(2, [3]),
+            sample(3, [5]),
+            sample(4, [6]),
+            sample(5, [7]),
+        ]
         test = [sample(10, [4, 1], "comparison_irrelevant-query", 69, ("qrs duration",))]
         (v / variant / "train" / "0.json").write_text(json.dumps(train))
         (v / variant / "test" / "10.json").write_text(json.dumps(test))
@@ -77,7 +102,9 @@ def tree(tmp_path_factory) -> Path:
     (v / "test_ecgs.tsv").write_text("0\t4\n")
     m = qa / "mimic-iv-ecg" / "template" / "test"
     m.mkdir(parents=True)
-    (m / "20.json").write_text(json.dumps([sample(20, [40000001, 40000002], "comparison_irrelevant-query", 68)]))
+    (m / "20.json").write_text(
+        json.dumps([sample(20, [40000001, 40000002], "comparison_irrelevant-query", 68)])
+    )
     mimic.mkdir()
     (mimic / "record_list.csv").write_text(
         "subject_id,study_id,file_name,ecg_time,path\n"
@@ -85,8 +112,12 @@ def tree(tmp_path_factory) -> Path:
         "8,40000002,40000002,2150-01-02 10:00:00,files/p1000/p8/s40000002/40000002\n"
     )
     for study in (40000001, 40000002):
-        _wrsamp(mimic / f"files/p1000/p{study - 39999994}/s{study}/{study}", lead_values(7, MIMIC_ORDER, 1000),
-                MIMIC_ORDER, 500)
+        _wrsamp(
+            mimic / f"files/p1000/p{study - 39999994}/s{study}/{study}",
+            lead_values(7, MIMIC_ORDER, 1000),
+            MIMIC_ORDER,
+            500,
+        )
     return root
 
 
@@ -100,15 +131,23 @@ def test_collect_lists_ids_without_metadata_and_skips_sources_without_records(tr
     assert [(f["ecg_id"], f["reason"]) for f in failures] == [(6, "not in ptbxl_database.csv")]
     assert "mimic" in skipped and "--mimic" in skipped["mimic"]
     assert len(samples) == 14  # 7 samples x 2 variants, PTB-XL only
-    assert {i["ecg_id"]: i["split"] for i in items} == {1: "train", 2: "train", 3: "train", 4: "test", 5: "train",
-                                                        7: "train"}
+    assert {i["ecg_id"]: i["split"] for i in items} == {
+        1: "train",
+        2: "train",
+        3: "train",
+        4: "test",
+        5: "train",
+        7: "train",
+    }
     assert json.loads(items[0]["metadata"])["static_noise"] == LEAD_NAMES[:6]
 
 
 def test_read_batch_without_ray(tree):
     _, items, _, _, _ = collect(cfg_for(tree))
-    batch = {k: np.asarray([it[k] for it in items], dtype=object if k != "ecg_id" else np.int64) for k in items[0]}
-    table = read_batch(batch, cfg_for(tree).__dict__)
+    batch = {
+        k: np.asarray([it[k] for it in items], dtype=object if k != "ecg_id" else np.int64) for k in items[0]
+    }
+    table = read_batch(batch, asdict(cfg_for(tree)))
     rows = table.select(["ecg_id", "error", "error_kind", "nan_count"]).to_pylist()
     assert [r["error"] is None for r in rows] == [True, True, True, True, False, False]
     assert rows[4]["error_kind"] == "missing" and "00005_hr.hea not found" in rows[4]["error"]
@@ -123,20 +162,34 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
     report = prepare(cfg, out, progress=False)
     assert report["records"]["read"] == 6 and report["records"]["failed"] == 3
     assert report["records"]["referenced"] == 9 and report["records"]["by_reader"] == {"fast": 6}
-    assert {(f["ecg_id"], f["kind"]) for f in report["failures"]} == {(5, "missing"), (6, "missing"), (7, "corrupt")}
-    assert report["nan"] == {"policy": "interpolate", "records_with_nan": 1, "nan_samples": 4,
-                             "per_record": {"ptbxl/3": 4}}
+    assert {(f["ecg_id"], f["kind"]) for f in report["failures"]} == {
+        (5, "missing"),
+        (6, "missing"),
+        (7, "corrupt"),
+    }
+    assert report["nan"] == {
+        "policy": "interpolate",
+        "records_with_nan": 1,
+        "nan_samples": 4,
+        "per_record": {"ptbxl/3": 4},
+    }
     # samples 3, 4 and 5 need the failed ECGs 5, 6 and 7, in both variants
     assert report["qa"]["dropped_missing_ecg"] == 6 and report["qa"]["rows"] == 9
     assert report["qa"]["by"]["ptbxl/paraphrased/train/single-verify"] == 3
     assert report["qa"]["by"]["mimic/template/test/comparison_irrelevant-query"] == 1
     assert json.loads((out / "report.json").read_text())["records"] == report["records"]
-    assert sorted(p.name for p in (out / "ecgs").iterdir()) == ["part-00000.parquet", "part-00001.parquet",
-                                                                 "part-00002.parquet"]
+    assert sorted(p.name for p in (out / "ecgs").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
 
     # shards read back with pyarrow alone
     table = pq.read_table(out / "ecgs")
-    assert table.column("signal").type.list_size == 12 and table.column("signal").type.value_type.list_size == 200
+    assert (
+        table.column("signal").type.list_size == 12
+        and table.column("signal").type.value_type.list_size == 200
+    )
     store = ECGStore.open(out)
     assert sorted(store.ecg_ids.tolist()) == [1, 2, 3, 4, 40000001, 40000002]
     x = store.signals([2, 1, 40000001])
@@ -157,7 +210,9 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
     qa = read_qa(out, source="ptbxl", variant="template")
     assert sorted(r["sample_id"] for r in qa) == [0, 1, 2, 10]
     comparison = [r for r in qa if r["sample_id"] == 10][0]
-    assert comparison["ecg_id"] == [4, 1] and comparison["attribute"] is None and comparison["split"] == "test"
+    assert (
+        comparison["ecg_id"] == [4, 1] and comparison["attribute"] is None and comparison["split"] == "test"
+    )
     assert len(read_qa(out, question_types=["single-verify"])) == 6
     assert len(read_qa(out, source="mimic")) == 1
 
@@ -172,8 +227,11 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
 @pytest.mark.slow
 def test_prepare_strict_fails_and_leaves_nothing(tree, ray_session, tmp_path):
     out = tmp_path / "prepared"
-    with pytest.raises(PrepareError, match=r"--strict: 3 records missing or corrupt: .*00005_hr.hea not found.*"
-                                           r"not in ptbxl_database.csv.*00007_hr.dat is truncated"):
+    with pytest.raises(
+        PrepareError,
+        match=r"--strict: 3 records missing or corrupt: .*00005_hr.hea not found.*"
+        r"not in ptbxl_database.csv.*00007_hr.dat is truncated",
+    ):
         prepare(cfg_for(tree), out, strict=True, progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -182,11 +240,25 @@ def test_prepare_strict_fails_and_leaves_nothing(tree, ray_session, tmp_path):
 def test_cli_strict_exit_code_and_message(tree, ray_session, tmp_path, capsys):
     from ecgray.cli import main
 
-    args = ["prepare", "--ptbxl", str(tree / "ptbxl"), "--ecgqa", str(tree / "ecgqa"), "--out", str(tmp_path / "o"),
-            "--no-progress", "--set", "data.fs=100", "data.window_s=2.0"]
+    args = [
+        "prepare",
+        "--ptbxl",
+        str(tree / "ptbxl"),
+        "--ecgqa",
+        str(tree / "ecgqa"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--set",
+        "data.fs=100",
+        "data.window_s=2.0",
+    ]
     assert main(args + ["--strict"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ecgray prepare: --strict: 3 records missing or corrupt: record ") and "00005_hr" in err
+    assert (
+        err.startswith("ecgray prepare: --strict: 3 records missing or corrupt: record ")
+        and "00005_hr" in err
+    )
     assert not (tmp_path / "o").exists()
     assert main(args) == 0
     assert "prepared 4 ECGs (3 missing or corrupt" in capsys.readouterr().out
@@ -224,7 +296,11 @@ def test_collect_on_the_real_ecgqa_samples(shared_data, tmp_path):
     item = next(i for i in items if i["ecg_id"] == 8)
     assert item["path"].endswith("records500/00000/00008_hr") and item["patient_id"] == 11275
     meta = json.loads(item["metadata"])
-    assert meta["baseline_drift"] == ["II", "aVF"] and meta["height"] is None and meta["scp_codes"]["IMI"] == 35.0
+    assert (
+        meta["baseline_drift"] == ["II", "aVF"]
+        and meta["height"] is None
+        and meta["scp_codes"]["IMI"] == 35.0
+    )
 
 
 def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
@@ -238,14 +314,20 @@ def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
     mask = np.ones((3, 12), dtype=bool)
     mask[1, 5] = False
     for part, rows in enumerate([[0, 1], [2]]):
-        table = pa.table({
-            "ecg_id": pa.array([10 + r for r in rows], pa.int64()), "source": ["ptbxl"] * len(rows),
-            "patient_id": pa.array([100 + r for r in rows], pa.int64()), "fs": pa.array([500] * len(rows), pa.int32()),
-            "signal": signals_to_arrow(x[rows]),
-            "lead_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask[rows].reshape(-1)), 12),
-            "split": ["train"] * len(rows), "nan_count": pa.array([0] * len(rows), pa.int32()),
-            "metadata": ["{}"] * len(rows),
-        }, schema=ecg_schema(4))
+        table = pa.table(
+            {
+                "ecg_id": pa.array([10 + r for r in rows], pa.int64()),
+                "source": ["ptbxl"] * len(rows),
+                "patient_id": pa.array([100 + r for r in rows], pa.int64()),
+                "fs": pa.array([500] * len(rows), pa.int32()),
+                "signal": signals_to_arrow(x[rows]),
+                "lead_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask[rows].reshape(-1)), 12),
+                "split": ["train"] * len(rows),
+                "nan_count": pa.array([0] * len(rows), pa.int32()),
+                "metadata": ["{}"] * len(rows),
+            },
+            schema=ecg_schema(4),
+        )
         pq.write_table(table, tmp_path / "ecgs" / f"part-{part:05d}.parquet")
     store = ECGStore.open(tmp_path)
     assert store.ecg_ids.tolist() == [10, 11, 12] and store.n_samples == 4 and len(store) == 3
@@ -255,15 +337,33 @@ def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
     with pytest.raises(KeyError, match="ecg_id 99 is not in the prepared ECGs"):
         store.lead_mask([10, 99])
     rows = [
-        {"sample_id": i, "template_id": 1, "question_id": 2, "question_type": qt, "attribute_type": "noise",
-         "question": "q", "answer": ["no"], "ecg_id": [10] if qt.startswith("single") else [10, 11],
-         "attribute": ["x"] if qt.startswith("single") else None, "source": "ptbxl", "variant": v, "split": "train"}
-        for i, (qt, v) in enumerate([("single-verify", "template"), ("single-query", "template"),
-                                     ("comparison_irrelevant-query", "paraphrased")])
+        {
+            "sample_id": i,
+            "template_id": 1,
+            "question_id": 2,
+            "question_type": qt,
+            "attribute_type": "noise",
+            "question": "q",
+            "answer": ["no"],
+            "ecg_id": [10] if qt.startswith("single") else [10, 11],
+            "attribute": ["x"] if qt.startswith("single") else None,
+            "source": "ptbxl",
+            "variant": v,
+            "split": "train",
+        }
+        for i, (qt, v) in enumerate(
+            [
+                ("single-verify", "template"),
+                ("single-query", "template"),
+                ("comparison_irrelevant-query", "paraphrased"),
+            ]
+        )
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=qa_schema()), tmp_path / "qa" / "x.parquet")
     assert read_qa(tmp_path) == rows
-    assert [r["sample_id"] for r in read_qa(tmp_path, variant="template", question_types="single-query")] == [1]
+    assert [r["sample_id"] for r in read_qa(tmp_path, variant="template", question_types="single-query")] == [
+        1
+    ]
     assert read_qa(tmp_path, source="mimic") == []
     with pytest.raises(FileNotFoundError, match="run `ecgray prepare`"):
         ECGStore.open(tmp_path / "nowhere")

@@ -25,15 +25,24 @@ ALL = list(LEAD_NAMES)
 MIMIC_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
-def write_record(path: Path, x: np.ndarray, names: list[str], fs: float, fmt: str = "16", gain=1000.0, base=0):
+def write_record(
+    path: Path, x: np.ndarray, names: list[str], fs: float, fmt: str = "16", gain=1000.0, base=0
+):
     """A WFDB record via wfdb.wrsamp; x (T, C) in mV (NaN allowed)."""
     import wfdb
 
     path.parent.mkdir(parents=True, exist_ok=True)
     c = x.shape[1]
     wfdb.wrsamp(
-        path.name, fs=fs, units=["mV"] * c, sig_name=names, p_signal=x, fmt=[fmt] * c,
-        adc_gain=[gain] * c, baseline=[base] * c, write_dir=str(path.parent),
+        path.name,
+        fs=fs,
+        units=["mV"] * c,
+        sig_name=names,
+        p_signal=x,
+        fmt=[fmt] * c,
+        adc_gain=[gain] * c,
+        baseline=[base] * c,
+        write_dir=str(path.parent),
     )
     return path
 
@@ -91,7 +100,9 @@ def test_read_database_real_rows(shared_data):
 def test_read_database_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="ptbxl_database.csv"):
         read_database(tmp_path)
-    (tmp_path / "ptbxl_database.csv").write_text("ecg_id,patient_id,scp_codes\n1,5.0,\"{'NORM': 100.0}\"\n2,6.0,NORM\n")
+    (tmp_path / "ptbxl_database.csv").write_text(
+        "ecg_id,patient_id,scp_codes\n1,5.0,\"{'NORM': 100.0}\"\n2,6.0,NORM\n"
+    )
     with pytest.raises(ValueError, match=r"ecg_id 2: scp_codes: 'NORM' is not a Python literal"):
         read_database(tmp_path)
     (tmp_path / "ptbxl_database.csv").write_text("ecg_id,scp_codes\n1,{}\n")
@@ -156,7 +167,9 @@ def test_header_cache_parses_one_header_per_layout(tmp_path):
 
 
 def test_other_formats_read_through_wfdb_and_counted(tmp_path):
-    path = write_record(tmp_path / "mit", signal(3600, 2), ["MLII", "V5"], 360, fmt="212", gain=200, base=1024)
+    path = write_record(
+        tmp_path / "mit", signal(3600, 2), ["MLII", "V5"], 360, fmt="212", gain=200, base=1024
+    )
     cache = HeaderCache()
     rec = read_record_fast(path, cache)
     assert np.array_equal(rec.signal, read_record(path).signal) and cache.wfdb_reads == 1

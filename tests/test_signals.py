@@ -78,7 +78,9 @@ def test_window_start_and_center():
 
 def test_short_record_names_duration():
     x = np.zeros((150, 1))
-    with pytest.raises(SignalError, match=r"record short1: 1\.500 s at 100 Hz is shorter than the 2 s window"):
+    with pytest.raises(
+        SignalError, match=r"record short1: 1\.500 s at 100 Hz is shorter than the 2 s window"
+    ):
         to_canonical(x, ["I"], 100, cfg(), record="short1")
 
 

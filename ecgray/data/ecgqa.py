@@ -11,6 +11,12 @@ import csv
 import json
 from pathlib import Path
 
+# ECG id -> record path, re-exported here: PTB-XL ids through `ptbxl_record_path(ptbxl_dir, ecg_id, fs)`
+# (records500/{(id//1000)*1000:05d}/{id:05d}_hr); MIMIC ids are study_ids, resolved through record_list.csv by
+# `mimic_record_path(mimic_dir, read_mimic_record_list(mimic_dir), study_id)`.
+from ecgray.data.ptbxl import mimic_record_path, read_mimic_record_list  # noqa: F401
+from ecgray.data.ptbxl import record_path as ptbxl_record_path  # noqa: F401
+
 QUESTION_TYPES = [
     "single-verify",
     "single-choose",
@@ -146,7 +152,9 @@ def read_template_answers(ecgqa_dir: str | Path, source: str) -> dict[int, list[
                 classes = ast.literal_eval(row["classes"])
                 template_id = int(row["template_id"])
             except (KeyError, ValueError, SyntaxError, TypeError):
-                raise ECGQAError(f"{path}: line {line}: expected template_id,classes (a Python list)") from None
+                raise ECGQAError(
+                    f"{path}: line {line}: expected template_id,classes (a Python list)"
+                ) from None
             if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
                 raise ECGQAError(f"{path}: line {line}: classes {row['classes']!r} is not a list of strings")
             out[template_id] = classes
@@ -168,25 +176,13 @@ def read_split_ecgs(ecgqa_dir: str | Path, source: str) -> dict[int, str]:
             try:
                 ecg_id = int(parts[1])
             except (IndexError, ValueError):
-                raise ECGQAError(f"{path}: line {line}: expected row_index<TAB>ecg_id, got {text!r}") from None
+                raise ECGQAError(
+                    f"{path}: line {line}: expected row_index<TAB>ecg_id, got {text!r}"
+                ) from None
             if out.get(ecg_id, split) != split:
                 raise ECGQAError(f"{path}: line {line}: ecg_id {ecg_id} is also in the {out[ecg_id]} split")
             out[ecg_id] = split
     return out
-
-
-def ptbxl_record_path(ptbxl_dir: str | Path, ecg_id: int, fs: int = 500) -> Path:
-    """PTB-XL ECG id -> records500/{(id//1000)*1000:05d}/{id:05d}_hr (records100 ..._lr at fs=100)."""
-    from ecgray.data.ptbxl import record_path
-
-    return record_path(ptbxl_dir, ecg_id, fs)
-
-
-def mimic_record_path(mimic_dir: str | Path, record_list, study_id: int) -> Path:
-    """MIMIC-IV-ECG ECG id (a study_id) -> record path through record_list.csv (`read_mimic_record_list`)."""
-    from ecgray.data.ptbxl import mimic_record_path as resolve
-
-    return resolve(mimic_dir, record_list, study_id)
 
 
 def ecg_ids(samples: list[dict]) -> list[int]:

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,9 +32,23 @@ from ecgray.data import ecgqa
 from ecgray.data.shards import ecg_schema, qa_schema, signals_to_arrow
 
 PTBXL_METADATA = [
-    "age", "sex", "height", "weight", "scp_codes", "heart_axis", "infarction_stadium1", "infarction_stadium2",
-    "baseline_drift", "static_noise", "burst_noise", "electrodes_problems", "extra_beats", "pacemaker",
-    "strat_fold", "device", "recording_date",
+    "age",
+    "sex",
+    "height",
+    "weight",
+    "scp_codes",
+    "heart_axis",
+    "infarction_stadium1",
+    "infarction_stadium2",
+    "baseline_drift",
+    "static_noise",
+    "burst_noise",
+    "electrodes_problems",
+    "extra_beats",
+    "pacemaker",
+    "strat_fold",
+    "device",
+    "recording_date",
 ]
 MIMIC_METADATA = ["subject_id", "ecg_time"]
 MAX_LISTED = 20
@@ -50,9 +65,17 @@ class PrepareError(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecgray.cli import add_config_arguments
 
-    parser.add_argument("--ptbxl", metavar="DIR", help="PTB-XL root (ptbxl_database.csv, records500/); default data.ptbxl_dir")
-    parser.add_argument("--ecgqa", metavar="DIR", help="ECG-QA root holding ptbxl/ and/or mimic-iv-ecg/; default data.ecgqa_dir")
-    parser.add_argument("--mimic", metavar="DIR", help="MIMIC-IV-ECG root (record_list.csv, files/); default data.mimic_dir")
+    parser.add_argument(
+        "--ptbxl", metavar="DIR", help="PTB-XL root (ptbxl_database.csv, records500/); default data.ptbxl_dir"
+    )
+    parser.add_argument(
+        "--ecgqa",
+        metavar="DIR",
+        help="ECG-QA root holding ptbxl/ and/or mimic-iv-ecg/; default data.ecgqa_dir",
+    )
+    parser.add_argument(
+        "--mimic", metavar="DIR", help="MIMIC-IV-ECG root (record_list.csv, files/); default data.mimic_dir"
+    )
     parser.add_argument("--out", metavar="DIR", help="output directory; default data.prepared_dir")
     parser.add_argument(
         "--strict", action="store_true", help="fail (exit 1) when any referenced record is missing or corrupt"
@@ -123,11 +146,21 @@ def _ecg_splits(samples: list[dict], tsv: dict[int, str], source: str) -> dict[i
     return out
 
 
-def collect(cfg: DataConfig) -> tuple[list[dict], list[dict], list[dict], dict[str, str], int]:
-    """ECG-QA samples -> (samples, items to read, failures, skipped sources, unparsed noise cells).
+class Collected(NamedTuple):
+    samples: list[dict]
+    """ECG-QA samples of every source whose records were given."""
+    items: list[dict]
+    """ECGs to read: {source, ecg_id, path, patient_id, split, metadata (JSON)}."""
+    failures: list[dict]
+    """Referenced ECGs without metadata: {source, ecg_id, path None, kind, reason}."""
+    skipped: dict[str, str]
+    """source -> why its ECG-QA version was not prepared."""
+    noise_unparsed: int
+    """PTB-XL rows with noise-cell tokens that are not leads."""
 
-    An item is {source, ecg_id, path, patient_id, split, metadata (JSON)}; ids without metadata are failures.
-    """
+
+def collect(cfg: DataConfig) -> Collected:
+    """The ECG-QA samples and every ECG they refer to, once, with its record path, patient and split."""
     from ecgray.data import ptbxl
 
     if cfg.ecgqa_dir is None:
@@ -139,7 +172,10 @@ def collect(cfg: DataConfig) -> tuple[list[dict], list[dict], list[dict], dict[s
     failures: list[dict] = []
     skipped: dict[str, str] = {}
     unparsed = 0
-    for source, records_dir, flag in [("ptbxl", cfg.ptbxl_dir, "--ptbxl"), ("mimic", cfg.mimic_dir, "--mimic")]:
+    for source, records_dir, flag in [
+        ("ptbxl", cfg.ptbxl_dir, "--ptbxl"),
+        ("mimic", cfg.mimic_dir, "--mimic"),
+    ]:
         vdir = ecgqa.version_dir(cfg.ecgqa_dir, source)
         if not vdir.is_dir():
             continue
@@ -147,7 +183,9 @@ def collect(cfg: DataConfig) -> tuple[list[dict], list[dict], list[dict], dict[s
             skipped[source] = f"{vdir} is present but no {flag} DIR was given"
             continue
         source_samples = [
-            s for variant in ecgqa.VARIANTS for split in ecgqa.SPLITS
+            s
+            for variant in ecgqa.VARIANTS
+            for split in ecgqa.SPLITS
             for s in ecgqa.read_split(cfg.ecgqa_dir, source, variant, split)
         ]
         samples += source_samples
@@ -164,34 +202,52 @@ def collect(cfg: DataConfig) -> tuple[list[dict], list[dict], list[dict], dict[s
                     continue
                 meta = rows[ecg_id]
                 items.append(
-                    _item(source, ecg_id, ptbxl.record_path(records_dir, ecg_id, cfg.record_fs),
-                          meta.pop("patient_id"), splits[ecg_id], meta)
+                    _item(
+                        source,
+                        ecg_id,
+                        ptbxl.record_path(records_dir, ecg_id, cfg.record_fs),
+                        meta.pop("patient_id"),
+                        splits[ecg_id],
+                        meta,
+                    )
                 )
         else:
             records = ptbxl.read_mimic_record_list(records_dir)
-            wanted = records.loc[records.index.isin(list(splits)), ["path", *MIMIC_METADATA]]
+            wanted = records.loc[records.index.isin(list(splits)), MIMIC_METADATA]
             rows = dict(zip(wanted.index, wanted.to_dict("records"), strict=True))  # study_id -> row
             for ecg_id in sorted(splits):
                 if ecg_id not in rows:
-                    failures.append(_failure(source, ecg_id, None, "missing", "study_id not in record_list.csv"))
+                    failures.append(
+                        _failure(source, ecg_id, None, "missing", "study_id not in record_list.csv")
+                    )
                     continue
                 meta = rows[ecg_id]
                 items.append(
-                    _item(source, ecg_id, Path(records_dir) / str(meta.pop("path")), meta["subject_id"],
-                          splits[ecg_id], meta)
+                    _item(
+                        source,
+                        ecg_id,
+                        ptbxl.mimic_record_path(records_dir, records, ecg_id),
+                        meta["subject_id"],
+                        splits[ecg_id],
+                        meta,
+                    )
                 )
     if not samples:
         raise PrepareError(
             f"nothing to prepare in {cfg.ecgqa_dir}: no ECG-QA samples of a source whose records were given"
             + (f" ({'; '.join(skipped.values())})" if skipped else "")
         )
-    return samples, items, failures, skipped, unparsed
+    return Collected(samples, items, failures, skipped, unparsed)
 
 
 def _item(source, ecg_id, path, patient_id, split, metadata) -> dict:
     return {
-        "source": source, "ecg_id": int(ecg_id), "path": str(path), "patient_id": int(patient_id),
-        "split": split, "metadata": json.dumps(_jsonable(metadata), sort_keys=True),
+        "source": source,
+        "ecg_id": int(ecg_id),
+        "path": str(path),
+        "patient_id": int(patient_id),
+        "split": split,
+        "metadata": json.dumps(_jsonable(metadata), sort_keys=True),
     }
 
 
@@ -228,7 +284,10 @@ def read_batch(batch: dict[str, np.ndarray], cfg: dict):
             errors[i], kinds[i] = str(err), "missing" if err.missing else "corrupt"
             continue
         except (SignalError, OSError) as err:
-            errors[i], kinds[i] = (str(err) if isinstance(err, SignalError) else f"record {path}: {err}"), "corrupt"
+            errors[i], kinds[i] = (
+                (str(err) if isinstance(err, SignalError) else f"record {path}: {err}"),
+                "corrupt",
+            )
             continue
         signals[i], masks[i], nan_count[i] = ecg.signal, ecg.lead_mask, ecg.nan_count
         readers[i] = "wfdb" if cache.wfdb_reads > wfdb_reads else "fast"
@@ -342,7 +401,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise PrepareError(f"output {out} exists and is not a prepared directory (no report.json): not replacing it")
+        raise PrepareError(
+            f"output {out} exists and is not a prepared directory (no report.json): not replacing it"
+        )
     samples, items, failures, skipped, unparsed = collect(cfg)
     timings = {"collect": time.perf_counter() - t0}
 
@@ -357,12 +418,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
         splits: Counter = Counter()
         with tqdm(total=len(items), desc="reading ECGs", unit="rec", disable=not progress) as bar:
             for table in read_ecgs(items, cfg):
-                cols = table.select(["source", "ecg_id", "path", "error", "error_kind", "reader", "nan_count", "split"])
+                cols = table.select(
+                    ["source", "ecg_id", "path", "error", "error_kind", "reader", "nan_count", "split"]
+                )
                 good = []
                 for r, row in enumerate(cols.to_pylist()):
                     if row["error"] is not None:
                         failures.append(
-                            _failure(row["source"], row["ecg_id"], row["path"], row["error_kind"], row["error"])
+                            _failure(
+                                row["source"], row["ecg_id"], row["path"], row["error_kind"], row["error"]
+                            )
                         )
                         continue
                     good.append(r)
@@ -386,7 +451,12 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
         timings["write_qa"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         report = {
-            "inputs": {"ptbxl": cfg.ptbxl_dir, "ecgqa": cfg.ecgqa_dir, "mimic": cfg.mimic_dir, "out": str(out)},
+            "inputs": {
+                "ptbxl": cfg.ptbxl_dir,
+                "ecgqa": cfg.ecgqa_dir,
+                "mimic": cfg.mimic_dir,
+                "out": str(out),
+            },
             "records": {
                 "referenced": len(items) + sum(f["path"] is None for f in failures),
                 "read": len(ok),

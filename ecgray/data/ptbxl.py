@@ -74,8 +74,10 @@ def parse_noise_leads(value) -> tuple[list[str], list[str]]:
                     unknown.append(token)
                     break
                 a = _CANON.index(m.group(1))
-                b = _CANON.index(m.group(2)) if m.group(2) else (
-                    _CANON.index(f"v{m.group(3)}") if m.group(3) else a
+                b = (
+                    _CANON.index(m.group(2))
+                    if m.group(2)
+                    else (_CANON.index(f"v{m.group(3)}") if m.group(3) else a)
                 )
                 leads.update(range(min(a, b), max(a, b) + 1))
                 last_v = m.group(0)[-1].isdigit() or m.group(0).startswith("v")
@@ -104,7 +106,9 @@ def read_database(ptbxl_dir: str | Path):
     path = Path(ptbxl_dir)
     path = path if path.suffix == ".csv" else path / "ptbxl_database.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"PTB-XL database {path}: not found (expected ptbxl_database.csv in the PTB-XL root)")
+        raise FileNotFoundError(
+            f"PTB-XL database {path}: not found (expected ptbxl_database.csv in the PTB-XL root)"
+        )
     df = pd.read_csv(path)
     df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed:")])
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -191,7 +195,9 @@ def read_record(path: str | Path, cfg: DataConfig | None = None) -> Record | Can
     try:
         signal, fields = wfdb.rdsamp(str(path))
     except FileNotFoundError as err:
-        raise RecordError(f"record {path}: {Path(err.filename or '?').name} not found", missing=True) from None
+        raise RecordError(
+            f"record {path}: {Path(err.filename or '?').name} not found", missing=True
+        ) from None
     except Exception as err:  # wfdb raises bare ValueError / IndexError on damaged files
         raise RecordError(f"record {path}: wfdb could not read it ({type(err).__name__}: {err})") from None
     rec = Record(str(path), signal, list(fields["sig_name"]), float(fields["fs"]))
@@ -280,7 +286,9 @@ def _parse_layout(path: Path) -> _Layout:
     try:
         h = wfdb.rdheader(str(path))
     except Exception as err:
-        raise RecordError(f"record {path}: wfdb could not parse the header ({type(err).__name__}: {err})") from None
+        raise RecordError(
+            f"record {path}: wfdb could not parse the header ({type(err).__name__}: {err})"
+        ) from None
     n = h.n_sig or 0
     fast = (
         n > 0
@@ -315,7 +323,9 @@ def read_mimic_record_list(mimic_dir: str | Path):
     if missing:
         raise ValueError(f"{path}: missing columns {missing} (has {list(df.columns)})")
     if df["study_id"].duplicated().any():
-        raise ValueError(f"{path}: duplicated study_id {df.loc[df['study_id'].duplicated(), 'study_id'].tolist()[:5]}")
+        raise ValueError(
+            f"{path}: duplicated study_id {df.loc[df['study_id'].duplicated(), 'study_id'].tolist()[:5]}"
+        )
     return df.set_index("study_id", drop=False).rename_axis(index=None)
 
 

@@ -10,10 +10,30 @@ from pathlib import Path
 
 import numpy as np
 
-ECG_COLUMNS = ["ecg_id", "source", "patient_id", "fs", "signal", "lead_mask", "split", "nan_count", "metadata"]
+ECG_COLUMNS = [
+    "ecg_id",
+    "source",
+    "patient_id",
+    "fs",
+    "signal",
+    "lead_mask",
+    "split",
+    "nan_count",
+    "metadata",
+]
 QA_COLUMNS = [
-    "sample_id", "template_id", "question_id", "question_type", "attribute_type", "question", "answer",
-    "ecg_id", "attribute", "source", "variant", "split",
+    "sample_id",
+    "template_id",
+    "question_id",
+    "question_type",
+    "attribute_type",
+    "question",
+    "answer",
+    "ecg_id",
+    "attribute",
+    "source",
+    "variant",
+    "split",
 ]
 
 
@@ -107,22 +127,31 @@ class ECGStore:
 
     @classmethod
     def open(cls, prepared_dir: str | Path) -> ECGStore:
-        """Load `prepared_dir/ecgs/*.parquet` once."""
+        """Load `prepared_dir/ecgs/*.parquet` once, shard by shard into one preallocated array."""
         import pyarrow.parquet as pq
 
         files = _shard_files(prepared_dir, "ecgs")
-        table = pq.read_table(files, columns=["ecg_id", "source", "patient_id", "fs", "signal", "lead_mask", "split"])
-        fs = set(table.column("fs").to_pylist())
+        meta = pq.read_table(files, columns=["ecg_id", "source", "patient_id", "fs", "lead_mask", "split"])
+        fs = set(meta.column("fs").to_pylist())
         if len(fs) > 1:
             raise ValueError(f"{prepared_dir}/ecgs: shards mix sampling rates {sorted(fs)}")
-        mask = table.column("lead_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        t = pq.read_schema(files[0]).field("signal").type.value_type.list_size
+        signals = np.empty((meta.num_rows, 12, t), dtype=np.float32)  # (N, 12, T)
+        row = 0
+        for path in files:  # one shard in memory at a time besides the result
+            shard = signals_from_arrow(pq.read_table(path, columns=["signal"]).column("signal"))
+            if shard.shape[2] != t:
+                raise ValueError(f"{path}: windows of {shard.shape[2]} samples, other shards have {t}")
+            signals[row : row + len(shard)] = shard
+            row += len(shard)
+        mask = meta.column("lead_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
-            ecg_ids=table.column("ecg_id").to_numpy(),
-            signals=signals_from_arrow(table.column("signal")),
+            ecg_ids=meta.column("ecg_id").to_numpy(),
+            signals=signals,
             lead_mask=mask.astype(bool).reshape(-1, 12),  # (N, 12)
-            patient_ids=table.column("patient_id").to_numpy(),
-            sources=table.column("source").to_pylist(),
-            splits=table.column("split").to_pylist(),
+            patient_ids=meta.column("patient_id").to_numpy(),
+            sources=meta.column("source").to_pylist(),
+            splits=meta.column("split").to_pylist(),
             fs=fs.pop() if fs else 0,
         )
 

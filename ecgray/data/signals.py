@@ -123,9 +123,7 @@ def to_canonical(
         raise SignalError(f"{where}: signal must be 2-D (T samples, C channels), got shape {x.shape}")
     if x.shape[1] != len(names):
         hint = " (transposed? expected (T, C))" if x.shape[0] == len(names) else ""
-        raise SignalError(
-            f"{where}: signal has shape {x.shape} but {len(names)} channel names {names}{hint}"
-        )
+        raise SignalError(f"{where}: signal has shape {x.shape} but {len(names)} channel names {names}{hint}")
     if x.shape[0] == 0:
         raise SignalError(f"{where}: signal has no samples")
     if not np.issubdtype(x.dtype, np.number):
