@@ -152,7 +152,9 @@ class EncoderConfig:
     """Gaussian noise added to training views, as a fraction of the record's standard deviation."""
     pretrain_exclude_codes: list[str] = field(default_factory=list)
     """SCP codes never used as supervised labels (e.g. the statements of meta-test classes)."""
-    probe_labels: list[str] = field(default_factory=lambda: ["NORM", "IMI", "ASMI", "LVH", "heart_axis"])
+    probe_labels: list[str] = field(
+        default_factory=lambda: ["NORM", "IMI", "ASMI", "LVH", "AFIB", "heart_axis"]
+    )
     """Linear-probe targets after pretraining: scp codes (binary) and/or `heart_axis` (multi-class)."""
 
 
