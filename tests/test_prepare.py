@@ -367,3 +367,17 @@ def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
     assert read_qa(tmp_path, source="mimic") == []
     with pytest.raises(FileNotFoundError, match="run `ecgray prepare`"):
         ECGStore.open(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"fs": 20}, r"data.fs=20: expected 50-10000 Hz"),
+        ({"read_batch_size": 0}, r"data.read_batch_size=0: expected >= 1"),
+        ({"leads": ["I", "V7"]}, r"data.leads=\['I', 'V7'\]: expected names among"),
+    ],
+)
+def test_config_values_checked_before_any_work(tree, tmp_path, change, message):
+    with pytest.raises(PrepareError, match=message):
+        prepare(cfg_for(tree, **change), tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -310,6 +310,15 @@ def read_batch(batch: dict[str, np.ndarray], cfg: dict):
     )
 
 
+def ensure_ray() -> None:
+    """Start a local Ray unless one is running (a cluster joined with `ray.init` first is used as is)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 def read_ecgs(items: list[dict], cfg: DataConfig) -> Iterator:
     """The Ray Data pipeline: items -> pyarrow tables of `read_batch` output, in item order.
 
@@ -318,11 +327,9 @@ def read_ecgs(items: list[dict], cfg: DataConfig) -> Iterator:
     """
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not items:
         return
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ensure_ray()
     ctx = ray.data.DataContext.get_current()
     old = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     # Order preserved: shards come out the same on every run. Our own tqdm bar counts records instead.
@@ -387,6 +394,26 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def check_config(cfg: DataConfig) -> None:
+    """Values the typed config cannot rule out; PrepareError names the dotted keys."""
+    from ecgray.data.signals import MAX_FS, MIN_FS, lead_index
+
+    problems = []
+    if not MIN_FS <= cfg.fs <= MAX_FS:
+        problems.append(f"data.fs={cfg.fs}: expected {MIN_FS:g}-{MAX_FS:g} Hz")
+    if cfg.n_samples < 1:
+        problems.append(f"data.window_s={cfg.window_s}: expected a window of at least one sample")
+    if cfg.read_batch_size < 1:
+        problems.append(f"data.read_batch_size={cfg.read_batch_size}: expected >= 1")
+    if cfg.shard_rows < 1:
+        problems.append(f"data.shard_rows={cfg.shard_rows}: expected >= 1")
+    bad = [lead for lead in cfg.leads if lead_index(lead) is None]
+    if bad or not cfg.leads:
+        problems.append(f"data.leads={cfg.leads}: expected names among {LEAD_NAMES}")
+    if problems:
+        raise PrepareError("invalid data config: " + "; ".join(problems))
+
+
 def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress: bool = True) -> dict:
     """Read every ECG referred to by ECG-QA into `out_dir` (ecgs/, qa/, report.json); returns the report.
 
@@ -399,6 +426,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
     from ecgray.config import versions
 
     t0 = time.perf_counter()
+    check_config(cfg)
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
         raise PrepareError(
@@ -410,6 +438,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        t1 = time.perf_counter()
+        ensure_ray()
+        timings["ray_init"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         writer = _ShardWriter(tmp / "ecgs", ecg_schema(cfg.n_samples), cfg.shard_rows)
         ok: set[tuple[str, int]] = set()
