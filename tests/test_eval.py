@@ -191,6 +191,13 @@ def test_meta_test_is_deterministic_and_leaves_the_meta_weights_alone(world):
     first = meta_test(model, meta_params, episodes, store, cfg)
     second = meta_test(model, meta_params, episodes, store, cfg)
     assert first == second
+    cache: dict = {}
+    assert (
+        meta_test(model, meta_params, episodes, store, cfg, feature_cache=cache)["episodes"]
+        == first["episodes"]
+    )
+    n_ecgs = len({i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]})
+    assert len(cache) == n_ecgs and all(key[0] is None for key in cache)
     assert model.mapper.training
     for k, v in model.mapper_params().items():
         assert torch.equal(v, before[k]) and v.grad is None

@@ -80,8 +80,10 @@ def fresh_mapper_params(model: ECGLanguageModel, seed: int) -> Params:
 # ------------------------------------------------------------------------------------------ blind_llm
 
 
-def blind_llm(model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False) -> dict:
-    """The LLM answers from the question alone (no prefix at all)."""
+def blind_llm(
+    model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
+) -> dict:
+    """The LLM answers from the question alone (no prefix at all; feature_cache unused: nothing encoded)."""
     _refuse_paper_compat(model, "blind_llm")
     view = _view(model, n_prefix=0)
 
@@ -103,8 +105,19 @@ def blind_llm(model, episodes, ecg_store, cfg: Config, *, template_answers=None,
 # ------------------------------------------------------------------------------------------- ecg_free
 
 
-def ecg_free(model, meta_params, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False):
-    """The meta-learned mapper on an all-zero ECG vector (and zero tokens), adapted like the model."""
+def ecg_free(
+    model,
+    meta_params,
+    episodes,
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers=None,
+    progress=False,
+    feature_cache=None,
+):
+    """The meta-learned mapper on an all-zero ECG vector (and zero tokens), adapted like the model.
+    (feature_cache is accepted for a uniform call and unused: no ECG is encoded.)"""
     device = device_of(model)
     d_enc = model.encoder.d_enc
     n_tokens = model.encoder.n_tokens(ecg_store.n_samples)
@@ -125,11 +138,13 @@ def ecg_free(model, meta_params, episodes, ecg_store, cfg: Config, *, template_a
 # ----------------------------------------------------------------------------------- finetune_scratch
 
 
-def finetune_scratch(model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False):
+def finetune_scratch(
+    model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
+):
     """A fresh mapper (seed eval.seed, the same init for every episode) fine-tuned on each support set."""
     init = fresh_mapper_params(model, cfg.eval.seed)
     return run_episodes(
-        model, lambda index: copy_params(init), episodes, ecg_features(model, ecg_store), cfg,
+        model, lambda index: copy_params(init), episodes, ecg_features(model, ecg_store, None, feature_cache), cfg,
         template_answers=_options(model, cfg, template_answers), method="finetune_scratch", progress=progress,
     )  # fmt: skip
 
@@ -215,12 +230,20 @@ def train_supervised(
 
 
 def supervised(
-    model, supervised_params, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False
+    model,
+    supervised_params,
+    episodes,
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers=None,
+    progress=False,
+    feature_cache=None,
 ) -> dict:
     """The supervised mapper (`train_supervised`) evaluated like the meta-learned one."""
     return meta_test(
         model, supervised_params, episodes, ecg_store, cfg, template_answers=template_answers,
-        progress=progress, method="supervised",
+        progress=progress, method="supervised", feature_cache=feature_cache,
     )  # fmt: skip
 
 
@@ -322,7 +345,15 @@ def _context_answer(
 
 
 def in_context(
-    model, meta_params, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False
+    model,
+    meta_params,
+    episodes,
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers=None,
+    progress=False,
+    feature_cache=None,
 ):
     """Support examples (with their ECG prefixes from the meta-learned mapper) in the prompt; no gradients."""
     _refuse_paper_compat(model, "in_context")
@@ -330,7 +361,7 @@ def in_context(
     k = cfg.eval.in_context_k
     if k is not None and k < 1:
         raise ValueError(f"eval.in_context_k must be >= 1 or None, got {k}")
-    encode = ecg_features(model, ecg_store)
+    encode = ecg_features(model, ecg_store, None, feature_cache)
 
     def features(episode):
         # the prompt's support items in prompt order, then the query

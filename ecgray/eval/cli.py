@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     meta_params = model.mapper_params()
     needs_options = model.cfg.decoding == "constrained" and cfg.eval.options != "support"
     template_answers = load_template_answers(cfg) if needs_options else None
-    common = {"template_answers": template_answers, "progress": progress}
+    # every method sees the same ECGs: each is encoded once per lead subset
+    common = {"template_answers": template_answers, "progress": progress, "feature_cache": {}}
 
     results: dict[str, dict] = {"meta_test": meta_test(model, meta_params, episodes, store, cfg, **common)}
     skipped: dict[str, str] = {}

@@ -109,8 +109,23 @@ def mask_leads(
     return signals * mask[:, :, None].astype(signals.dtype), mask
 
 
-def encode_ecgs(model: ECGLanguageModel, store, ecg_ids: list[int], leads: list[str] | None) -> Features:
-    """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None)."""
+def encode_ecgs(
+    model: ECGLanguageModel,
+    store,
+    ecg_ids: list[int],
+    leads: list[str] | None,
+    cache: dict | None = None,
+) -> Features:
+    """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None).
+    cache: a dict reused across calls (and methods) holding pooled vectors by (leads, ecg_id), so each ECG
+    is encoded once per lead subset; not used when the mapper reads the tokens (too large to keep)."""
+    if cache is not None and not needs_tokens(model):
+        key = tuple(leads) if leads is not None else None
+        todo = sorted({int(i) for i in ecg_ids if (key, int(i)) not in cache})
+        if todo:
+            pooled, _ = encode_ecgs(model, store, todo, leads)
+            cache.update({(key, i): row for i, row in zip(todo, pooled, strict=True)})
+        return torch.stack([cache[(key, int(i))] for i in ecg_ids]), None
     signals, mask = mask_leads(store.signals(ecg_ids), store.lead_mask(ecg_ids), leads)
     if not mask.any(axis=1).all():
         bad = [int(i) for i, m in zip(ecg_ids, mask, strict=True) if not m.any()][:5]
@@ -257,12 +272,14 @@ def default_answerer(model, params, support_features, query_features, episode, o
     return answer_query(model, prefix, [i["question"] for i in q], [i["answer"] for i in q], options)
 
 
-def ecg_features(model: ECGLanguageModel, store, leads: list[str] | None = None) -> FeatureFn:
-    """FeatureFn of the frozen encoder on the stored ECGs (lead subset applied)."""
+def ecg_features(
+    model: ECGLanguageModel, store, leads: list[str] | None = None, cache: dict | None = None
+) -> FeatureFn:
+    """FeatureFn of the frozen encoder on the stored ECGs (lead subset applied; cache: see encode_ecgs)."""
 
     def features(episode: dict) -> tuple[Features, Features]:
         ids = [int(i["ecg_id"]) for i in episode["support"] + episode["query"]]
-        pooled, tokens = encode_ecgs(model, store, ids, leads)
+        pooled, tokens = encode_ecgs(model, store, ids, leads, cache)
         n = len(episode["support"])
         split = (lambda t: (t[:n], t[n:])) if tokens is not None else (lambda t: (None, None))
         (ts, tq) = split(tokens)
@@ -355,17 +372,19 @@ def meta_test(
     leads: list[str] | None = None,
     progress: bool = False,
     method: str = "meta_test",
+    feature_cache: dict | None = None,
 ) -> dict:
     """Adapt a copy of `meta_params` on every episode's support set and answer its query set after each
     inner step 0..meta.inner_steps (module docstring). leads: evaluate with only these leads (by name).
-    template_answers: admissible answers per template (default: `load_template_answers(cfg)`)."""
+    template_answers: admissible answers per template (default: `load_template_answers(cfg)`).
+    feature_cache: a dict shared across calls so the encoder runs once per ECG (see encode_ecgs)."""
     if template_answers is None and model.cfg.decoding == "constrained" and cfg.eval.options != "support":
         template_answers = load_template_answers(cfg)
     return run_episodes(
         model,
         lambda index: copy_params(meta_params),
         episodes,
-        ecg_features(model, ecg_store, leads),
+        ecg_features(model, ecg_store, leads, feature_cache),
         cfg,
         template_answers=template_answers,
         method=method,
