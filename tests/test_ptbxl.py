@@ -202,3 +202,16 @@ def test_mimic_record_list(tmp_path):
     assert mimic_record_path(tmp_path, rl, 40689238) == tmp_path / "files/p1000/p10000032/s40689238/40689238"
     with pytest.raises(KeyError, match="study_id 1: not in record_list.csv"):
         mimic_record_path(tmp_path, rl, 1)
+
+
+def test_multi_segment_record_read_through_wfdb(tmp_path):
+    import wfdb
+
+    for name, seed in (("seg1", 1), ("seg2", 2)):
+        write_record(tmp_path / name, signal(1000, 2, seed), ["I", "II"], 500)
+    # a multi-segment header: record name/segments, then one line per segment
+    (tmp_path / "multi.hea").write_text("multi/3 2 500 3000\nseg1 1000\nseg2 1000\nseg1 1000\n")
+    cache = HeaderCache()
+    rec = read_record_fast(tmp_path / "multi", cache)
+    assert rec.signal.shape == (3000, 2) and cache.wfdb_reads == 1
+    assert np.array_equal(rec.signal, wfdb.rdsamp(str(tmp_path / "multi"))[0], equal_nan=True)

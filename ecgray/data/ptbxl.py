@@ -228,6 +228,8 @@ def _layout_key(header: str) -> tuple[tuple, int, list[str]]:
     """(layout key, sig_len, dat file names) from a header's text without parsing it fully."""
     lines = [ln for ln in header.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     rec = lines[0].split()
+    if "/" in rec[0]:  # multi-segment: segment lines, not signal lines; wfdb reads it
+        return ("multi-segment", tuple(lines)), -1, []
     n_sig = int(rec[1])
     fs = rec[2] if len(rec) > 2 else ""
     sig_len = int(rec[3]) if len(rec) > 3 else -1
@@ -259,7 +261,7 @@ def read_record_fast(
         layout = _parse_layout(path)
         header_cache.layouts[key] = layout
         header_cache.parsed += 1
-    if not layout.fast:
+    if not layout.fast or sig_len < 0:  # no signal length in the header: let wfdb work it out
         header_cache.wfdb_reads += 1
         return read_record(path, cfg)
     dat = path.parent / files[0]
@@ -289,9 +291,12 @@ def _parse_layout(path: Path) -> _Layout:
         raise RecordError(
             f"record {path}: wfdb could not parse the header ({type(err).__name__}: {err})"
         ) from None
+    if not isinstance(h, wfdb.Record):  # a multi-segment record: wfdb assembles it
+        return _Layout(fs=float(h.fs), sig_names=[], gain=np.zeros(0), baseline=np.zeros(0), fast=False)
     n = h.n_sig or 0
     fast = (
         n > 0
+        and all(g for g in h.adc_gain)  # a zero gain means wfdb's default: leave it to wfdb
         and all(f == "16" for f in h.fmt)
         and len(set(h.file_name)) == 1
         and all(not b for b in (h.byte_offset or [None] * n))
