@@ -47,9 +47,20 @@ def test_missing_leads_zero_filled_and_masked():
 
 def test_leads_outside_cfg_leads_are_zeroed_and_masked():
     names = list(LEAD_NAMES)
-    out = to_canonical(ramp_record(names), names, 100, cfg(leads=["I", "avf"]))
-    assert np.flatnonzero(out.lead_mask).tolist() == [0, 5]
+    x = ramp_record(names)
+    x[3, 7] = np.nan  # in V2, not selected: neither counted nor rejected
+    out = to_canonical(x, names, 100, cfg(leads=["I", "avf"], nan_policy="reject"))
+    assert np.flatnonzero(out.lead_mask).tolist() == [0, 5] and out.nan_count == 0
     assert np.count_nonzero(out.signal.any(axis=1)) == 2
+    none = to_canonical(ramp_record(["V1"]), ["V1"], 100, cfg(leads=["I"]))  # the selected lead is absent
+    assert not none.lead_mask.any() and not none.signal.any()
+
+
+def test_no_lead_at_all_is_an_error():
+    with pytest.raises(
+        SignalError, match=r"record f: no channel is one of the 12 leads \(channels \['vx', 'vy'\]"
+    ):
+        to_canonical(ramp_record(["vx", "vy"]), ["vx", "vy"], 100, cfg(), record="f")
 
 
 def test_duplicated_lead_rejected():

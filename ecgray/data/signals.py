@@ -34,7 +34,7 @@ class Canonical:
     lead_mask: np.ndarray
     """bool (12,): True where the lead was recorded, finite and selected by `cfg.leads`."""
     nan_count: int
-    """NaN samples found in the record's 12 leads (before the NaN policy was applied)."""
+    """NaN samples found in the record's selected leads (before the NaN policy was applied)."""
     dropped: list[str] = field(default_factory=list)
     """Channels that are not one of the 12 leads (vx, vy, vz, ...), dropped."""
 
@@ -136,7 +136,7 @@ def to_canonical(
             raise SignalError(f"cfg.leads: {lead!r} is not one of the 12 leads {LEAD_NAMES}")
         selected.add(j)
 
-    # Channel c of the input goes to canonical row rows[c]; channels that are not leads are dropped.
+    # columns: canonical row -> input channel; channels that are not leads are dropped.
     columns: dict[int, int] = {}
     dropped = []
     for c, name in enumerate(names):
@@ -150,8 +150,13 @@ def to_canonical(
         else:
             columns[j] = c
 
+    if not columns:
+        raise SignalError(
+            f"{where}: no channel is one of the 12 leads (channels {names}, expected {LEAD_NAMES})"
+        )
+
     x = x.astype(np.float64, copy=False)
-    present = sorted(columns)
+    present = sorted(j for j in columns if j in selected)  # NaN, Inf and resampling only where it is used
     leads = x[:, [columns[j] for j in present]]  # (T, n_present) in canonical order
     inf = np.isinf(leads)
     if inf.any():
@@ -174,7 +179,7 @@ def to_canonical(
     out = np.zeros((len(LEAD_NAMES), n), dtype=np.float32)
     mask = np.zeros(len(LEAD_NAMES), dtype=bool)
     for k, j in enumerate(present):
-        if j in selected and not all_nan[k]:
+        if not all_nan[k]:
             out[j] = leads[:, k]
             mask[j] = True
     return Canonical(signal=out, lead_mask=mask, nan_count=nan_count, dropped=dropped)
