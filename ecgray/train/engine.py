@@ -70,7 +70,9 @@ def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int):
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
     module = MetaModule(mapper, llm, cfg.train.zero_stage)
-    optimizer = torch.optim.AdamW(mapper.parameters(), lr=cfg.meta.meta_lr, weight_decay=cfg.meta.weight_decay)
+    optimizer = torch.optim.AdamW(
+        mapper.parameters(), lr=cfg.meta.meta_lr, weight_decay=cfg.meta.weight_decay
+    )
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False
     )
@@ -165,5 +167,7 @@ def read_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     directory = Path(directory)
     for name in (OPTIMIZER_FILE, STATE_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"checkpoint {directory}: {name} is missing (not a meta-training checkpoint)")
+            raise FileNotFoundError(
+                f"checkpoint {directory}: {name} is missing (not a meta-training checkpoint)"
+            )
     return load_file(str(directory / OPTIMIZER_FILE)), json.loads((directory / STATE_FILE).read_text())

@@ -15,8 +15,8 @@ import math
 import torch
 
 from ecgray.config import Config
-from ecgray.meta import adapt, run_meta_step
-from ecgray.models.ecg_lm import ECGLanguageModel, TaskSet, answer_text
+from ecgray.meta import run_meta_step
+from ecgray.models.ecg_lm import ECGLanguageModel, TaskSet
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -95,7 +95,9 @@ def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -
         for part, out in (("support", support), ("query", query)):
             items = episode[part]
             tokens, pooled = cache.features([it["ecg_id"] for it in items])
-            out.append(lm.task_data(pooled, tokens, [it["question"] for it in items], [it["answer"] for it in items]))
+            out.append(
+                lm.task_data(pooled, tokens, [it["question"] for it in items], [it["answer"] for it in items])
+            )
     return lm.task_set(support), lm.task_set(query)
 
 
@@ -106,29 +108,20 @@ def meta_gradient(lm: ECGLanguageModel, cache: FeatureCache, theta: dict, episod
     return run_meta_step(lm.loss_fn(), theta, support, query, meta_cfg)
 
 
-def meta_test_episode(lm: ECGLanguageModel, cache: FeatureCache, theta: dict, episode: dict, cfg: Config) -> dict:
-    """Adapt a copy of theta on the support set (meta.inner_steps SGD steps), then on the query set: the
-    teacher-forced loss and option-scored exact match. Options: yes / no for single-verify, else the distinct
-    answers of the episode's classes (one of them is right by construction)."""
-    support, query = task_sets(lm, cache, [episode])
-    loss_fn = lm.loss_fn()
-    lm.train(False)
-    try:
-        fast = adapt(loss_fn, theta, support, cfg.meta.inner_steps, cfg.meta.inner_lr, first_order=True)
-        with torch.no_grad():
-            query_loss = float(loss_fn(fast.fast_weights, query))
-            items = episode["query"]
-            data = query.tasks[0]
-            prefix = lm.fuse(data.pooled, data.tokens, fast.fast_weights)  # (B, n_prefix, D_llm)
-            options = sorted({answer_text(it["answer"]) for it in episode["support"] + items})
-            if all(it["question_type"] == "single-verify" for it in items):
-                options = ["no", "yes"]
-            scores = lm.score_options(prefix, [it["question"] for it in items], [options] * len(items))
-            predicted = [options[int(s.argmax())] for s in scores]
-            correct = sum(p == answer_text(it["answer"]) for p, it in zip(predicted, items, strict=True))
-    finally:
-        lm.train(True)
-    return {"query_loss": query_loss, "correct": correct, "count": len(items)}
+def meta_test_sums(
+    lm: ECGLanguageModel, theta: dict, episodes: list[dict], store, cfg: Config
+) -> list[float]:
+    """`ecgray.eval.meta_test` on these episodes -> [episodes, sum of exact match at step 0, at the last
+    inner step, sum of token accuracy at the last step]: sums, so workers can add theirs up."""
+    from ecgray.eval.meta_test import meta_test
+
+    records = meta_test(lm, theta, episodes, store, cfg)["episodes"]
+    return [
+        float(len(records)),
+        sum(r["exact_match"][0] for r in records),
+        sum(r["exact_match"][-1] for r in records),
+        sum(r["token_acc"][-1] for r in records),
+    ]
 
 
 def eval_indices(n_episodes: int, rank: int, world: int) -> list[int]:
@@ -136,4 +129,3 @@ def eval_indices(n_episodes: int, rank: int, world: int) -> list[int]:
     ZeRO-3's collective parameter gathers stay in lockstep); the total is rounded up to a multiple."""
     per = math.ceil(n_episodes / world)
     return [rank * per + j for j in range(per)]
-

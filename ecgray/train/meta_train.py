@@ -118,7 +118,13 @@ def train_loop_per_worker(config: dict) -> None:
     from ecgray.models.fusion import build_mapper
     from ecgray.train import engine as eng
     from ecgray.train.loop import (
-        FeatureCache, build_lm, eval_indices, local_tasks, meta_gradient, meta_test_episode, resolve_device,
+        FeatureCache,
+        build_lm,
+        eval_indices,
+        local_tasks,
+        meta_gradient,
+        meta_test_sums,
+        resolve_device,
         worker_of,
     )  # fmt: skip
 
@@ -163,15 +169,17 @@ def train_loop_per_worker(config: dict) -> None:
         return (t / world).tolist()
 
     def meta_test(theta) -> dict:
-        totals = torch.zeros(3, dtype=torch.float64)  # query loss sum, correct, count
-        for i in my_eval:
-            r = meta_test_episode(lm, cache, theta, test_sampler.episode(i), cfg)
-            totals += torch.tensor([r["query_loss"], r["correct"], r["count"]], dtype=torch.float64)
-        dist.all_reduce(totals)
+        sums = torch.tensor(
+            meta_test_sums(lm, theta, [test_sampler.episode(i) for i in my_eval], store, cfg),
+            dtype=torch.float64,
+        )
+        dist.all_reduce(sums)
+        n = float(sums[0])
         return {
-            "meta_test_loss": float(totals[0]) / (len(my_eval) * world),
-            "meta_test_accuracy": float(totals[1] / totals[2]),
-            "meta_test_episodes": len(my_eval) * world,
+            "meta_test_episodes": int(n),
+            "meta_test_accuracy_step0": float(sums[1]) / n,
+            "meta_test_accuracy": float(sums[2]) / n,
+            "meta_test_token_acc": float(sums[3]) / n,
         }
 
     def save(step: int, metrics: dict):

@@ -11,7 +11,12 @@ import numpy as np
 
 
 def write_toy_prepared(
-    out_dir: str | Path, n_templates: int = 5, per_class: int = 12, fs: int = 100, window_s: float = 1.0, seed: int = 0
+    out_dir: str | Path,
+    n_templates: int = 5,
+    per_class: int = 12,
+    fs: int = 100,
+    window_s: float = 1.0,
+    seed: int = 0,
 ) -> Path:
     """n_templates verify templates x {yes, no} classes of per_class samples (one question group each),
     one random ECG per sample at fs Hz for window_s seconds. Class split 80/20 -> 2 * n_templates classes."""
@@ -67,5 +72,5 @@ def toy_overrides(prepared_dir: str | Path) -> list[str]:
         "episodes.n_way=2", "episodes.k_shot=2", "episodes.n_query=2",
         "episodes.min_class_size={single-verify: 10, single-choose: 10, single-query: 10}",
         "meta.inner_steps=3", "meta.query_from_step=2", "meta.inner_lr=0.05", "meta.meta_lr=0.01",
-        "meta.eval_episodes=2",
+        "meta.eval_episodes=2", "eval.options=support",
     ]  # fmt: skip
