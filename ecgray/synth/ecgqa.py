@@ -23,6 +23,7 @@ ASSETS = Path(__file__).parent / "assets"
 V, C, Q = "single-verify", "single-choose", "single-query"
 CCV, CCQ = "comparison_consecutive-verify", "comparison_consecutive-query"
 CIV, CIQ = "comparison_irrelevant-verify", "comparison_irrelevant-query"
+QUESTION_TYPES_ALL = [V, C, Q, CCV, CCQ, CIV, CIQ]
 
 # template_id -> (question_type, attribute_type, [template wording, paraphrases...])
 TEMPLATES: dict[int, tuple[str, str, list[str]]] = {

@@ -198,6 +198,8 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
         spec.pr = rng.uniform(0.215, 0.32)
     if "WPW" in c:
         spec.pr = rng.uniform(0.09, 0.11)
+    if hr > 100:  # AV conduction speeds up with the rate
+        spec.pr *= 0.88
     spec.pr = max(spec.pr, spec.p_dur + 0.03)
 
     # --- ventricles: QRS shape by conduction ---
@@ -261,11 +263,12 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
         vec[_slot("s")] += np.array([-0.5, 0.2, -0.5]) * g
     # --- myocardial infarction: Q waves away from the territory, R loss, stage-dependent ST-T ---
     st = np.zeros(3)
-    t_vec = np.array([0.28, 0.22, -0.12]) * pat.t_scale * min(g, 1.5) ** 0.5
+    # T follows QRS voltage (less than proportionally): low-voltage records get low T waves too
+    t_vec = np.array([0.28, 0.22, -0.12]) * pat.t_scale * min(g, 1.5) ** (0.5 if g >= 1 else 1.0)
     mi = [MI_TERRITORY[k] for k in MI_TERRITORY if k in c]
     stage = row.get("infarction_stadium1")
     stage = stage if isinstance(stage, str) else ("unknown" if mi else None)
-    qi = _slot("x2") if "WPW" in c else _slot("q")
+    qi = _slot("qmi")  # infarct Q waves stay where the territory is: not rotated with the axis
     for terr in mi + (["inferior"] if "QWAVE" in c and not mi else []):
         n = TERRITORY[terr]
         r_i = _slot("r")
@@ -275,7 +278,7 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
         else:
             q_w = rng.uniform(0.35, 0.6) * g * max(pat.gain, 0.8)
             vec[qi] = vec[qi] - q_w * n
-            sigma[qi], centre[qi] = 0.014, GAUSS_HALF_WIDTH * 0.014
+            sigma[qi], centre[qi] = 0.0088, GAUSS_HALF_WIDTH * 0.0088  # initial 40 ms forces
     for terr in mi:
         n = TERRITORY[terr]
         if stage in ("Stadium I", "Stadium I-II"):

@@ -45,10 +45,14 @@ def lead_matrix(limb: np.ndarray | None = None, chest: np.ndarray | None = None)
 
 
 LEAD_MATRIX = lead_matrix()
+# (12, 8): I, II, V1..V6 -> all 12 leads
+_INDEPENDENT_TO_12 = np.zeros((12, 8))
+_INDEPENDENT_TO_12[:6, :2] = [[1, 0], [0, 1], [-1, 1], [-0.5, -0.5], [1, -0.5], [-0.5, 1]]
+_INDEPENDENT_TO_12[6:, 2:] = np.eye(6)
 LEAD_I, LEAD_AVF = LEAD_MATRIX[0], LEAD_MATRIX[5]
 
 # Wave slots of a ventricular event (QRS onset at t = 0). Unused slots carry zero amplitude.
-V_WAVES = ["q", "r", "r2", "s", "x1", "x2", "st", "t", "t2", "spike"]
+V_WAVES = ["q", "qmi", "r", "r2", "s", "x1", "x2", "st", "t", "t2", "spike"]  # qmi: infarct Q (not rotated)
 N_V = len(V_WAVES)
 GAUSS_HALF_WIDTH = 2.5  # a wave spans centre +- 2.5 sigma: the model's own onset / offset
 
@@ -93,7 +97,7 @@ class RecordSpec:
 
 def beat_timing(centre: np.ndarray, sigma: np.ndarray, vec: np.ndarray) -> tuple[float, float]:
     """QRS onset and offset (s) of a beat: the extent of its q..x2 waves that carry any amplitude."""
-    idx = [V_WAVES.index(w) for w in ("q", "r", "r2", "s", "x1", "x2")]
+    idx = [V_WAVES.index(w) for w in ("q", "qmi", "r", "r2", "s", "x1", "x2")]
     live = [i for i in idx if np.abs(vec[i]).sum() > 1e-9]
     on = min(centre[i] - GAUSS_HALF_WIDTH * sigma[i] for i in live)
     off = max(centre[i] + GAUSS_HALF_WIDTH * sigma[i] for i in live)
@@ -237,11 +241,13 @@ def synthesize(spec: RecordSpec, fs: int = 500, seconds: float = 10.0, rng: np.r
 def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -> np.ndarray:
     """Ambient noise in every lead plus the labelled noise types in their named leads. (T, 12) mV."""
     n = len(t)
-    out = rng.normal(0.0, spec.ambient, (n, 12))
-    # respiratory baseline wander and powerline interference, common to all leads with lead-specific weights
+    # ambient noise on the 8 independent leads (I, II, V1-V6); the other limb leads follow Einthoven /
+    # Goldberger as they do on a real recorder
+    base = rng.normal(0.0, spec.ambient, (n, 8))
     resp = np.sin(2 * np.pi * rng.uniform(0.15, 0.35) * t + rng.uniform(0, 6.3))
-    out += spec.wander * resp[:, None] * rng.uniform(0.3, 1.0, 12)
-    out += rng.uniform(0.002, 0.008) * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+    base += spec.wander * resp[:, None] * rng.uniform(0.3, 1.0, 8)  # respiratory baseline wander
+    base += rng.uniform(0.002, 0.008) * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+    out = base @ _INDEPENDENT_TO_12.T  # (T, 12)
     for kind, leads in spec.noise.items():
         if not leads:
             continue
@@ -281,6 +287,6 @@ def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -
 
 def qrs_axis_deg(beat: Beat, matrix: np.ndarray = LEAD_MATRIX) -> float:
     """Frontal QRS axis of a beat from its net QRS areas in leads I and aVF (degrees)."""
-    idx = [V_WAVES.index(w) for w in ("q", "r", "r2", "s", "x1", "x2")]
+    idx = [V_WAVES.index(w) for w in ("q", "qmi", "r", "r2", "s", "x1", "x2")]
     area = (beat.vec[idx] * beat.sigma[idx, None]).sum(0)  # (3,), proportional to integral
     return float(np.degrees(np.arctan2(area @ matrix[5], area @ matrix[0])))

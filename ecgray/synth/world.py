@@ -202,6 +202,7 @@ def generate_world(out_dir: str | Path, patients: int, seed: int, progress: bool
         codes = rec.row["codes"]
         row = _consistent_row(rec.row, codes)
         spec, feats = record_spec(codes, row, traits[rec.patient_idx], rec_rng)
+        feats = {k: round(float(v), 1) for k, v in feats.items()}  # as stored in synth_features.csv
         signal, _ = synthesize(spec, FS_HR, SECONDS, rec_rng)
         write_wfdb(ptbxl_dir / record_stem(ecg_id, FS_HR), signal, FS_HR)
         write_wfdb(ptbxl_dir / record_stem(ecg_id, FS_LR), to_100hz(signal), FS_LR)
@@ -223,7 +224,7 @@ def generate_world(out_dir: str | Path, patients: int, seed: int, progress: bool
             "pacemaker": row["pacemaker"], "strat_fold": fold_of[rec.patient_idx],
             "filename_lr": record_stem(ecg_id, FS_LR), "filename_hr": record_stem(ecg_id, FS_HR),
         })  # fmt: skip
-        feat_rows.append({"ecg_id": ecg_id, **{k.replace(" ", "_") + "_ms": round(float(v), 1) for k, v in feats.items()}})
+        feat_rows.append({"ecg_id": ecg_id, **{k.replace(" ", "_") + "_ms": v for k, v in feats.items()}})
         facts.append(_facts(ecg_id, rec.patient_idx, codes, row, spec, feats))
 
     db = pd.DataFrame(db_rows, columns=DB_COLUMNS).set_index("ecg_id")
