@@ -14,8 +14,6 @@ while an inner loop runs. Bad input of any kind is a 4xx JSON error naming the f
 serve.max_payload_mb are refused before they are parsed.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
@@ -31,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgray.config import ServeConfig
 from serve.payloads import (
@@ -157,6 +156,13 @@ def _validation_errors(errors: list) -> tuple[int, list[dict]]:
     return status, out
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException):
+    # FastAPI's own refusals (undecodable body, unknown path, wrong method) in the same JSON shape
+    field = {404: "path", 405: "method"}.get(err.status_code, "body")
+    return _error(err.status_code, field, str(err.detail))
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, err: RequestValidationError):
     status, errors = _validation_errors(err.errors())
@@ -164,7 +170,30 @@ async def _validation_error(request: Request, err: RequestValidationError):
     return _error(status, first["field"], first["message"], errors)
 
 
+def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
+    """multipart/form-data -> field name -> bytes (the standard library's MIME parser; no extra dependency)."""
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise PayloadError(
+            "content-type", f"{content_type[:80]!r}: expected multipart/form-data with a boundary", 415
+        )
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        raise PayloadError("body", "not a multipart/form-data body")
+    fields: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise PayloadError("body", "a multipart part without a name")
+        if name in fields:
+            raise PayloadError(str(name), "given twice")
+        fields[str(name)] = part.get_payload(decode=True) or b""
+    return fields
+
+
 # ------------------------------------------------------------------------------------------ deployment
+# NB: Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(api)
 class ECGQAService:
@@ -238,11 +267,11 @@ class ECGQAService:
             self._inflight.pop(key, None)
 
     def _options(self, req: AnswerRequest) -> tuple[list[str] | None, str | None]:
+        if req.template_id is not None and req.template_id not in self.templates:
+            raise PayloadError("template_id", f"{req.template_id} is not a known ECG-QA template")
         if req.options is not None:
             return [o.strip() for o in req.options], "request"
         if req.template_id is not None:
-            if req.template_id not in self.templates:
-                raise PayloadError("template_id", f"{req.template_id} is not a known ECG-QA template")
             return self.templates[req.template_id], "template"
         return None, None
 
@@ -370,28 +399,6 @@ class ECGQAService:
             return await asyncio.to_thread(lambda: [canonical_ecg(req.ecgs[0], "ecgs[0]", self.cfg, data)])
 
         return await self._answer(req, ecgs)
-
-
-def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
-    """multipart/form-data -> field name -> bytes (the standard library's MIME parser; no extra dependency)."""
-    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise PayloadError(
-            "content-type", f"{content_type[:80]!r}: expected multipart/form-data with a boundary", 415
-        )
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise PayloadError("body", "not a multipart/form-data body")
-    fields: dict[str, bytes] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise PayloadError("body", "a multipart part without a name")
-        if name in fields:
-            raise PayloadError(str(name), "given twice")
-        fields[str(name)] = part.get_payload(decode=True) or b""
-    return fields
 
 
 # ----------------------------------------------------------------------------------------- application

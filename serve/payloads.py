@@ -80,6 +80,8 @@ class ECGIn(_Strict):
                 raise ValueError(f"{forms[0]} needs fs (Hz) and leads (one name per row)")
             if forms[0] == "data" and (self.dtype is None or self.shape is None):
                 raise ValueError("data needs dtype (float32 | float16) and shape [leads, samples]")
+            if forms[0] == "signal" and (self.dtype is not None or self.shape is not None):
+                raise ValueError("dtype and shape belong to the base64 `data` form, not to `signal`")
         return self
 
 
