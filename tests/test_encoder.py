@@ -232,6 +232,8 @@ def test_pretraining_is_reproducible_for_a_seed(tmp_path):
     a = pe.pretrain(cfg, array_source(), tmp_path / "a", progress=False)["losses"]
     b = pe.pretrain(cfg, array_source(), tmp_path / "b", progress=False)["losses"]
     assert a == b
+    probe = json.loads((tmp_path / "b" / "probe.json").read_text())
+    assert probe["skipped"] == "encoder.probe_labels is empty" and probe["labels"] == {}
     cfg.seed = 1
     c = pe.pretrain(cfg, array_source(), tmp_path / "c", progress=False)["losses"]
     assert a != c

@@ -208,7 +208,6 @@ def pretrain(
     order = rng.permutation(train_ids)
     cursor = 0
     losses = []
-    log = open(out_dir / "loss_log.jsonl", "w")
     from tqdm import tqdm
 
     bar = tqdm(
@@ -220,38 +219,41 @@ def pretrain(
     encoder.train()
     head.train()
     t0 = time.perf_counter()
-    for step in bar:
-        if cursor + batch_size > len(order):  # new epoch
-            order, cursor = rng.permutation(train_ids), 0
-        ids = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        x = torch.from_numpy(np.asarray(data.signals(ids), dtype=np.float32)).to(device)
-        mask = torch.from_numpy(np.asarray(data.lead_mask(ids), dtype=bool)).to(device)
-        if enc_cfg.pretrain_objective == "contrastive":
-            xa, ma, xb, mb = cmsc_views(x, mask, enc_cfg, gen)
-            loss = info_nce(head(encoder(xa, ma)[1]), head(encoder(xb, mb)[1]), enc_cfg.pretrain_temperature)
-        else:
-            target = torch.zeros(len(ids), len(codes), device=device)
-            for i, ecg_id in enumerate(ids):
-                for code in scp_codes_of(data.metadata[id_to_row[int(ecg_id)]]):
-                    if code in code_index:
-                        target[i, code_index[code]] = 1.0
-            xa, ma = augment(x, mask, gen, enc_cfg.pretrain_lead_dropout, enc_cfg.pretrain_noise)
-            loss = F.binary_cross_entropy_with_logits(head(encoder(xa, ma)[1]), target)
-        lr = lr_at(step, enc_cfg.pretrain_steps, enc_cfg.pretrain_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"pretraining loss became {value} at step {step} (lr {lr:.2e})")
-        losses.append(value)
-        log.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
-        bar.set_postfix(loss=f"{value:.4f}")
-    log.close()
+    with open(out_dir / "loss_log.jsonl", "w") as log:
+        for step in bar:
+            if cursor + batch_size > len(order):  # new epoch
+                order, cursor = rng.permutation(train_ids), 0
+            ids = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            x = torch.from_numpy(np.asarray(data.signals(ids), dtype=np.float32)).to(device)
+            mask = torch.from_numpy(np.asarray(data.lead_mask(ids), dtype=bool)).to(device)
+            if enc_cfg.pretrain_objective == "contrastive":
+                xa, ma, xb, mb = cmsc_views(x, mask, enc_cfg, gen)
+                loss = info_nce(
+                    head(encoder(xa, ma)[1]), head(encoder(xb, mb)[1]), enc_cfg.pretrain_temperature
+                )
+            else:
+                target = torch.zeros(len(ids), len(codes), device=device)
+                for i, ecg_id in enumerate(ids):
+                    for code in scp_codes_of(data.metadata[id_to_row[int(ecg_id)]]):
+                        if code in code_index:
+                            target[i, code_index[code]] = 1.0
+                xa, ma = augment(x, mask, gen, enc_cfg.pretrain_lead_dropout, enc_cfg.pretrain_noise)
+                loss = F.binary_cross_entropy_with_logits(head(encoder(xa, ma)[1]), target)
+            lr = lr_at(step, enc_cfg.pretrain_steps, enc_cfg.pretrain_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"pretraining loss became {value} at step {step} (lr {lr:.2e})")
+            losses.append(value)
+            log.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{value:.4f}")
     train_s = time.perf_counter() - t0
 
     ckpt = save_encoder(
@@ -365,6 +367,9 @@ def linear_probe_report(
         "test_ecgs": int(len(test_rows)),
         "labels": {},
     }
+    if not labels:
+        report["skipped"] = "encoder.probe_labels is empty"
+        return report
     if len(test_rows) == 0:
         report["skipped"] = "no test or valid ECGs to score the probe on"
         return report
