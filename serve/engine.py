@@ -208,12 +208,17 @@ class QAEngine:
         }
 
 
-def load_engine(checkpoint: str | Path, llm: str | None = None, device: str = "cpu") -> QAEngine:
-    """A checkpoint directory (safetensors + YAML, never pickle) -> QAEngine; `llm` overrides model.llm."""
+def load_engine(checkpoint: str | Path, llm: str | None = None, device: str | None = None) -> QAEngine:
+    """A checkpoint directory (safetensors + YAML, never pickle) -> QAEngine; `llm` overrides model.llm;
+    device None: the checkpoint's `device` (auto: CUDA when visible)."""
     from ecgray.config import from_dict, to_dict
     from ecgray.models.checkpoint import load_checkpoint
 
     state, cfg = load_checkpoint(checkpoint)
+    if device is None:
+        device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        if cfg.device == "cuda" and device == "cpu":
+            raise ValueError(f"checkpoint {checkpoint}: device=cuda but no CUDA device is visible")
     if llm is not None:
         tree = to_dict(cfg)
         tree["model"]["llm"] = llm

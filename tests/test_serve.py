@@ -347,3 +347,33 @@ def test_64_concurrent_requests(url):
         r.text[:200] for r in responses if r.status_code != 200
     ]
     assert all(r.json()["answers"][0]["answer"] in ("yes", "no") for r in responses)
+
+
+def test_ask_cli_and_client(url, tmp_path, capsys):
+    import wfdb
+
+    from ecgray.cli import main
+    from serve.client import ECGQAClient, ServiceError, load_support, wfdb_payload
+
+    items = []
+    for i in range(4):
+        x = np.asarray(ecg(400 + i)["signal"])
+        wfdb.wrsamp(f"s{i}", fs=100, units=["mV"] * 12, sig_name=LEADS, p_signal=x.T, fmt=["16"] * 12,
+                    write_dir=str(tmp_path))  # fmt: skip
+        items.append({"ecg": f"s{i}.hea", "question": QUESTION, "answer": ["yes" if i % 2 else "no"]})
+    (tmp_path / "support.json").write_text(json.dumps(items))
+    query = tmp_path / "s0.hea"
+    code = main(["ask", "--url", url, "--support", str(tmp_path / "support.json"), "--ecg", str(query),
+                 "--question", QUESTION, "--options", "yes", "no"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    with ECGQAClient(url) as client:
+        assert client.health()
+        adapter = client.adapt(load_support(tmp_path / "support.json"))
+        assert adapter == out["adapter_id"]
+        again = client.answer([wfdb_payload(query)], QUESTION, adapter_id=adapter, options=["yes", "no"])
+        assert again["answers"][0]["scores"] == pytest.approx(out["answers"][0]["scores"], abs=1e-5)
+        with pytest.raises(ServiceError) as info:
+            client.answer([wfdb_payload(query)], QUESTION, adapter_id="ad-nope")
+        assert info.value.status == 404
+    assert main(["ask", "--url", url, "--adapter-id", "ad-nope", "--ecg", str(query), "--question", "q"]) == 1

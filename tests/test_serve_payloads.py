@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
 from ecgray.data.signals import to_canonical
 from serve.app import BodyLimit, _multipart, _validation_errors
-from serve.engine import AdapterCache, read_template_answers, DEFAULT_TEMPLATE_ANSWERS
+from serve.engine import DEFAULT_TEMPLATE_ANSWERS, AdapterCache, read_template_answers
 from serve.payloads import (
     AdaptRequest,
     AnswerRequest,
@@ -102,7 +102,11 @@ def test_missing_leads_masked_and_nan_interpolated():
         (json_ecg(record()[:2], ["I", "foo"]), "ecgs[0].leads[1]", "unknown lead 'foo'"),
         (json_ecg(record()[:2], ["I", "i"]), "ecgs[0].leads", "appears twice"),
         (json_ecg(record()[:3], ["I", "II"]), "ecgs[0].signal", "3 rows but 2 leads"),
-        ({"fs": 100, "leads": ["I", "II"], "signal": [[1.0] * 300, [1.0] * 299]}, "ecgs[0].signal", "different lengths"),
+        (
+            {"fs": 100, "leads": ["I", "II"], "signal": [[1.0] * 300, [1.0] * 299]},
+            "ecgs[0].signal",
+            "different lengths",
+        ),
         (json_ecg(record()[:1], ["I"], fs=1e9), "ecgs[0].fs", "plausible range"),
         (json_ecg(record()[:1], ["I"], fs=float("nan")), "ecgs[0].fs", "plausible range"),
         (json_ecg(record(t=1200)[:1], ["I"], fs=100), "ecgs[0].signal", "max_duration_s"),
@@ -161,13 +165,18 @@ def test_answer_request_modes_and_limits():
         check_limits(AdaptRequest.model_validate({"support": [{**item, "answer": [" "]}]}), LIMITS)
     assert info.value.field == "support[0].answer"
     _, errors = _validation_errors(
-        pytest.raises(ValidationError, AnswerRequest.model_validate, {**base, "zero_shot": True, "extra": 1}).value.errors()
+        pytest.raises(
+            ValidationError, AnswerRequest.model_validate, {**base, "zero_shot": True, "extra": 1}
+        ).value.errors()
     )
     assert errors == [{"field": "extra", "message": "unknown field"}]
 
 
 def test_adapter_id_is_a_content_hash_of_the_support_set():
-    items = [{"ecg": json_ecg(record(i)), "question": "Q?", "answer": a} for i, a in enumerate([["yes"], ["no"], ["no"]])]
+    items = [
+        {"ecg": json_ecg(record(i)), "question": "Q?", "answer": a}
+        for i, a in enumerate([["yes"], ["no"], ["no"]])
+    ]
     support = canonical_support(AdaptRequest.model_validate({"support": items}).support, LIMITS, DATA)
     shuffled = canonical_support(AdaptRequest.model_validate({"support": items[::-1]}).support, LIMITS, DATA)
     assert adapter_id(support, "m1") == adapter_id(shuffled, "m1")  # a set: order does not matter
@@ -176,8 +185,12 @@ def test_adapter_id_is_a_content_hash_of_the_support_set():
     other = canonical_support(AdaptRequest.model_validate({"support": flipped}).support, LIMITS, DATA)
     assert adapter_id(other, "m1") != adapter_id(support, "m1")
     # answers are sets: order and case do not matter
-    a = canonical_support(AdaptRequest.model_validate({"support": [dict(items[0], answer=["I", "avr"])]}).support, LIMITS, DATA)
-    b = canonical_support(AdaptRequest.model_validate({"support": [dict(items[0], answer=["aVR", "i"])]}).support, LIMITS, DATA)
+    a = canonical_support(
+        AdaptRequest.model_validate({"support": [dict(items[0], answer=["I", "avr"])]}).support, LIMITS, DATA
+    )
+    b = canonical_support(
+        AdaptRequest.model_validate({"support": [dict(items[0], answer=["aVR", "i"])]}).support, LIMITS, DATA
+    )
     assert adapter_id(a, "m") == adapter_id(b, "m")
 
 
@@ -226,7 +239,9 @@ def test_body_limit_refuses_before_parsing():
 
     client = TestClient(app)
     assert client.post("/echo", json={"a": 1}).json() == {"a": 1}
-    r = client.post("/echo", content=b'{"a": "' + b"x" * 200 + b'"}', headers={"content-type": "application/json"})
+    r = client.post(
+        "/echo", content=b'{"a": "' + b"x" * 200 + b'"}', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["field"] == "body" and len(seen) == 1
 
     def chunks():  # no content-length: counted while streaming
@@ -235,3 +250,49 @@ def test_body_limit_refuses_before_parsing():
 
     r = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and len(seen) == 1
+
+
+def test_client_payload_helpers(tmp_path):
+    from serve.client import array_payload, load_support, wfdb_payload
+
+    x = record()
+    payload = wfdb_ecg(x, tmp_path, name="r1")
+    assert wfdb_payload(tmp_path / "r1.hea") == payload
+    np.testing.assert_array_equal(canon(array_payload(x, 100, MIMIC_ORDER)).signal, canon(json_ecg(x)).signal)
+    np.testing.assert_array_equal(
+        canon(array_payload(x, 100, MIMIC_ORDER, "json")).signal, canon(json_ecg(x)).signal
+    )
+    (tmp_path / "support.json").write_text('[{"ecg": "r1.hea", "question": "q?", "answer": ["yes"]}]')
+    assert load_support(tmp_path / "support.json") == [{"ecg": payload, "question": "q?", "answer": ["yes"]}]
+    with pytest.raises(FileNotFoundError, match="nope.hea"):
+        wfdb_payload(tmp_path / "nope.hea")
+    with pytest.raises(ValueError, match="expected \\(12 leads"):
+        array_payload(x.T, 100, MIMIC_ORDER)
+
+
+def test_serve_and_ask_help_and_config_yaml():
+    import subprocess
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import ServeArgs
+
+    for command in ("serve", "ask"):
+        out = subprocess.run(
+            [sys.executable, "-m", "ecgray.cli", command, "--help"], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert ("--checkpoint" if command == "serve" else "--support") in out.stdout
+    deploy = yaml.safe_load(open("serve/config.yaml"))
+    ServeDeploySchema.model_validate(deploy)
+    app = deploy["applications"][0]
+    assert app["import_path"] == "serve.app:build_app" and deploy["http_options"]["host"] == "127.0.0.1"
+    args = ServeArgs.model_validate(app["args"])
+    options = app["deployments"][0]
+    assert options["max_ongoing_requests"] >= args.serve.max_batch_size
+    assert options["ray_actor_options"]["num_cpus"] == args.replica_cpus
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
+    with pytest.raises(ValidationError):
+        ServeArgs.model_validate({"serve": {"max_batch": 3}})
