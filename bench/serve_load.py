@@ -1,0 +1,187 @@
+"""Load test of the QA service on this machine: latency and throughput of cached-adapter answers, batched
+(@serve.batch) vs unbatched (max_batch_size=1), and the cost of one adaptation. Prints JSON.
+
+    .venv/bin/python bench/serve_load.py                      # SmolLM2-135M (the embedded default LLM)
+    .venv/bin/python bench/serve_load.py --llm tiny-llama     # plumbing only
+
+The mapper is freshly initialised (seeded) and the encoder random-init: this measures cost, not accuracy.
+Each query is one 12-lead 10 s 500 Hz ECG (base64 float32, canonicalised server-side to the 5 s window) with
+the options yes / no scored. Traffic goes to 127.0.0.1 only; request counts are bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+QUESTION = "does this ecg show symptoms of baseline drift?"
+
+
+def ecg_payload(seed: int) -> dict:
+    x = np.random.default_rng(seed).normal(scale=0.3, size=(12, 5000)).astype("<f4")  # (leads, samples)
+    return {"fs": 500, "leads": LEADS, "data": base64.b64encode(x.tobytes()).decode(), "dtype": "float32",
+            "shape": [12, 5000]}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoint(llm: str, inner_steps: int, out: Path) -> Path:
+    import torch
+
+    from ecgray.config import from_dict
+    from ecgray.models.checkpoint import save_checkpoint
+    from ecgray.models.fusion import build_mapper
+    from ecgray.models.llm import llm_hidden_size, load_llm
+
+    tree = {"model": {"llm": llm}, "meta": {"inner_steps": inner_steps}}
+    if llm.startswith("tiny"):
+        tree["encoder"] = {"d_enc": 64, "n_layers": 1, "n_heads": 2, "stem_channels": 16}
+    cfg = from_dict(tree)
+    model, _ = load_llm(llm)
+    torch.manual_seed(0)
+    mapper = build_mapper(cfg.model, cfg.encoder.d_enc, llm_hidden_size(model))
+    return save_checkpoint(out, mapper.state_dict(), cfg)
+
+
+def summary(latencies: list[float], wall: float, errors: int) -> dict:
+    ms = sorted(1000 * t for t in latencies)
+    return {
+        "requests": len(ms) + errors,
+        "errors": errors,
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))], 1),
+        "mean_ms": round(statistics.fmean(ms), 1),
+        "requests_per_s": round(len(ms) / wall, 2),
+    }
+
+
+async def load(url: str, adapter: str, concurrency: int, n_requests: int) -> dict:
+    import httpx
+
+    payloads = [ecg_payload(1000 + i) for i in range(n_requests)]
+    sem = asyncio.Semaphore(concurrency)
+    latencies, errors = [], 0
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            body = {
+                "question": QUESTION,
+                "ecgs": [payloads[i]],
+                "adapter_id": adapter,
+                "options": ["yes", "no"],
+            }
+            async with sem:
+                t = time.perf_counter()
+                r = await client.post(f"{url}/v1/answer", json=body)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n_requests)))
+        wall = time.perf_counter() - start
+    return summary(latencies, wall, errors)
+
+
+def wait_healthy(url: str, timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm", default="smollm2-135m", help="smollm2-135m (default) or tiny-llama")
+    parser.add_argument("--support-size", type=int, default=10, help="support items (2-way 5-shot = 10)")
+    parser.add_argument("--inner-steps", type=int, default=15, help="inner SGD steps (paper: 15)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--requests-per-client", type=int, default=3, help="requests = max(8, this x concurrency)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (= replica CPUs)")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import httpx
+    import ray
+    from ray import serve
+
+    from ecgray.config import ServeConfig, versions
+    from serve.app import ServeArgs, build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="ecgray-serve-bench-"))
+    checkpoint = make_checkpoint(args.llm, args.inner_steps, tmp / "ckpt")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    support = [{"ecg": ecg_payload(i), "question": QUESTION, "answer": ["yes" if i % 2 else "no"]}
+               for i in range(args.support_size)]  # fmt: skip
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    results: dict = {"conditions": {
+        "llm": args.llm, "support_size": args.support_size, "inner_steps": args.inner_steps,
+        "replica_cpus": args.cpus, "replicas": 1, "ecg": "12 x 5000 @ 500 Hz, base64 float32", "options": 2,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared)", "versions": versions(),
+    }}  # fmt: skip
+    try:
+        for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+            cfg = ServeConfig(
+                checkpoint=str(checkpoint), port=port, max_batch_size=batch, batch_wait_timeout_s=0.01
+            )
+            serve.run(build_app(ServeArgs(serve=cfg, replica_cpus=args.cpus)), name="bench", route_prefix="/")
+            wait_healthy(url)
+            t = time.perf_counter()
+            r = httpx.post(f"{url}/v1/adapt", json={"support": support}, timeout=3600)
+            adapt_s = time.perf_counter() - t
+            r.raise_for_status()
+            assert r.json()["adapted"], r.json()
+            t = time.perf_counter()
+            hit = httpx.post(f"{url}/v1/adapt", json={"support": support}, timeout=600).json()
+            results.setdefault("adaptation", {})[mode] = {
+                "first_s": round(adapt_s, 2), "cache_hit_s": round(time.perf_counter() - t, 3),
+                "cache_hit_adapted": hit["adapted"],
+            }  # fmt: skip
+            adapter = r.json()["adapter_id"]
+            asyncio.run(load(url, adapter, 1, 2))  # warm-up
+            for c in args.concurrency:
+                n = max(8, args.requests_per_client * c)
+                results.setdefault(mode, {})[f"concurrency_{c}"] = asyncio.run(load(url, adapter, c, n))
+                print(json.dumps({mode: {c: results[mode][f"concurrency_{c}"]}}), flush=True)
+            counters = httpx.get(f"{url}/v1/info").json()["counters"]
+            results[mode]["server_counters"] = counters
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
