@@ -102,6 +102,36 @@ async def load(url: str, adapter: str, concurrency: int, n_requests: int) -> dic
     return summary(latencies, wall, errors)
 
 
+async def during_adaptation(url: str, adapter: str, support: list[dict], concurrency: int = 8) -> dict:
+    """Cached-adapter answers sent while a new support set is being adapted: how many finish meanwhile."""
+    import httpx
+
+    done_during, latencies = 0, []
+    async with httpx.AsyncClient(timeout=3600) as client:
+        adapting = asyncio.ensure_future(client.post(f"{url}/v1/adapt", json={"support": support}))
+        start = time.perf_counter()
+        await asyncio.sleep(0.5)  # let the inner loop start
+
+        async def worker(seed: int) -> None:
+            nonlocal done_during
+            i = 0
+            while not adapting.done():
+                body = {"question": QUESTION, "ecgs": [ecg_payload(seed * 1000 + i)], "adapter_id": adapter,
+                        "options": ["yes", "no"]}  # fmt: skip
+                t = time.perf_counter()
+                r = await client.post(f"{url}/v1/answer", json=body)
+                if r.status_code == 200 and not adapting.done():
+                    done_during += 1
+                    latencies.append(time.perf_counter() - t)
+                i += 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        r = await adapting
+        assert r.status_code == 200 and r.json()["adapted"], r.text
+    return {"adaptation_s": round(time.perf_counter() - start + 0.5, 2), "answers_completed_meanwhile": done_during,
+            "p50_ms_meanwhile": round(1000 * statistics.median(latencies), 1) if latencies else None}  # fmt: skip
+
+
 def wait_healthy(url: str, timeout_s: float = 600) -> None:
     import httpx
 
@@ -174,6 +204,14 @@ def main() -> None:
                 n = max(8, args.requests_per_client * c)
                 results.setdefault(mode, {})[f"concurrency_{c}"] = asyncio.run(load(url, adapter, c, n))
                 print(json.dumps({mode: {c: results[mode][f"concurrency_{c}"]}}), flush=True)
+            if mode == "batched":
+                other = [
+                    dict(item, answer=["no"] if item["answer"] == ["yes"] else ["yes"]) for item in support
+                ]
+                results[mode]["answers_during_adaptation"] = asyncio.run(
+                    during_adaptation(url, adapter, other)
+                )
+                print(json.dumps({mode: results[mode]["answers_during_adaptation"]}), flush=True)
             counters = httpx.get(f"{url}/v1/info").json()["counters"]
             results[mode]["server_counters"] = counters
             serve.delete("bench")

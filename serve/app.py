@@ -347,7 +347,6 @@ class ECGQAService:
     @api.post("/v1/answer")
     async def answer(self, req: AnswerRequest) -> dict:
         """Answer the question for each ECG in `ecgs`."""
-        check_limits(req, self.cfg)
 
         async def ecgs():
             data = self.engine.cfg.data
@@ -392,7 +391,6 @@ class ECGQAService:
         except ValidationError as err:
             _, errors = _validation_errors(err.errors())
             raise PayloadError(errors[0]["field"], errors[0]["message"]) from None
-        check_limits(req, self.cfg)
 
         async def ecgs():
             data = self.engine.cfg.data

@@ -296,3 +296,10 @@ def test_serve_and_ask_help_and_config_yaml():
     assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
     with pytest.raises(ValidationError):
         ServeArgs.model_validate({"serve": {"max_batch": 3}})
+
+
+def test_serve_cli_refuses_model_overrides_before_starting_ray(capsys):
+    from ecgray.cli import main
+
+    assert main(["serve", "--checkpoint", "ckpt", "--set", "model.llm=tiny-llama"]) == 2
+    assert "only serve.* keys apply" in capsys.readouterr().err
