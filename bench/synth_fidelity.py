@@ -28,7 +28,7 @@ def run(world: Path, records: int, with_nk: bool = True) -> dict:
 
     db = pd.read_csv(world / "ptbxl" / "ptbxl_database.csv", index_col="ecg_id")
     agree: dict[str, list[bool]] = defaultdict(list)
-    for ecg_id, row in tqdm(list(db.head(records).iterrows()), desc="fidelity", file=sys.stderr):
+    for _ecg_id, row in tqdm(list(db.head(records).iterrows()), desc="fidelity", file=sys.stderr):
         signal, fields = wfdb.rdsamp(str(world / "ptbxl" / row["filename_hr"]))
         codes = ast.literal_eval(row["scp_codes"])
         m = measure(signal, int(fields["fs"]), with_nk_delineation=with_nk)
@@ -47,7 +47,9 @@ def main() -> int:
     p.add_argument("--patients", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", help="an existing `ecgray synth` output (default: generate one in a temp dir)")
-    p.add_argument("--no-nk-delineation", action="store_true", help="skip neurokit2's own dwt PR / QRS columns")
+    p.add_argument(
+        "--no-nk-delineation", action="store_true", help="skip neurokit2's own dwt PR / QRS columns"
+    )
     args = p.parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-patients", type=int, default=None, help="also time generate_world (default: SynthConfig.patients)")
+    p.add_argument(
+        "--world-patients",
+        type=int,
+        default=None,
+        help="also time generate_world (default: SynthConfig.patients)",
+    )
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from ecgray.config import SynthConfig

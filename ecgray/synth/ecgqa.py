@@ -72,20 +72,38 @@ TEMPLATES: dict[int, tuple[str, str, list[str]]] = {
 }  # fmt: skip
 
 _CMP_SCP = [
-    ("newly show symptoms of {x}", "What symptoms of the second ECG are newly detected as compared to the first ECG?"),
-    ("no longer show symptoms of {x}", "What symptoms of the second ECG have disappeared as compared to the first ECG?"),
-    ("still show symptoms of {x}", "What symptoms of the second ECG are still present as compared to the first ECG?"),
+    (
+        "newly show symptoms of {x}",
+        "What symptoms of the second ECG are newly detected as compared to the first ECG?",
+    ),
+    (
+        "no longer show symptoms of {x}",
+        "What symptoms of the second ECG have disappeared as compared to the first ECG?",
+    ),
+    (
+        "still show symptoms of {x}",
+        "What symptoms of the second ECG are still present as compared to the first ECG?",
+    ),
 ]
 _CMP_NUM = [
-    ("now have a normal {x}", "What numeric features of the second ECG now have become normal as compared to the first ECG?"),
-    ("now have an abnormal {x}", "What numeric features of the second ECG are now considered abnormal values as compared to the first ECG?"),
-    ("still have an abnormal {x}", "What numeric features of the second ECG are still abnormal as compared to the first ECG?"),
+    (
+        "now have a normal {x}",
+        "What numeric features of the second ECG now have become normal as compared to the first ECG?",
+    ),
+    (
+        "now have an abnormal {x}",
+        "What numeric features of the second ECG are now considered abnormal values as compared to the first ECG?",
+    ),
+    (
+        "still have an abnormal {x}",
+        "What numeric features of the second ECG are still abnormal as compared to the first ECG?",
+    ),
 ]
 
 
 def _cmp_templates() -> None:
     for base, qv, qq in [(43, CCV, CCQ), (57, CIV, CIQ)]:
-        for k, (verb, query) in enumerate(_CMP_SCP):
+        for k, (verb, _) in enumerate(_CMP_SCP):
             TEMPLATES[base + k] = (qv, "scp_code", [
                 f"Does the second ECG {verb} as compared to the first ECG?",
                 f"Compared to the first ECG, does the second ECG {verb}?",
@@ -237,7 +255,7 @@ def single_questions(f: Facts, bank: QuestionBank, pools: dict, rng: np.random.G
     form_all = [a for a in adm[6] if a != "none"]
     rhythm_all = [a for a in adm[7] if a != "none"]
     sure = {a for a, lk in f.diag.items() if lk == 0 or lk >= 50}
-    unsure = set(f.diag) - sure
+    set(f.diag) - sure
 
     def pick(pool, k, exclude=()):
         pool = [p for p in pool if p not in exclude]
@@ -261,18 +279,28 @@ def single_questions(f: Facts, bank: QuestionBank, pools: dict, rng: np.random.G
     out.append(_sample(bank, 10, [], _canon(f.rhythm, 10), [e], {}))
     out.append(_sample(bank, 11, [], _canon(f.form, 11), [e], {}))
     for tid, positive in [(12, sure), (13, present_diag)]:
-        x = (pick(sorted(present_diag), 1) if present_diag and rng.uniform() < 0.5 else pick(diag_all, 1, present_diag))[0]
+        x = (
+            pick(sorted(present_diag), 1)
+            if present_diag and rng.uniform() < 0.5
+            else pick(diag_all, 1, present_diag)
+        )[0]
         out.append(_sample(bank, tid, [x], ["yes" if x in positive else "no"], [e], {"x": x}))
     lead = vocab.QA_LEAD_NAMES[rng.integers(12)]
     leadful = sorted(f.form_leads)
     for tid in (14, 17):
-        x = pick(leadful, 1)[0] if leadful and rng.uniform() < 0.6 else pick([a for a in adm[18] if a != "none"], 1)[0]
+        x = (
+            pick(leadful, 1)[0]
+            if leadful and rng.uniform() < 0.6
+            else pick([a for a in adm[18] if a != "none"], 1)[0]
+        )
         yes = lead in f.form_leads.get(x, [])
-        out.append(_sample(bank, tid, [x], ["yes" if yes else "no"], [e], {"x": x, "lead": _lead(lead)}, qkey=(x,)))
+        out.append(
+            _sample(bank, tid, [x], ["yes" if yes else "no"], [e], {"x": x, "lead": _lead(lead)}, qkey=(x,))
+        )
     supers = [a for a in adm[3] if a != "none"]
     for x in pick(supers, 2):
         out.append(_sample(bank, 15, [x], ["yes" if x in f.superclasses else "no"], [e], {"x": x}))
-    for x in (f.rhythm[:1] + pick(rhythm_all, 1, f.rhythm)):
+    for x in f.rhythm[:1] + pick(rhythm_all, 1, f.rhythm):
         out.append(_sample(bank, 16, [x], ["yes" if x in f.rhythm else "no"], [e], {"x": x}))
     in_lead = [a for a, leads in f.form_leads.items() if lead in leads]
     out.append(_sample(bank, 18, [_lead(lead)], _canon(in_lead, 18), [e], {"lead": _lead(lead)}))
@@ -294,10 +322,28 @@ def single_questions(f: Facts, bank: QuestionBank, pools: dict, rng: np.random.G
     # --- noise ---
     lead = vocab.QA_LEAD_NAMES[rng.integers(12)]
     for x in vocab.NOISE_TYPES:
-        out.append(_sample(bank, 26, [x], ["yes" if lead in f.noise.get(x, []) else "no"], [e], {"x": x, "lead": _lead(lead)}))
+        out.append(
+            _sample(
+                bank,
+                26,
+                [x],
+                ["yes" if lead in f.noise.get(x, []) else "no"],
+                [e],
+                {"x": x, "lead": _lead(lead)},
+            )
+        )
         out.append(_sample(bank, 27, [x], ["yes" if x in f.noise else "no"], [e], {"x": x}))
     noisy_leads = {z for leads in f.noise.values() for z in leads}
-    out.append(_sample(bank, 28, ["any kind of noises"], ["yes" if lead in noisy_leads else "no"], [e], {"lead": _lead(lead)}))
+    out.append(
+        _sample(
+            bank,
+            28,
+            ["any kind of noises"],
+            ["yes" if lead in noisy_leads else "no"],
+            [e],
+            {"lead": _lead(lead)},
+        )
+    )
     out.append(_sample(bank, 29, ["any kind of noises"], ["yes" if f.noise else "no"], [e], {}))
     a, b = pools[30][rng.integers(len(pools[30]))]
     out.append(_choose(bank, 30, a, b, set(f.noise), e))
@@ -338,7 +384,9 @@ def comparison_questions(f1: Facts, f2: Facts, consecutive: bool, bank: Question
     for k in range(3):
         if pool:
             x = pool[rng.integers(len(pool))]
-            out.append(_sample(bank, base + k, [], ["yes" if x in sets[k] else "no"], ids, {"x": x}, qkey=(x,)))
+            out.append(
+                _sample(bank, base + k, [], ["yes" if x in sets[k] else "no"], ids, {"x": x}, qkey=(x,))
+            )
         out.append(_sample(bank, base + 4 + k, [], _canon(sets[k], base + 4 + k), ids, {}))
     out.append(_sample(bank, base + 3, [], ["yes" if s1 != s2 else "no"], ids, {}))
     feats = sorted(set(f1.ranges) & set(f2.ranges))
@@ -348,7 +396,9 @@ def comparison_questions(f1: Facts, f2: Facts, consecutive: bool, bank: Question
     for k in range(3):
         if feats:
             x = feats[rng.integers(len(feats))]
-            out.append(_sample(bank, base + 7 + k, [], ["yes" if x in nsets[k] else "no"], ids, {"x": x}, qkey=(x,)))
+            out.append(
+                _sample(bank, base + 7 + k, [], ["yes" if x in nsets[k] else "no"], ids, {"x": x}, qkey=(x,))
+            )
         out.append(_sample(bank, base + 11 + k, [], _canon(nsets[k], base + 11 + k), ids, {}))
     changed = any(f1.ranges[x] != f2.ranges[x] for x in feats)
     out.append(_sample(bank, base + 10, [], ["yes" if changed else "no"], ids, {}))

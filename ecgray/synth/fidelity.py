@@ -26,7 +26,11 @@ def _median_beat(x: np.ndarray, r: np.ndarray, fs: int, pre: float = 0.45, post:
     a, b = int(pre * fs), int(post * fs)
     rr = np.diff(r)
     med = np.median(rr)
-    keep = [r[i] for i in range(1, len(r)) if abs(rr[i - 1] - med) < 0.2 * med and r[i] - a >= 0 and r[i] + b < len(x)]
+    keep = [
+        r[i]
+        for i in range(1, len(r))
+        if abs(rr[i - 1] - med) < 0.2 * med and r[i] - a >= 0 and r[i] + b < len(x)
+    ]
     if len(keep) < 3:
         return None, a
     return np.median(np.stack([x[k - a : k + b] for k in keep]), 0), a  # (W, 12)
@@ -37,12 +41,14 @@ def _intervals(m: np.ndarray, a: int, fs: int, rr_s: float) -> tuple[float, floa
     sv = np.abs(np.diff(m[:, INDEPENDENT], axis=0)).sum(1)  # spatial velocity
     sv = np.convolve(sv, np.ones(5) / 5, mode="same")
     lo, hi = a - int(0.12 * fs), a + int(0.12 * fs)
-    th = 0.2 * sv[lo:hi].max()
-    on = a
-    while on > lo - int(0.04 * fs) and sv[on] > th:
+    peak = lo + int(np.argmax(sv[lo:hi]))
+    th = 0.2 * sv[peak]
+    gap = int(0.04 * fs)  # the slow humps of wide complexes dip below the threshold for up to ~40 ms
+    on = peak
+    while on > gap and (sv[on - gap : on] > th).any():
         on -= 1
-    off = a
-    while off < hi + int(0.08 * fs) and (sv[off : off + int(0.016 * fs)] > th).any():
+    off = peak
+    while off < len(sv) - gap and (sv[off : off + gap] > th).any():
         off += 1
     qrs = (off - on) / fs * 1000
     pv = np.abs(np.diff(m[:, [1, 5, 6]], axis=0)).sum(1)  # II, aVF, V1: where P waves show
@@ -64,7 +70,15 @@ def measure(signal: np.ndarray, fs: int, with_nk_delineation: bool = False) -> d
     """Label-blind measurements of a (T, 12) record in mV: hr, rr_cv, pr_ms, qrs_ms, axis_deg (+ nk_*)."""
     import neurokit2 as nk
 
-    out = {"hr": np.nan, "rr_cv": np.nan, "pr_ms": np.nan, "qrs_ms": np.nan, "axis_deg": np.nan, "nk_pr_ms": np.nan, "nk_qrs_ms": np.nan}
+    out = {
+        "hr": np.nan,
+        "rr_cv": np.nan,
+        "pr_ms": np.nan,
+        "qrs_ms": np.nan,
+        "axis_deg": np.nan,
+        "nk_pr_ms": np.nan,
+        "nk_qrs_ms": np.nan,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x = np.stack([nk.ecg_clean(signal[:, j], sampling_rate=fs) for j in range(12)], 1)
@@ -90,8 +104,18 @@ def measure(signal: np.ndarray, fs: int, with_nk_delineation: bool = False) -> d
     if m is None:
         return out
     out["qrs_ms"], out["pr_ms"], on, off = _intervals(m, a, fs, float(np.median(np.diff(r))) / fs)
-    area = (m[on:off, [0, 5]] - m[on, [0, 5]]).sum(0)  # net QRS area in I and aVF
+    # net QRS area in I and aVF, beat by beat on the unfiltered signal (an area does not care about the few
+    # samples of R-peak jitter that blur a median beat), against the PR-segment level just before onset
+    pad = int(0.01 * fs)
+    r_ok = r[(r - (a - on) - 3 * pad >= 0) & (r + (off - a) + pad < len(signal))]
+    areas = []
+    for rp in r_ok:
+        s0, s1 = rp - (a - on) - pad, rp + (off - a) + pad
+        base = signal[s0 - 2 * pad : s0, [0, 5]].mean(0)
+        areas.append((signal[s0:s1, [0, 5]] - base).sum(0))
+    area = np.median(np.array(areas), 0) if areas else (m[on:off, [0, 5]] - m[on, [0, 5]]).sum(0)
     out["axis_deg"] = float(np.degrees(np.arctan2(area[1], area[0])))
+    out["beat"], out["qrs_on"], out["qrs_off"] = m, on, off  # (W, 12) median beat for further features
     return out
 
 

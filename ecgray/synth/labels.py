@@ -17,7 +17,16 @@ import numpy as np
 import pandas as pd
 
 from ecgray.synth import vocab
-from ecgray.synth.signal import GAUSS_HALF_WIDTH, LEAD_MATRIX, N_V, V_WAVES, Beat, RecordSpec, beat_timing, lead_matrix
+from ecgray.synth.signal import (
+    GAUSS_HALF_WIDTH,
+    LEAD_MATRIX,
+    N_V,
+    V_WAVES,
+    Beat,
+    RecordSpec,
+    beat_timing,
+    lead_matrix,
+)
 
 LABEL_TABLE = Path(__file__).parent / "assets" / "ptbxl_label_rows.csv.gz"
 LABEL_COLUMNS = [
@@ -40,7 +49,9 @@ def build_label_table(subset_csv: str | Path, out: str | Path = LABEL_TABLE) -> 
 @lru_cache(maxsize=1)
 def label_rows() -> pd.DataFrame:
     if not LABEL_TABLE.is_file():
-        raise FileNotFoundError(f"{LABEL_TABLE}: packaged label table missing (rebuild with build_label_table)")
+        raise FileNotFoundError(
+            f"{LABEL_TABLE}: packaged label table missing (rebuild with build_label_table)"
+        )
     df = pd.read_csv(LABEL_TABLE)
     df["codes"] = [ast.literal_eval(s) for s in df["scp_codes"]]
     return df
@@ -96,7 +107,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         lead_gain=np.concatenate([np.ones(6), rng.uniform(0.85, 1.15, 6)]),
         hr=float(rng.uniform(62, 95)),
         p_dur=float(rng.uniform(0.074, 0.118)),
-        pr=float(rng.uniform(0.112, 0.196)),
+        pr=float(rng.uniform(0.108, 0.185)),  # PR > 200 ms is left to the AV-block labels
         qrs=float(rng.uniform(0.066, 0.108)),
         qtc=float(rng.uniform(0.37, 0.445)),
     )
@@ -140,13 +151,22 @@ def _rotz(deg: np.ndarray) -> np.ndarray:
 
 
 def _solve_axis(rot_vec: np.ndarray, sig: np.ndarray, fixed_area: np.ndarray, target: float, matrix) -> float:
-    """Rotation (deg) of the rotatable QRS components that puts the frontal axis (I / aVF areas) at target."""
+    """Rotation (deg) of the rotatable QRS components that puts the frontal axis (I / aVF areas) at target,
+    and the remaining error (deg)."""
     phis = np.arange(-180.0, 180.0, 1.0)
     area = (rot_vec * sig[:, None]).sum(0)  # (3,)
     total = np.einsum("aij,j->ai", _rotz(phis), area) + fixed_area  # (A, 3)
     axis = np.degrees(np.arctan2(total @ matrix[5], total @ matrix[0]))
-    err = np.abs((axis - target + 180.0) % 360.0 - 180.0) + np.abs(phis) / 2000.0
-    return float(phis[np.argmin(err)])
+    err = np.abs((axis - target + 180.0) % 360.0 - 180.0)
+    best = int(np.argmin(err + np.abs(phis) / 2000.0))
+    return float(phis[best]), float(err[best])
+
+
+def _phi(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF."""
+    from scipy.special import ndtr
+
+    return ndtr(z)
 
 
 def _slot(name: str) -> int:
@@ -190,7 +210,9 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
     spec.p_vec = np.array([0.07, 0.10, -0.01]) * p_amp
     if "LAO/LAE" in c:
         spec.p_dur = rng.uniform(0.125, 0.145)
-        spec.p_vec2 = np.array([0.05, 0.03, 0.09]) * p_amp  # posterior terminal force: negative end of P in V1
+        spec.p_vec2 = (
+            np.array([0.05, 0.03, 0.09]) * p_amp
+        )  # posterior terminal force: negative end of P in V1
     if "RAO/RAE" in c:
         spec.p_vec = np.array([0.04, 0.24, -0.05]) * p_amp
     spec.pr = pat.pr * rng.uniform(0.96, 1.04)
@@ -252,7 +274,12 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
                 i = _slot(name)
                 centre[i], sigma[i] = cen * dq, sd * dq
             i = _slot("x1")
-            centre[i], sigma[i], vec[i] = 0.78 * dq, 0.088 * dq, np.array([-0.4, 0.0, -0.65]) * g * k
+            centre[i], sigma[i], vec[i], rot[i] = (
+                0.78 * dq,
+                0.088 * dq,
+                np.array([-0.4, 0.0, -0.65]) * g * k,
+                True,
+            )
         if "IVCD" in c or "ABQRS" in c:
             i = _slot("r2")  # notch / slur on the down-stroke of R
             centre[i], sigma[i], vec[i], rot[i] = 0.6 * dq, 0.06 * dq, r_vec * rng.uniform(0.15, 0.3), True
@@ -314,26 +341,6 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
     if "DIG" in c and np.linalg.norm(t_vec) > 0:  # scooped ST depression along the T direction
         st -= rng.uniform(0.08, 0.14) * _unit(*t_vec)
 
-    # --- frontal axis: rotate the conduction components so the I / aVF areas point at the target ---
-    answer = axis_answer(row.get("heart_axis"), codes)
-    lo, hi = vocab.AXIS_TARGET_DEG[answer]
-    if "LAFB" in c:
-        lo, hi = -75.0, -48.0
-    if "LPFB" in c:
-        lo, hi = 105.0, 135.0
-    target = rng.uniform(lo, hi)
-    fixed = ((vec * sigma[:, None])[~rot]).sum(0)
-    phi = _solve_axis(vec[rot], sigma[rot], fixed, target, pat.matrix)
-    rz = _rotz(np.array([phi]))[0]
-    vec[rot] = vec[rot] @ rz.T
-    qrs_mean = (vec * sigma[:, None]).sum(0)
-    if wide_lbbb or "CRBBB" in c:
-        # secondary repolarisation change: T discordant to the terminal QRS forces
-        term = vec[_slot("x1")] if "CRBBB" in c else qrs_mean
-        t_vec = -0.45 * _unit(*term) * np.linalg.norm(t_vec) * 1.3 + 0.3 * t_vec
-    else:
-        t_vec = t_vec @ rz.T if abs(phi) < 90 else t_vec
-
     # --- repolarisation timing ---
     qtc = pat.qtc * rng.uniform(0.98, 1.02)
     if "LNGQT" in c:
@@ -342,10 +349,39 @@ def record_spec(codes: dict, row: dict, pat: Patient, rng: np.random.Generator) 
         qtc = rng.uniform(0.33, 0.36)
     qt = max(qtc * np.sqrt(rr), dq + 0.2)
     t_sd = 0.085 * qt
-    centre[_slot("t")], sigma[_slot("t")], vec[_slot("t")] = qt - GAUSS_HALF_WIDTH * t_sd, t_sd, t_vec
+    centre[_slot("t")], sigma[_slot("t")] = qt - GAUSS_HALF_WIDTH * t_sd, t_sd
     st_start = dq
     st_len = centre[_slot("t")] - st_start
     centre[_slot("st")], sigma[_slot("st")], vec[_slot("st")] = st_start + 0.45 * st_len, st_len / 3.2, st
+    # --- frontal axis: rotate the conduction components so the I / aVF areas point at the target ---
+    answer = axis_answer(row.get("heart_axis"), codes)
+    lo, hi = vocab.AXIS_TARGET_DEG[answer]
+    if "LAFB" in c:
+        lo, hi = -75.0, -48.0
+    if "LPFB" in c:
+        lo, hi = 105.0, 135.0
+    target = rng.uniform(lo, hi)
+    # area of every wave inside the QRS window (ST leaks in), as a measurement over onset..offset sees it
+    w = sigma * (_phi((dq - centre) / sigma) - _phi((0.0 - centre) / sigma))
+    for _ in range(4):
+        fixed = ((vec * w[:, None])[~rot]).sum(0)
+        phi, err = _solve_axis(vec[rot], w[rot], fixed, target, pat.matrix)
+        if err < 10.0:
+            break
+        # the infarct Q forces alone would pull the axis out of its labelled class: weaken them
+        vec[_slot("qmi")] *= 0.6
+    rz = _rotz(np.array([phi]))[0]
+    vec[rot] = vec[rot] @ rz.T
+    vec[_slot("t")] = 0.0
+    qrs_mean = (vec * sigma[:, None])[: _slot("st")].sum(0)
+    if wide_lbbb or "CRBBB" in c:
+        # secondary repolarisation change: T discordant to the terminal QRS forces
+        term = vec[_slot("x1")] if "CRBBB" in c else qrs_mean
+        t_vec = -0.45 * _unit(*term) * np.linalg.norm(t_vec) * 1.3 + 0.3 * t_vec
+    else:
+        t_vec = t_vec @ rz.T if abs(phi) < 90 else t_vec
+    vec[_slot("t")] = t_vec
+
     if "PACE" in c:
         i = _slot("spike")
         centre[i], sigma[i], vec[i] = -0.004, 0.0012, np.array([0.4, 1.2, -0.8])

@@ -164,7 +164,9 @@ def _events(spec: RecordSpec, seconds: float, rng: np.random.Generator):
     return times, kind, p_times[keep], p_scale[keep], mean_rr
 
 
-def _scatter(t0: np.ndarray, centre: np.ndarray, sigma: np.ndarray, vec: np.ndarray, fs: int, n: int) -> np.ndarray:
+def _scatter(
+    t0: np.ndarray, centre: np.ndarray, sigma: np.ndarray, vec: np.ndarray, fs: int, n: int
+) -> np.ndarray:
     """Sum of Gaussians into a (n, 3) dipole. t0 (E,), centre/sigma (E, W), vec (E, W, 3)."""
     c = (t0[:, None] + centre).ravel()  # (E*W,)
     s = sigma.ravel()
@@ -183,7 +185,9 @@ def _scatter(t0: np.ndarray, centre: np.ndarray, sigma: np.ndarray, vec: np.ndar
     return out
 
 
-def synthesize(spec: RecordSpec, fs: int = 500, seconds: float = 10.0, rng: np.random.Generator | None = None):
+def synthesize(
+    spec: RecordSpec, fs: int = 500, seconds: float = 10.0, rng: np.random.Generator | None = None
+):
     """One record: (signal float64 (T, 12) in mV, info dict with beat times and the measured RR)."""
     rng = np.random.default_rng() if rng is None else rng
     n = int(round(fs * seconds))
@@ -225,7 +229,9 @@ def synthesize(spec: RecordSpec, fs: int = 500, seconds: float = 10.0, rng: np.r
         f = np.zeros(n)
         for _ in range(3):
             hz = rng.uniform(4.5, 8.5)
-            f += np.sin(2 * np.pi * hz * t + rng.uniform(0, 6.3) + 0.6 * np.sin(2 * np.pi * 0.3 * t)) * rng.uniform(0.5, 1.0)
+            f += np.sin(
+                2 * np.pi * hz * t + rng.uniform(0, 6.3) + 0.6 * np.sin(2 * np.pi * 0.3 * t)
+            ) * rng.uniform(0.5, 1.0)
         dipole += spec.f_amp / 2.0 * f[:, None] * np.array([0.3, 0.6, -1.0])
     if spec.rhythm == "aflut":
         phase = (t * spec.flutter_rate / 60.0 + rng.uniform()) % 1.0
@@ -235,7 +241,10 @@ def synthesize(spec: RecordSpec, fs: int = 500, seconds: float = 10.0, rng: np.r
 
     signal = dipole @ spec.matrix.T * spec.lead_gain  # (T, 12)
     signal += _noise(spec, t, fs, rng)
-    return signal, {"beat_times": times[(times >= 0) & (times < seconds)], "kind": kind[(times >= 0) & (times < seconds)]}
+    return signal, {
+        "beat_times": times[(times >= 0) & (times < seconds)],
+        "kind": kind[(times >= 0) & (times < seconds)],
+    }
 
 
 def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -> np.ndarray:
@@ -246,7 +255,9 @@ def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -
     base = rng.normal(0.0, spec.ambient, (n, 8))
     resp = np.sin(2 * np.pi * rng.uniform(0.15, 0.35) * t + rng.uniform(0, 6.3))
     base += spec.wander * resp[:, None] * rng.uniform(0.3, 1.0, 8)  # respiratory baseline wander
-    base += rng.uniform(0.002, 0.008) * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+    base += (
+        rng.uniform(0.002, 0.008) * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+    )
     out = base @ _INDEPENDENT_TO_12.T  # (T, 12)
     for kind, leads in spec.noise.items():
         if not leads:
@@ -256,12 +267,16 @@ def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -
         if kind == "baseline drift":
             hz = rng.uniform(0.08, 0.5, (2, k))
             drift = sum(
-                rng.uniform(0.25, 0.6, k) * np.sin(2 * np.pi * hz[j] * t[:, None] + rng.uniform(0, 6.3, k)) for j in range(2)
+                rng.uniform(0.25, 0.6, k) * np.sin(2 * np.pi * hz[j] * t[:, None] + rng.uniform(0, 6.3, k))
+                for j in range(2)
             )
             out[:, leads] += drift + np.cumsum(rng.normal(0, 0.004, (n, k)), axis=0)
         elif kind == "static noise":
             out[:, leads] += rng.normal(0, rng.uniform(0.04, 0.08), (n, k))
-            out[:, leads] += rng.uniform(0.03, 0.07) * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+            out[:, leads] += (
+                rng.uniform(0.03, 0.07)
+                * np.sin(2 * np.pi * spec.powerline_hz * t + rng.uniform(0, 6.3))[:, None]
+            )
         elif kind == "burst noise":
             for _ in range(rng.integers(2, 5)):
                 start = rng.integers(0, n - fs // 2)
@@ -281,7 +296,9 @@ def _noise(spec: RecordSpec, t: np.ndarray, fs: int, rng: np.random.Generator) -
             flat = rng.integers(0, n - fs // 2)
             out[flat : flat + fs // 4, leads] = rng.uniform(-0.05, 0.05)
         else:
-            raise ValueError(f"noise type {kind!r}: expected one of baseline drift, static noise, burst noise, electrodes problems")
+            raise ValueError(
+                f"noise type {kind!r}: expected one of baseline drift, static noise, burst noise, electrodes problems"
+            )
     return out
 
 
