@@ -330,7 +330,7 @@ class ECGQAService:
             **self.engine.info(),
             "serve": to_dict(self.cfg),
             "versions": versions(),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, "adapting_now": len(self._inflight)},
             "adapter_cache": {"entries": len(self.cache), "bytes": self.cache.bytes,
                               "max_bytes": self.cache.max_bytes, "evictions": self.cache.evictions},
             "uptime_s": round(time.time() - self.started, 1),
