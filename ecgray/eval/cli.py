@@ -92,6 +92,27 @@ def summary_table(results: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecgray.config import ConfigError
+    from ecgray.models.checkpoint import load_checkpoint
+
+    try:
+        _, checkpoint_cfg = load_checkpoint(args.checkpoint)
+        cfg = resolve_config(checkpoint_cfg, args.config, args.overrides)
+        payload = evaluate(cfg, args.checkpoint, args.data, args.out, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
+        print(f"ecgray eval: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(summary_table(payload["curves"]))
+    print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_step.png'}, {out / 'per_class.png'}")
+    return 0
+
+
+def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True) -> dict:
+    """Meta-test the checkpoint's mapper on `cfg.eval.episodes` meta-test episodes drawn from the prepared
+    dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
+    results.json, the resolved config and the PNGs into `out`. Returns the results payload (+ "curves").
+    Bad data raises ValueError / FileNotFoundError naming it."""
     import torch
 
     from ecgray.config import ConfigError, save_config, to_dict, versions
@@ -102,44 +123,30 @@ def run(args: argparse.Namespace) -> int:
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state
 
-    progress = not args.no_progress
-    try:
-        state, checkpoint_cfg = load_checkpoint(args.checkpoint)
-        cfg = resolve_config(checkpoint_cfg, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"ecgray eval: {err}", file=sys.stderr)
-        return 2
-    cfg.data.prepared_dir = str(args.data)
-    out = Path(args.out)
+    state, _ = load_checkpoint(checkpoint)
+    cfg.data.prepared_dir = str(data)
+    out = Path(out)
     started = time.time()
 
-    try:
-        store = ECGStore.open(args.data)
-        if store.fs != cfg.encoder.fs:
-            raise ValueError(
-                f"{args.data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs="
-                f"{cfg.encoder.fs} Hz"
-            )
-        types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
-        samples = read_qa(args.data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
-        sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
-        episodes = sampler.episodes(cfg.eval.episodes, progress=progress)
-        missing = sorted(
-            {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]}
-            - set(store.ecg_ids.tolist())
+    store = ECGStore.open(data)
+    if store.fs != cfg.encoder.fs:
+        raise ValueError(
+            f"{data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs={cfg.encoder.fs} Hz"
         )
-        if missing:
-            raise ValueError(
-                f"{args.data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})"
-            )
-    except (FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
-        print(f"ecgray eval: {err}", file=sys.stderr)
-        return 2
+    types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
+    samples = read_qa(data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
+    sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
+    episodes = sampler.episodes(cfg.eval.episodes, progress=progress)
+    missing = sorted(
+        {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]} - set(store.ecg_ids.tolist())
+    )
+    if missing:
+        raise ValueError(f"{data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})")
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device)
     load_mapper_state(
-        model.mapper, {k: v.to(device) for k, v in state.items()}, source=f"checkpoint {args.checkpoint}"
+        model.mapper, {k: v.to(device) for k, v in state.items()}, source=f"checkpoint {checkpoint}"
     )
     meta_params = model.mapper_params()
     needs_options = model.cfg.decoding == "constrained" and cfg.eval.options != "support"
@@ -180,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     payload = {
-        "checkpoint": str(args.checkpoint),
-        "data": str(args.data),
+        "checkpoint": str(checkpoint),
+        "data": str(data),
         "device": str(device),
         "episodes": len(episodes),
         "seconds": round(time.time() - started, 2),
@@ -196,6 +203,5 @@ def run(args: argparse.Namespace) -> int:
     curves.update({f"leads {k}": v for k, v in leads.items()})
     plot_accuracy_vs_step(curves, out / "accuracy_vs_step.png")
     plot_per_class(results["meta_test"], out / "per_class.png")
-    print(summary_table(curves))
-    print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_step.png'}, {out / 'per_class.png'}")
-    return 0
+    payload["curves"] = curves
+    return payload
