@@ -153,6 +153,8 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[rank {rank}] resuming from step {start}", flush=True)
 
     engine, module = eng.build_engine(master, lm.llm, cfg, world)
+    # parameters this worker holds after DeepSpeed's partitioning (ZeRO-3: its shard of the LLM and mapper)
+    param_mb = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in module.parameters()) / 2**20
     if saved_opt is not None:
         eng.load_optimizer_state(engine, module, saved_opt, start)
 
@@ -198,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps = cfg.meta.outer_steps
     pending: dict[int, list[tuple[int, dict]]] = {}
     step = start
-    t0 = time.perf_counter()
+    t_first = None  # end of this attempt's first step: the rate below leaves out its warm-up
     shard = ray.train.get_dataset_shard("train")
     for row in shard.iter_rows():
         index = int(row["index"])
@@ -214,13 +216,17 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
+            t_first = t_first or time.perf_counter()
             meta_loss, support_last = all_mean([result.meta_loss, float(result.support_losses[-1].mean())])
             metrics = {
                 "step": step,
                 "meta_loss": meta_loss,
                 "support_loss_last": support_last,
-                "episodes_per_s": (step - start) * G / (time.perf_counter() - t0),
+                "episodes_per_s": (step - start - 1) * G / (time.perf_counter() - t_first)
+                if step > start + 1
+                else None,
                 "peak_rss_mb": all_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world),
+                "param_mb_per_worker": param_mb,
             }
             if rank == 0:
                 print(json.dumps(metrics), flush=True)
