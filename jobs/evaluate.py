@@ -1,6 +1,6 @@
 """Job: meta-test a checkpoint on unseen classes against the baselines (ecgray eval).
 
-    ray job submit --working-dir . -- python -m jobs.evaluate --help
+ray job submit --working-dir . -- python -m jobs.evaluate --help
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Job: meta-train the fusion module with Ray Train + DeepSpeed (ecgray train).
 
-    ray job submit --working-dir . -- python -m jobs.meta_train --help
+ray job submit --working-dir . -- python -m jobs.meta_train --help
 """
 
 import sys

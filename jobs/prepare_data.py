@@ -1,6 +1,6 @@
 """Job: read WFDB records + ECG-QA once into Parquet shards with Ray Data (ecgray prepare).
 
-    ray job submit --working-dir . -- python -m jobs.prepare_data --help
+ray job submit --working-dir . -- python -m jobs.prepare_data --help
 """
 
 import sys

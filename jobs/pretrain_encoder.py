@@ -1,6 +1,6 @@
 """Job: pretrain the built-in ECG encoder (ecgray pretrain-encoder).
 
-    ray job submit --working-dir . -- python -m jobs.pretrain_encoder --help
+ray job submit --working-dir . -- python -m jobs.pretrain_encoder --help
 """
 
 import sys

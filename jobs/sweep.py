@@ -1,6 +1,6 @@
 """Job: sweep meta-training hyperparameters with Ray Tune + ASHA (ecgray tune).
 
-    ray job submit --working-dir . -- python -m jobs.sweep --help
+ray job submit --working-dir . -- python -m jobs.sweep --help
 """
 
 import sys

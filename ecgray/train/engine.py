@@ -148,17 +148,13 @@ def load_optimizer_state(engine, module: MetaModule, state: dict[str, torch.Tens
             slot["step"] = torch.tensor(float(step))
 
 
-def save_train_state(directory: Path, engine, module: MetaModule, step: int, history: dict) -> dict:
-    """Gather the optimizer state (every worker calls this); rank 0's caller writes it with `write_train_state`."""
-    return {"optimizer": optimizer_state(engine, module), "json": {"step": step, **history}}
-
-
-def write_train_state(directory: Path, gathered: dict) -> None:
+def write_train_state(directory: Path, optimizer: dict[str, torch.Tensor], state: dict) -> None:
+    """optimizer.safetensors (from `optimizer_state`) + train_state.json (step, restarts) into a checkpoint dir."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    save_file(gathered["optimizer"], str(directory / OPTIMIZER_FILE))
-    (directory / STATE_FILE).write_text(json.dumps(gathered["json"], indent=2))
+    save_file(optimizer, str(directory / OPTIMIZER_FILE))
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def read_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "checkpoint"
             save_checkpoint(target, theta, cfg, metrics)
-            eng.write_train_state(target, {"optimizer": opt, "json": {"step": step, **history}})
+            eng.write_train_state(target, opt, {"step": step, **history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
 
     steps = cfg.meta.outer_steps
