@@ -179,10 +179,8 @@ def _canon(answers, tid: int) -> list[str]:
 class QuestionBank:
     """Assigns question ids (one per template x attribute, shared by paraphrases) and renders wordings."""
 
-    def __init__(self, seed: int):
+    def __init__(self):
         self.ids: dict[tuple, int] = {}
-        self.choose_pairs: dict[int, list[tuple[str, str]]] = {}
-        self.rng = np.random.default_rng(seed)
 
     def qid(self, tid: int, key: tuple) -> int:
         k = (tid, key)
@@ -266,7 +264,7 @@ def single_questions(f: Facts, bank: QuestionBank, pools: dict, rng: np.random.G
         out.append(_sample(bank, 1, [x], ["yes" if x in sure else "not sure"], [e], {"x": x}))
     for x in pick(diag_all, 4, f.diag):
         out.append(_sample(bank, 1, [x], ["no"], [e], {"x": x}))
-    present_fr = set(f.form) | set()
+    present_fr = set(f.form)
     for x in sorted(present_fr) + pick(form_all, 3, present_fr):
         out.append(_sample(bank, 2, [x], ["yes" if x in present_fr else "no"], [e], {"x": x}))
     out.append(_sample(bank, 3, [], _canon(f.superclasses, 3), [e], {}))

@@ -82,8 +82,14 @@ def measure(signal: np.ndarray, fs: int, with_nk_delineation: bool = False) -> d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x = np.stack([nk.ecg_clean(signal[:, j], sampling_rate=fs) for j in range(12)], 1)
-        # R peaks on the spatial magnitude: no single lead's axis or noise decides detection
-        magnitude = np.sqrt((x[:, INDEPENDENT] ** 2).sum(1))
+        # R peaks on the spatial magnitude of the 5-30 Hz band (QRS energy, not T): no single lead's axis or
+        # noise decides detection
+        from scipy.signal import butter, sosfiltfilt
+
+        band = sosfiltfilt(
+            butter(3, [5.0, 30.0], btype="band", fs=fs, output="sos"), x[:, INDEPENDENT], axis=0
+        )
+        magnitude = np.sqrt((band**2).sum(1))
         _, info = nk.ecg_process(magnitude, sampling_rate=fs)
         r = np.asarray(info["ECG_R_Peaks"], dtype=int)
         if len(r) < 5:

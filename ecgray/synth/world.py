@@ -317,7 +317,7 @@ def write_ecgqa(
         qa.ASSETS / "ecgqa_ptbxl_answers_for_each_template.csv", qa_dir / "answers_for_each_template.csv"
     )
     rng = np.random.default_rng([seed, 7])
-    bank = qa.QuestionBank(seed)
+    bank = qa.QuestionBank()
     pools = qa.choose_pools(facts)
     by_split: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     by_patient: dict[int, list[qa.Facts]] = {}
