@@ -435,6 +435,14 @@ def test_neurokit_measurements_agree_with_labels():
     assert all(r >= 0.85 for r in rates.values()), rates
 
 
+def test_measure_on_a_record_without_beats_gives_nan_not_an_error():
+    from ecgray.synth.fidelity import measure
+
+    flat = np.random.default_rng(0).normal(0, 0.01, (5000, 12))
+    m = measure(flat, 500)
+    assert np.isnan(m["qrs_ms"]) and np.isnan(m["axis_deg"])
+
+
 # --- figure and CLI ------------------------------------------------------------------------------------
 
 
