@@ -132,7 +132,7 @@ def local_head():
             pytest.fail("the local Ray head's job server did not come up in 120 s")
         yield address, env
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:

@@ -47,6 +47,7 @@ def toy(tmp_path_factory):
     return write_toy_prepared(tmp_path_factory.mktemp("prepared"))
 
 
+@pytest.mark.slow
 def test_two_tasks_in_one_pass_average_like_two_workers(toy):
     """The premise of the exact 1-vs-N-worker comparison: the meta-gradient of 2 tasks in lockstep is the
     mean of each task's own meta-gradient."""
