@@ -22,7 +22,8 @@ import torch
 from ecgray.config import Config, EncoderConfig, EpisodeConfig, EvalConfig, MetaConfig, ModelConfig
 from ecgray.data.episodes import EpisodeSampler
 from ecgray.data.shards import ECGStore
-from ecgray.eval.meta_test import build_model, meta_test
+from ecgray.eval.meta_test import meta_test
+from ecgray.models.ecg_lm import build_model
 
 ATTRS = [
     "baseline drift", "static noise", "burst noise", "electrodes problems", "extra beats",

@@ -419,7 +419,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
     tree = _deep_merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)

@@ -100,22 +100,11 @@ class QAEngine:
     """Frozen encoder + LLM and the meta-learned mapper of one checkpoint (module docstring)."""
 
     def __init__(self, cfg: Config, mapper_state: Params, device: str = "cpu"):
-        from ecgray.models.checkpoint import load_mapper_state
-        from ecgray.models.ecg_lm import ECGLanguageModel
-        from ecgray.models.encoder import load_encoder
-        from ecgray.models.fusion import build_mapper
-        from ecgray.models.llm import llm_hidden_size, load_llm
+        from ecgray.models.ecg_lm import ECGLanguageModel, build_model
 
-        if cfg.encoder.fs != cfg.data.fs:
-            raise ValueError(
-                f"encoder.fs={cfg.encoder.fs} Hz but data.fs={cfg.data.fs} Hz: the encoder reads data.fs"
-            )
         self.cfg = cfg
-        encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
-        llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
-        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm))
-        load_mapper_state(mapper, mapper_state, source="checkpoint mapper")
-        self.lm = ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model).to(device).eval()
+        self.lm = build_model(cfg, device, mapper_state=mapper_state).eval()
+        encoder, mapper, llm, tokenizer = self.lm.encoder, self.lm.mapper, self.lm.llm, self.lm.tokenizer
         # adaptation's own mapper module (module docstring); encoder and LLM are shared, read-only
         self.adapt_lm = ECGLanguageModel(encoder, copy.deepcopy(mapper), llm, tokenizer, cfg.model).eval()
         self.device = torch.device(device)

@@ -22,8 +22,12 @@ def test_overrides_and_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("meta.inner_lrr=1", "meta.inner_lrr"), ("meta.inner_steps=abc", "meta.inner_steps"),
-     ("model.mapper=foo", "model.mapper"), ("nothing=1", "nothing")],
+    [
+        ("meta.inner_lrr=1", "meta.inner_lrr"),
+        ("meta.inner_steps=abc", "meta.inner_steps"),
+        ("model.mapper=foo", "model.mapper"),
+        ("nothing=1", "nothing"),
+    ],
 )
 def test_bad_keys_and_values_name_the_dotted_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

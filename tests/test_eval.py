@@ -27,13 +27,13 @@ from ecgray.data.shards import ECGStore
 from ecgray.eval import baselines as B
 from ecgray.eval import metrics
 from ecgray.eval.meta_test import (
-    build_model,
     encode_ecgs,
     load_template_answers,
     mask_leads,
     meta_test,
     query_options,
 )
+from ecgray.models.ecg_lm import build_model
 
 T = 100  # samples per ECG: 4 encoder tokens of 25
 ATTRS = ["baseline drift", "static noise", "burst noise", "electrodes problems"]

@@ -53,10 +53,11 @@ def test_two_tasks_in_one_pass_average_like_two_workers(toy):
     mean of each task's own meta-gradient."""
     from ecgray.data.episodes import EpisodeSampler
     from ecgray.data.shards import ECGStore, read_qa
-    from ecgray.train.loop import FeatureCache, build_lm, meta_gradient
+    from ecgray.models.ecg_lm import build_model
+    from ecgray.train.loop import FeatureCache, meta_gradient
 
     cfg = load_config(None, toy_overrides(toy))
-    lm = build_lm(cfg, torch.device("cpu"))
+    lm = build_model(cfg, "cpu")
     store = ECGStore.open(toy)
     cache = FeatureCache(lm, store)
     episodes = EpisodeSampler(read_qa(toy), cfg.episodes, "meta-train", seed=0).episodes(2)
@@ -122,10 +123,10 @@ def test_single_worker_run_reports_and_checkpoints(single_worker):
     assert metrics["meta_test_episodes"] == 2 and 0.0 <= metrics["meta_test_accuracy"] <= 1.0
     assert metrics["meta_loss"] > 0 and metrics["episodes_per_s"] > 0
     # the meta-parameters moved away from their (seeded) init
-    from ecgray.train.loop import build_lm
+    from ecgray.models.ecg_lm import build_model
 
     cfg = load_config(None, toy_overrides("x"))
-    init = build_lm(cfg, torch.device("cpu")).mapper.state_dict()
+    init = build_model(cfg, "cpu").mapper.state_dict()
     assert max(float((state[k] - init[k]).abs().max()) for k in init) > 1e-4
 
 

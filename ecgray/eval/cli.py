@@ -119,9 +119,10 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     from ecgray.data.episodes import EpisodeSampler
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
-    from ecgray.eval.meta_test import build_model, load_template_answers, meta_test
+    from ecgray.eval.meta_test import load_template_answers, meta_test
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
-    from ecgray.models.checkpoint import load_checkpoint, load_mapper_state
+    from ecgray.models.checkpoint import load_checkpoint
+    from ecgray.models.ecg_lm import build_model
 
     state, _ = load_checkpoint(checkpoint)
     cfg.data.prepared_dir = str(data)
@@ -144,10 +145,7 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         raise ValueError(f"{data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})")
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg, device)
-    load_mapper_state(
-        model.mapper, {k: v.to(device) for k, v in state.items()}, source=f"checkpoint {checkpoint}"
-    )
+    model = build_model(cfg, device, mapper_state=state)
     meta_params = model.mapper_params()
     needs_options = model.cfg.decoding == "constrained" and cfg.eval.options != "support"
     template_answers = load_template_answers(cfg) if needs_options else None

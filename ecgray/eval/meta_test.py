@@ -44,20 +44,6 @@ EMBEDDED_TEMPLATE_ANSWERS = (
 # ----------------------------------------------------------------------------------------- the model
 
 
-def build_model(cfg: Config, device: str | torch.device = "cpu") -> ECGLanguageModel:
-    """Frozen encoder (`cfg.encoder`) + a fresh mapper + frozen LLM (`cfg.model.llm`), built once."""
-    from ecgray.models.encoder import load_encoder
-    from ecgray.models.fusion import build_mapper
-    from ecgray.models.llm import llm_hidden_size, load_llm
-
-    encoder = load_encoder(cfg.encoder, device, seed=cfg.seed)
-    llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)
-    return ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model)
-
-
 def needs_tokens(model: ECGLanguageModel) -> bool:
     """Whether the mapper reads the encoder's tokens (QFormer) or only the pooled vector."""
     return model.cfg.mapper == "qformer"

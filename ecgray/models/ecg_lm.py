@@ -499,3 +499,35 @@ def stack_rows(tasks: list[TaskData]) -> PromptRows:
     for t in tasks[1:]:
         rows = rows + t.rows
     return rows
+
+
+def check_data_fits_encoder(cfg) -> None:
+    """The encoder reads signals at data.fs: a run whose encoder was built for another rate is refused."""
+    if cfg.encoder.fs != cfg.data.fs:
+        raise ValueError(
+            f"encoder.fs={cfg.encoder.fs} Hz but data.fs={cfg.data.fs} Hz: the encoder reads data.fs"
+        )
+
+
+def build_model(
+    cfg, device: str | torch.device = "cpu", mapper_state: dict | None = None
+) -> ECGLanguageModel:
+    """The model of a run config: frozen encoder (`cfg.encoder`), frozen LLM (`cfg.model.llm`) and a mapper
+    seeded from `cfg.seed` (identical in every process), or loaded from `mapper_state` (a checkpoint's
+    tensors; shape mismatches are named). The one place the three parts are put together."""
+    from ecgray.models.checkpoint import load_mapper_state
+    from ecgray.models.encoder import load_encoder
+    from ecgray.models.fusion import build_mapper
+    from ecgray.models.llm import llm_hidden_size, load_llm
+
+    check_data_fits_encoder(cfg)
+    encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
+    llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)
+    if mapper_state is not None:
+        load_mapper_state(
+            mapper, {k: v.to(device) for k, v in mapper_state.items()}, source="checkpoint mapper"
+        )
+    return ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model)

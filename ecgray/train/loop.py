@@ -25,29 +25,6 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-def check_data_fits_encoder(cfg: Config) -> None:
-    if cfg.encoder.fs != cfg.data.fs:
-        raise ValueError(
-            f"encoder.fs={cfg.encoder.fs} Hz but data.fs={cfg.data.fs} Hz: the encoder was built for another "
-            "sampling rate"
-        )
-
-
-def build_lm(cfg: Config, device: torch.device) -> ECGLanguageModel:
-    """Frozen encoder + mapper (seeded from cfg.seed, identical on every worker) + frozen LLM."""
-    from ecgray.models.encoder import load_encoder
-    from ecgray.models.fusion import build_mapper
-    from ecgray.models.llm import llm_hidden_size, load_llm
-
-    check_data_fits_encoder(cfg)
-    encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
-    llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)
-    return ECGLanguageModel(encoder, mapper, llm, tokenizer, cfg.model)
-
-
 def local_tasks(tasks_per_step: int, world: int) -> int:
     """Tasks each of `world` workers runs per outer step."""
     if tasks_per_step % world:

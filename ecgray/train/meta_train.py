@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_config(cfg: Config) -> None:
     """Fail on the driver, before any worker starts, with the key to fix."""
-    from ecgray.train.loop import check_data_fits_encoder, local_tasks
+    from ecgray.models.ecg_lm import check_data_fits_encoder
+    from ecgray.train.loop import local_tasks
 
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
     check_data_fits_encoder(cfg)
@@ -115,11 +116,11 @@ def train_loop_per_worker(config: dict) -> None:
     from ecgray.data.episodes import EpisodeSampler
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
+    from ecgray.models.ecg_lm import build_model
     from ecgray.models.fusion import build_mapper
     from ecgray.train import engine as eng
     from ecgray.train.loop import (
         FeatureCache,
-        build_lm,
         eval_indices,
         local_tasks,
         meta_gradient,
@@ -131,12 +132,14 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
-    torch.manual_seed(cfg.seed + rank)  # dropout streams differ per worker; theta init is seeded in build_lm
+    torch.manual_seed(
+        cfg.seed + rank
+    )  # dropout streams differ per worker; theta init is seeded in build_model
     device = resolve_device(cfg)
     G = cfg.meta.tasks_per_step
     local_tasks(G, world)
 
-    lm = build_lm(cfg, device)  # lm.mapper: the working copy the inner loops run on (fp32)
+    lm = build_model(cfg, device)  # lm.mapper: the working copy the inner loops run on (fp32)
     master = build_mapper(cfg.model, lm.encoder.d_enc, lm.d_llm).to(device)
     master.load_state_dict(lm.mapper.state_dict())
 
