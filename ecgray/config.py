@@ -361,11 +361,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -405,11 +405,14 @@ def from_dict(tree: dict) -> Config:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated into a typed `Config`."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
+    """Defaults (or `base`, e.g. a checkpoint's config) <- YAML file <- dotted overrides, validated into a
+    typed `Config`."""
     import yaml
 
-    tree: dict = {}
+    tree: dict = {} if base is None else to_dict(base)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -422,8 +425,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}"
             )
-        tree = loaded or {}
-    tree = _deep_merge(tree, parse_overrides(overrides or []))
+        tree = deep_merge(tree, loaded or {})
+    tree = deep_merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)
 
 

@@ -34,33 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
-def resolve_config(checkpoint_cfg, config_file: str | None, overrides: list[str]):
-    """The checkpoint's config <- YAML file <- dotted overrides, validated."""
-    import yaml
-
-    from ecgray.config import ConfigError, from_dict, parse_overrides, to_dict
-
-    tree = to_dict(checkpoint_cfg)
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top")
-        tree = _merge(tree, loaded)
-    return from_dict(_merge(tree, parse_overrides(overrides)))
-
-
 def _jsonable(value):
     """NaN / inf -> None so results.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -92,12 +65,12 @@ def summary_table(results: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecgray.config import ConfigError
+    from ecgray.config import ConfigError, load_config
     from ecgray.models.checkpoint import load_checkpoint
 
     try:
         _, checkpoint_cfg = load_checkpoint(args.checkpoint)
-        cfg = resolve_config(checkpoint_cfg, args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, base=checkpoint_cfg)
         payload = evaluate(cfg, args.checkpoint, args.data, args.out, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
         print(f"ecgray eval: {err}", file=sys.stderr)
