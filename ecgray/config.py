@@ -268,9 +268,11 @@ class EvalConfig:
     lead_subsets: dict[str, list[str]] = field(default_factory=dict)
     """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}; the meta-test is
     repeated with only those leads (the others zero-filled and masked before the encoder)."""
-    options: Literal["template+support", "template", "support"] = "template+support"
-    """Constrained decoding's choices per query: the template's admissible answers (answers_for_each_template
-    .csv), plus / or the answers of the episode's support items of the same template."""
+    options: Literal["question", "template+support", "template", "support"] = "question"
+    """Constrained decoding's choices per query: `question` = for single-choose the candidates the question
+    names (+ both / none), otherwise as `template+support`; `template` = the template's admissible answers
+    (answers_for_each_template.csv); `support` = the answers of the episode's support items of the same
+    template; `template+support` = both (see eval.meta_test.query_options)."""
     ci_level: float = 0.95
     """Confidence level of the intervals over episodes."""
     ci_method: Literal["t", "normal"] = "t"

@@ -248,6 +248,7 @@ def test_episodes_shape_and_no_replacement():
             "class",
             "template_id",
             "question_type",
+            "attribute",
         }
         assert (
             isinstance(item["ecg_id"], int) and item["answer"] == ["yes"] and item["question_type"] == VERIFY

@@ -169,15 +169,28 @@ def test_summarize_per_type_step_and_class():
 def test_query_options_template_and_support():
     episode = {
         "support": [{"template_id": 3, "answer": ["both"]}, {"template_id": 3, "answer": ["v1", "lead i"]}],
-        "query": [{"sample_id": 9, "template_id": 3, "answer": ["v2"]}],
+        "query": [{"sample_id": 9, "template_id": 3, "answer": ["v2"], "question_type": "single-query"}],
     }
     table = {3: ["none", "V2"]}
     assert query_options(episode, table, "template") == [["none", "v2"]]
     assert query_options(episode, table, "support") == [["both", "lead i, v1"]]
-    assert query_options(episode, table) == [["both", "lead i, v1", "none", "v2"]]
+    assert query_options(episode, table, "template+support") == [["both", "lead i, v1", "none", "v2"]]
+    assert query_options(episode, table) == query_options(episode, table, "template+support")  # not choose
     with pytest.raises(ValueError, match="template 3 has no admissible answers"):
         query_options(episode, {}, "template")
     assert load_template_answers(Config())[27] == ["no", "yes"]
+
+
+def test_choose_options_are_the_candidates_the_question_names():
+    table = {40: ["AFIB", "SR", "STACH", "both", "none"]}
+    query = {"sample_id": 1, "template_id": 40, "question_type": "single-choose", "answer": ["sr"],
+             "attribute": ["afib", "sr"], "question": "which of afib or sr does this ecg show?"}  # fmt: skip
+    episode = {"support": [{"template_id": 40, "answer": ["stach"]}], "query": [query]}
+    # the support answer "stach" names another question's candidate: not a choice of this one
+    assert query_options(episode, table) == [["afib", "both", "none", "sr"]]
+    assert "stach" in query_options(episode, table, "template+support")[0]
+    with pytest.raises(ValueError, match="without its attribute list"):
+        query_options({"support": [], "query": [{**query, "attribute": None}]}, table)
 
 
 # ----------------------------------------------------------------------------------------- meta-test

@@ -399,6 +399,8 @@ def _item(sample: Sample, key: str, question_type: str) -> dict:
         "class": key,
         "template_id": int(sample["template_id"]),
         "question_type": question_type,
+        # the candidates a choose question names ("... X or Y?"): part of the question, not of the answer
+        "attribute": None if sample.get("attribute") is None else [str(a) for a in sample["attribute"]],
     }
 
 

@@ -145,32 +145,45 @@ def load_template_answers(cfg: Config) -> dict[int, list[str]]:
 
 
 def query_options(
-    episode: dict, template_answers: dict[int, list[str]] | None, mode: str = "template+support"
+    episode: dict, template_answers: dict[int, list[str]] | None, mode: str = "question"
 ) -> list[list[str]]:
     """The answers constrained decoding chooses from, per query item (sorted, as answer strings):
     - `template`: the admissible single answers of the item's template;
     - `template+support`: those plus every answer of the episode's support items of the same template
       (so `both` and multi-answer query sets the support set teaches are reachable);
-    - `support`: the support answers of the same template only.
+    - `support`: the support answers of the same template only;
+    - `question`: for single-choose items, the candidates the question itself names (its `attribute` list)
+      plus `both` / `none` where the template admits them, as ECG-QA's choose questions offer exactly these;
+      for the other question types the same as `template+support`.
     The query's own answer is never added: if it is not among the options it cannot be matched."""
-    if mode not in ("template", "template+support", "support"):
-        raise ValueError(f"eval.options={mode!r}: expected template, template+support or support")
+    if mode not in ("question", "template", "template+support", "support"):
+        raise ValueError(f"eval.options={mode!r}: expected question, template, template+support or support")
     support: dict[int, set[str]] = {}
     for item in episode["support"]:
         support.setdefault(int(item["template_id"]), set()).add(answer_text(item["answer"]))
     out = []
     for item in episode["query"]:
         tid = int(item["template_id"])
+        if mode != "support" and (template_answers is None or tid not in template_answers):
+            raise ValueError(
+                f"query sample {item['sample_id']}: template {tid} has no admissible answers "
+                "(answers_for_each_template.csv)"
+            )
         options: set[str] = set()
-        if mode != "support":
-            if template_answers is None or tid not in template_answers:
+        if mode == "question" and item["question_type"] == "single-choose":
+            if not item.get("attribute"):
                 raise ValueError(
-                    f"query sample {item['sample_id']}: template {tid} has no admissible answers "
-                    "(answers_for_each_template.csv)"
+                    f"query sample {item['sample_id']}: a single-choose item without its attribute list "
+                    "(the candidates the question names); use eval.options=template+support"
                 )
-            options.update(answer_text([a]) for a in template_answers[tid])
-        if mode != "template":
-            options.update(support.get(tid, ()))
+            admissible = {a.strip().lower() for a in template_answers[tid]}
+            options.update(answer_text([a]) for a in item["attribute"])
+            options.update(a for a in ("both", "none") if a in admissible)
+        else:
+            if mode != "support":
+                options.update(answer_text([a]) for a in template_answers[tid])
+            if mode != "template":
+                options.update(support.get(tid, ()))
         if not options:
             raise ValueError(f"query sample {item['sample_id']}: no answer options (eval.options={mode})")
         out.append(sorted(options))
