@@ -1,0 +1,390 @@
+"""`ecgray demo`: the main job on the embedded defaults, end to end, on this machine.
+
+Recipe (each stage is skipped when its output is already in --out, so a re-run reuses what is cached):
+  1. synth      the synthetic PTB-XL + ECG-QA world (`ecgray synth`)
+  2. prepare    WFDB records + ECG-QA -> Parquet shards with Ray Data (`ecgray prepare`)
+  3. encoder    self-supervised pretraining of the built-in ECG encoder (`ecgray pretrain-encoder`)
+  4. meta-train the fusion module with Ray Train over `train.num_workers` workers (`ecgray train`)
+  5. eval       N-way K-shot meta-test on unseen classes for the three single question types, against the
+                baselines, on the same episodes (`ecgray eval`)
+  6. serve      the Ray Serve app from the checkpoint; one meta-test episode's support set adapted and its
+                query ECGs answered over HTTP; shut down
+  7. report     report.md, report.json, the resolved config and figures in --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ecgray.config import QUESTION_TYPES, Config, save_config, to_dict, versions
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecgray.cli import add_config_arguments
+
+    parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="recompute every stage instead of reusing what --out holds"
+    )
+    parser.add_argument("--skip-serve", action="store_true", help="leave out the HTTP serving stage")
+    add_config_arguments(parser)
+    parser.set_defaults(config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecgray.cli import config_from_args
+
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    try:
+        report = run_demo(cfg, out, serve_stage=not args.skip_serve)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ecgray demo: {err}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    return 0 if report["completed"] else 1
+
+
+class Stages:
+    """Prints one line per stage with its wall time; records them for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, cached: bool):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                state = "cached, reusing" if cached else "running"
+                print(f"\n== ecgray demo: {name} ({state})", flush=True)
+                return self
+
+            def __exit__(self, *exc):
+                stages.seconds[name] = round(time.perf_counter() - self.t0, 1)
+                if exc[0] is None:
+                    print(f"== {name}: {stages.seconds[name]} s", flush=True)
+
+        return _Stage()
+
+
+def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
+    """Run every stage into `out`; returns the report dict (also written as report.json / report.md)."""
+    import ray
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    owns_ray = not ray.is_initialized()  # shut down at the end only a Ray this run started
+    stage = Stages()
+    started = time.perf_counter()
+    synth_dir, prepared_dir = out / "data" / "synth", out / "data" / "prepared"
+    encoder_dir, checkpoint_dir = out / "encoder", out / "checkpoint"
+
+    # 1. the synthetic world (the marker file is written last, so an interrupted run regenerates it)
+    marker = synth_dir / "world.json"
+    with stage("synth", marker.is_file()):
+        if not marker.is_file():
+            from ecgray.synth.world import generate_world
+
+            summary = generate_world(synth_dir, cfg.synth.patients, cfg.synth.seed)
+            marker.write_text(json.dumps(summary, indent=1, default=str))
+
+    # 2. Parquet shards (prepare writes atomically; report.json marks a complete directory)
+    data_cfg = replace(
+        cfg.data,
+        ptbxl_dir=str(synth_dir / "ptbxl"),
+        ecgqa_dir=str(synth_dir / "ecgqa"),
+        prepared_dir=str(prepared_dir),
+    )
+    cfg = replace(cfg, data=data_cfg)
+    with stage("prepare", (prepared_dir / "report.json").is_file()):
+        if not (prepared_dir / "report.json").is_file():
+            from ecgray.data.prepare import prepare
+
+            prepare(data_cfg, prepared_dir, strict=True)
+
+    # 3. the frozen ECG encoder
+    encoder_file = encoder_dir / "encoder.safetensors"
+    with stage("pretrain-encoder", encoder_file.is_file()):
+        if not encoder_file.is_file():
+            from ecgray.train.pretrain_encoder import open_prepared, pretrain
+
+            pretrain(cfg, open_prepared(prepared_dir), encoder_dir, device="cpu")
+    cfg = replace(cfg, encoder=replace(cfg.encoder, checkpoint=str(encoder_file)))
+
+    # 4. meta-training on Ray Train; the final checkpoint is copied to out/checkpoint
+    cfg = replace(cfg, train=replace(cfg.train, storage_path=str(out / "ray_train")), run_dir=str(out))
+    with stage("meta-train", (checkpoint_dir / "mapper.safetensors").is_file()):
+        if not (checkpoint_dir / "mapper.safetensors").is_file():
+            from ecgray.train.meta_train import meta_train
+
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False, configure_logging=False)
+            result = meta_train(cfg)
+            if result.checkpoint is None:
+                raise ValueError(f"meta-training ended without a checkpoint ({result.error})")
+            with result.checkpoint.as_directory() as ckpt:
+                tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(ckpt, tmp)
+                tmp.rename(checkpoint_dir)
+    save_config(cfg, out)
+
+    # 5. meta-test per question type, with the baselines, on the same episodes
+    from ecgray.eval.cli import evaluate
+
+    evals: dict[str, dict] = {}
+    for qt in QUESTION_TYPES:
+        eval_dir = out / "eval" / qt
+        done = (eval_dir / "results.json").is_file()
+        with stage(f"eval {qt}", done):
+            if done:
+                evals[qt] = json.loads((eval_dir / "results.json").read_text())
+            else:
+                qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt))
+                evals[qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir)
+                evals[qt].pop("curves")
+
+    # 6. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
+    served = None
+    if serve_stage:
+        with stage("serve", False):
+            served = serve_episode(cfg, checkpoint_dir, synth_dir, out)
+    if owns_ray and ray.is_initialized():
+        ray.shutdown()
+
+    # 7. report and figures
+    report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
+    return report
+
+
+def serve_episode(cfg: Config, checkpoint_dir: Path, synth_dir: Path, out: Path) -> dict:
+    """Deploy the Serve app on 127.0.0.1, adapt + answer one meta-test episode over HTTP, shut it down."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from ecgray.data.episodes import EpisodeSampler
+    from ecgray.data.shards import read_qa
+    from serve.app import ServeArgs, build_app
+    from serve.client import ECGQAClient, wfdb_payload
+
+    qt = "single-verify"
+    qcfg = replace(cfg.episodes, question_type=qt)
+    samples = read_qa(
+        cfg.data.prepared_dir, source=cfg.data.source, variant=cfg.data.variant, question_types=[qt]
+    )
+    episode = EpisodeSampler(samples, qcfg, "meta-test", seed=cfg.eval.seed).episodes(1, progress=False)[0]
+
+    def header(ecg_id: int) -> Path:
+        return record_stem(synth_dir, ecg_id).with_suffix(".hea")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scfg = replace(cfg.serve, checkpoint=str(checkpoint_dir), port=port, host="127.0.0.1")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(ServeArgs(serve=scfg)), name="ecgray-demo", route_prefix="/", blocking=False)
+        with ECGQAClient(f"http://127.0.0.1:{port}") as client:
+            t0 = time.perf_counter()
+            support = [
+                {"ecg": wfdb_payload(header(i["ecg_id"])), "question": i["question"], "answer": i["answer"]}
+                for i in episode["support"]
+            ]
+            adapter = client.adapt(support)
+            adapt_s = time.perf_counter() - t0
+            answers = []
+            t0 = time.perf_counter()
+            for item in episode["query"]:
+                reply = client.answer(
+                    [wfdb_payload(header(item["ecg_id"]))],
+                    item["question"],
+                    adapter_id=adapter,
+                    template_id=item["template_id"],
+                )
+                answers.append({**item, "predicted": reply["answers"][0]})
+            answer_s = time.perf_counter() - t0
+    finally:
+        serve.shutdown()
+    correct = sum(_as_set(a["predicted"]) == set(a["answer"]) for a in answers)
+    result = {
+        "question_type": qt,
+        "adapter_id": adapter,
+        "adapt_seconds": round(adapt_s, 2),
+        "answer_seconds_per_query": round(answer_s / max(len(answers), 1), 3),
+        "query_exact_match": correct / max(len(answers), 1),
+        "support": episode["support"],
+        "answers": answers,
+    }
+    plot_episode(episode, answers, synth_dir, out / "figures" / "episode.png")
+    return result
+
+
+def record_stem(synth_dir: Path, ecg_id: int) -> Path:
+    """The 500 Hz WFDB record of ecg_id in the synthetic PTB-XL layout (no extension)."""
+    from ecgray.data.ptbxl import record_path
+
+    return Path(record_path(synth_dir / "ptbxl", ecg_id, 500))
+
+
+def _as_set(predicted) -> set[str]:
+    if isinstance(predicted, dict):
+        predicted = predicted.get("answer", predicted.get("text"))
+    if isinstance(predicted, str):
+        return {predicted}
+    return set(predicted)
+
+
+def plot_episode(episode: dict, answers: list[dict], synth_dir: Path, path: Path) -> Path:
+    """12-lead traces of two support and two query ECGs of the episode, titled with question and answers."""
+    import wfdb
+
+    from ecgray.synth.plot import render_ecg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panels = []
+    for role, items in (("support", episode["support"][:2]), ("query", answers[:2])):
+        for k, item in enumerate(items):
+            title = f"{role}: {item['question']}  gold: {', '.join(item['answer'])}"
+            if role == "query":
+                title += f"  model: {', '.join(sorted(_as_set(item['predicted'])))}"
+            panel = path.with_name(f"episode_{role}_{k}.png")
+            signal, fields = wfdb.rdsamp(str(record_stem(synth_dir, item["ecg_id"])))
+            render_ecg(signal, int(fields["fs"]), panel, title=title)
+            panels.append(panel)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = [plt.imread(p) for p in panels]
+    fig, axes = plt.subplots(len(images), 1, figsize=(16, 6 * len(images)))
+    for ax, img in zip(axes, images, strict=True):
+        ax.imshow(img)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _last(summary: dict, metric: str = "exact_match") -> dict:
+    return summary[metric][-1]
+
+
+def learning_evidence(evals: dict[str, dict], against: tuple[str, ...]) -> dict:
+    """Per question type: is the meta-learned model's exact match (last inner step) above each baseline's
+    with non-overlapping 95 % confidence intervals?"""
+    verdicts: dict = {}
+    for qt, payload in evals.items():
+        results = payload["results"]
+        model = _last(results["meta_test"]["summary"][qt])
+        verdicts[qt] = {}
+        for name in against:
+            if name not in results:
+                continue
+            base = _last(results[name]["summary"][qt])
+            m_low = model["mean"] - (model["half_width"] or math.inf)
+            b_high = base["mean"] + (base["half_width"] or math.inf)
+            verdicts[qt][name] = {
+                "model": model["mean"],
+                "baseline": base["mean"],
+                "separated": bool(m_low > b_high),
+            }
+    return verdicts
+
+
+def build_report(
+    cfg: Config, out: Path, evals: dict, served: dict | None, seconds: dict, total: float
+) -> dict:
+    from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for qt, payload in evals.items():
+        plot_accuracy_vs_step(payload["results"], figures / f"accuracy_vs_step_{qt}.png")
+        plot_per_class(payload["results"]["meta_test"], figures / f"per_class_{qt}.png")
+    evidence = learning_evidence(evals, ("blind_llm", "finetune_scratch"))
+    table = []
+    for qt, payload in evals.items():
+        for name, result in payload["results"].items():
+            s = result["summary"][qt]
+            first, last = s["exact_match"][0], s["exact_match"][-1]
+            table.append(
+                {
+                    "question_type": qt,
+                    "method": name,
+                    "episodes": s["episodes"],
+                    "exact_match_step0": first["mean"],
+                    "exact_match_last": last["mean"],
+                    "ci95_half_width": last["half_width"],
+                    "token_acc_bos_last": s["token_acc_bos"][-1]["mean"],
+                }
+            )
+    report = {
+        "completed": True,
+        "seconds_total": round(total, 1),
+        "seconds_per_stage": seconds,
+        "results": table,
+        "learning_evidence": evidence,
+        "served": None
+        if served is None
+        else {k: v for k, v in served.items() if k not in ("support", "answers")}
+        | {"answers": [{k: a[k] for k in ("question", "answer", "predicted")} for a in served["answers"]]},
+        "config": to_dict(cfg),
+        "versions": versions(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+
+    lines = [
+        "# ecgray demo report",
+        "",
+        f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
+        f"{cfg.eval.episodes} meta-test episodes per question type on unseen classes; LLM `{cfg.model.llm}`, "
+        f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time {total / 60:.1f} min.",
+        "",
+        "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI +- | token acc (BOS) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        half = r["ci95_half_width"]
+        lines.append(
+            f"| {r['question_type']} | {r['method']} | {r['episodes']} | {r['exact_match_step0']:.3f} | "
+            f"{r['exact_match_last']:.3f} | {'n/a' if half is None else f'{half:.3f}'} | "
+            f"{r['token_acc_bos_last']:.3f} |"
+        )
+    lines += ["", "## Learning evidence (non-overlapping 95 % CIs, exact match at the last inner step)", ""]
+    for qt, verdict in evidence.items():
+        for name, v in verdict.items():
+            mark = "yes" if v["separated"] else "NO"
+            lines.append(
+                f"- {qt} vs {name}: model {v['model']:.3f}, baseline {v['baseline']:.3f}: separated: {mark}"
+            )
+    if served:
+        lines += [
+            "",
+            "## Served over HTTP",
+            "",
+            f"One meta-test {served['question_type']} episode: adaptation {served['adapt_seconds']} s, "
+            f"{served['answer_seconds_per_query']} s per query, exact match {served['query_exact_match']:.2f} "
+            f"(adapter `{served['adapter_id'][:12]}`). Traces: figures/episode.png.",
+        ]
+    lines += ["", "## Stages (s)", ""] + [f"- {k}: {v}" for k, v in seconds.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report
