@@ -15,6 +15,7 @@ Recipe (each stage is skipped when its output is already in --out, so a re-run r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -57,27 +58,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 class Stages:
-    """Prints one line per stage with its wall time; records them for the report."""
+    """Prints one line per stage with its wall time; records the times for the report."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str, cached: bool):
-        stages = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                state = "cached, reusing" if cached else "running"
-                print(f"\n== ecgray demo: {name} ({state})", flush=True)
-                return self
-
-            def __exit__(self, *exc):
-                stages.seconds[name] = round(time.perf_counter() - self.t0, 1)
-                if exc[0] is None:
-                    print(f"== {name}: {stages.seconds[name]} s", flush=True)
-
-        return _Stage()
+        print(f"\n== ecgray demo: {name} ({'cached, reusing' if cached else 'running'})", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {self.seconds[name]} s", flush=True)
 
 
 def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
