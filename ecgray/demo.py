@@ -61,15 +61,15 @@ class Stages:
     """Prints one line per stage with its wall time; records the times for the report."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float | str] = {}  # "cached" for a stage reused from an earlier run
 
     @contextlib.contextmanager
     def __call__(self, name: str, cached: bool):
         print(f"\n== ecgray demo: {name} ({'cached, reusing' if cached else 'running'})", flush=True)
         t0 = time.perf_counter()
         yield
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
-        print(f"== {name}: {self.seconds[name]} s", flush=True)
+        self.seconds[name] = "cached" if cached else round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {self.seconds[name]}{'' if cached else ' s'}", flush=True)
 
 
 def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
@@ -349,7 +349,7 @@ def build_report(
         "",
         f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
         f"{cfg.eval.episodes} meta-test episodes per question type on unseen classes; LLM `{cfg.model.llm}`, "
-        f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time {total / 60:.1f} min.",
+        f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min (cached stages not rerun).",
         "",
         "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI +- | token acc (BOS) |",
         "|---|---|---|---|---|---|---|",
@@ -377,6 +377,7 @@ def build_report(
             f"{served['answer_seconds_per_query']} s per query, exact match {served['query_exact_match']:.2f} "
             f"(adapter `{served['adapter_id'][:12]}`). Traces: figures/episode.png.",
         ]
-    lines += ["", "## Stages (s)", ""] + [f"- {k}: {v}" for k, v in seconds.items()]
+    lines += ["", "## Stages (seconds; cached = reused from an earlier run in this directory)", ""]
+    lines += [f"- {k}: {v}" for k, v in seconds.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return report

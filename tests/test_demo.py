@@ -54,4 +54,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     # a second run reuses every cached stage and gives the same results
     again = run_demo(cfg, out)
     assert again["results"] == report["results"]
-    assert again["seconds_per_stage"]["meta-train"] < 1.0 and again["seconds_per_stage"]["synth"] < 1.0
+    assert (
+        again["seconds_per_stage"]["meta-train"] == "cached"
+        and again["seconds_per_stage"]["synth"] == "cached"
+    )
