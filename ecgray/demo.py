@@ -280,6 +280,13 @@ def _last(summary: dict, metric: str = "exact_match") -> dict:
     return summary[metric][-1]
 
 
+def _half_width(stat: dict) -> float:
+    """The CI half-width; unknown (None in JSON, NaN in memory: one episode) counts as unbounded. A zero
+    half-width (every episode scored alike) is a real, zero-width interval."""
+    half = stat["half_width"]
+    return math.inf if half is None or not math.isfinite(half) else half
+
+
 def learning_evidence(evals: dict[str, dict], against: tuple[str, ...]) -> dict:
     """Per question type: is the meta-learned model's exact match (last inner step) above each baseline's
     with non-overlapping 95 % confidence intervals?"""
@@ -292,8 +299,8 @@ def learning_evidence(evals: dict[str, dict], against: tuple[str, ...]) -> dict:
             if name not in results:
                 continue
             base = _last(results[name]["summary"][qt])
-            m_low = model["mean"] - (model["half_width"] or math.inf)
-            b_high = base["mean"] + (base["half_width"] or math.inf)
+            m_low = model["mean"] - _half_width(model)
+            b_high = base["mean"] + _half_width(base)
             verdicts[qt][name] = {
                 "model": model["mean"],
                 "baseline": base["mean"],

@@ -58,3 +58,21 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         again["seconds_per_stage"]["meta-train"] == "cached"
         and again["seconds_per_stage"]["synth"] == "cached"
     )
+
+
+def test_learning_evidence_reads_confidence_intervals():
+    from ecgray.demo import learning_evidence
+
+    def result(mean, half):
+        return {"summary": {"single-verify": {"exact_match": [{"mean": mean, "half_width": half}]}}}
+
+    evals = {"single-verify": {"results": {
+        "meta_test": result(0.8, 0.0),  # every episode alike: a zero-width interval, not an unknown one
+        "blind_llm": result(0.5, 0.1),
+        "finetune_scratch": result(0.7, None),  # one episode: no interval, so never separated
+    }}}  # fmt: skip
+    verdict = learning_evidence(evals, ("blind_llm", "finetune_scratch"))["single-verify"]
+    assert verdict["blind_llm"]["separated"] is True
+    assert verdict["finetune_scratch"]["separated"] is False
+    evals["single-verify"]["results"]["meta_test"] = result(0.8, float("nan"))
+    assert learning_evidence(evals, ("blind_llm",))["single-verify"]["blind_llm"]["separated"] is False
