@@ -148,11 +148,20 @@ def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
             assert pred[: len(ids)] == ids
         if len(ids) < 3:  # it stopped: EOS was the argmax
             assert pred[len(ids)] == m.eos_id
-    options = [["yes", "no"], ["v1", "lead i, v1", "none"], ["yes", "no"]]
-    scores = m.score_options(prefix, QUESTIONS, options, chunk=2)
-    assert [s.shape[0] for s in scores] == [2, 3, 2]
-    nll = m.token_nll(prefix[[1]], m.collate(m.prompt_rows([QUESTIONS[1]], [["lead i", "v1"]])))
-    torch.testing.assert_close(scores[1][1], -nll.sum(), rtol=1e-5, atol=1e-5)
+    # options of different token lengths, chunks that split one sample's options: every score equals the
+    # teacher-forced log-likelihood of that option (+ EOS) on the full prompt
+    options = [
+        ["yes", "no"],
+        ["v1", "lead i, v1", "none", "lead i, lead ii, v1, v2"],
+        ["yes", "no", "not sure"],
+    ]
+    for chunk in (2, 128):
+        scores = m.score_options(prefix, QUESTIONS, options, chunk=chunk)
+        assert [s.shape[0] for s in scores] == [2, 4, 3]
+        for i, opts in enumerate(options):
+            for j, option in enumerate(opts):
+                nll = m.token_nll(prefix[[i]], m.collate(m.prompt_rows([QUESTIONS[i]], [option])))
+                torch.testing.assert_close(scores[i][j], -nll.sum(), rtol=1e-4, atol=1e-4)
 
 
 def test_encoder_to_loss_end_to_end():

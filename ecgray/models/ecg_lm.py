@@ -317,6 +317,11 @@ class ECGLanguageModel(nn.Module):
     # ------------------------------------------------------------------------------------- frozen LLM
     def hidden_states(self, prefix: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor, int]:
         """Run the frozen LLM on [before ; prefix ; after] -> (final hidden states, offset of the prefix in it)."""
+        hidden, offset, _ = self._forward(prefix, batch, keep_cache=False)
+        return hidden, offset
+
+    def _forward(self, prefix: torch.Tensor, batch: PromptBatch, keep_cache: bool):
+        """hidden_states, plus (keep_cache) the KV cache of the whole [before ; prefix ; after] sequence."""
         b, p = prefix.shape[:2]
         if b != batch.size or prefix.shape[2] != self.d_llm:
             raise ValueError(
@@ -329,9 +334,8 @@ class ECGLanguageModel(nn.Module):
         parts = [prefix.to(self.embed.weight.dtype), self.embed(batch.after_ids)]  # (B, P, D), (B, R, D)
         mask = torch.cat([batch.before_mask, batch.before_mask.new_ones(b, p), batch.after_mask], dim=1)
         n_before = batch.before_mask.sum(1, keepdim=True)  # (B, 1) real tokens before the prefix
-        kwargs = {}
+        cache = self._new_cache(batch.cache) if batch.cache is not None or keep_cache else None
         if batch.cache is not None:
-            kwargs[self._cache_kw] = self._new_cache(batch.cache)
             position_ids = n_before + torch.arange(p + batch.after_ids.shape[1], device=device)[None]
             offset = 0
         else:
@@ -342,10 +346,10 @@ class ECGLanguageModel(nn.Module):
             inputs_embeds=torch.cat(parts, dim=1),
             attention_mask=mask,
             position_ids=position_ids,
-            use_cache=batch.cache is not None,
-            **kwargs,
+            use_cache=cache is not None,
+            **({self._cache_kw: cache} if cache is not None else {}),
         )
-        return out.last_hidden_state, offset
+        return out.last_hidden_state, offset, cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (+ Gemma's final soft-capping) in fp32."""
@@ -427,23 +431,67 @@ class ECGLanguageModel(nn.Module):
     # ---------------------------------------------------------------------------------------- decoding
     @torch.no_grad()
     def score_options(
-        self, prefix: torch.Tensor, questions: list[str], options: list[list[str]], chunk: int = 256
+        self, prefix: torch.Tensor, questions: list[str], options: list[list[str]], chunk: int = 128
     ) -> list[torch.Tensor]:
         """Constrained decoding: log p(option + EOS | prompt) summed over its tokens, for every admissible
-        option of every sample -> list of (n_options_i,) tensors. Rows go through the LLM in chunks."""
+        option of every sample -> list of (n_options_i,) tensors.
+
+        The prompt ([before ; prefix ; "Answer: "]) runs once per sample; its KV cache is then shared by
+        that sample's options, which run in chunks of `chunk` rows feeding only their own tokens (exactly
+        what teacher forcing each option on the full prompt computes, at a fraction of the cost)."""
         if self.cfg.paper_compat:
             raise ValueError(
                 "score_options: option scoring needs teacher forcing; set model.paper_compat=False"
             )
-        flat = [(i, o) for i, opts in enumerate(options) for o in opts]
+        if len(options) != len(questions) or prefix.shape[0] != len(questions):
+            raise ValueError(
+                f"score_options: {len(questions)} questions, {prefix.shape[0]} prefixes, {len(options)} option lists"
+            )
+        flat = [(i, self._ids(answer_text(o))) for i, opts in enumerate(options) for o in opts]
         if not flat:
             raise ValueError("score_options: no options given")
+        if any(not ids for _, ids in flat):
+            raise ValueError("score_options: an option tokenises to nothing")
+        # 1. the prompts: last hidden state (predicts each option's first token) and the KV cache
+        batch = self.collate(self.prompt_rows(questions, None))
+        hidden, offset, cache = self._forward(prefix, batch, keep_cache=True)
+        p = prefix.shape[1]
+        last = offset + p + batch.after_mask.sum(1) - 1  # (B,) the last real prompt position
+        first_logp = torch.log_softmax(self.logits(hidden[torch.arange(len(questions)), last]), -1)  # (B, V)
+        prompt_mask = torch.cat(
+            [batch.before_mask, batch.before_mask.new_ones(len(questions), p), batch.after_mask], 1
+        )
+        prompt_len = prompt_mask.sum(1)  # (B,) real prompt tokens: the options' first position id
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        longest = int(prompt_mask.shape[1]) + max(len(ids) for _, ids in flat)
+        if self.sliding_window is not None and longest >= self.sliding_window - 1:
+            raise ValueError(
+                f"score_options: prompt + option ({longest} tokens) do not fit the LLM's sliding window "
+                f"({self.sliding_window}); lower model.max_question_tokens"
+            )
+        device = prefix.device
         scores = []
         for start in range(0, len(flat), chunk):
             part = flat[start : start + chunk]
-            rows = self.prompt_rows([questions[i] for i, _ in part], [o for _, o in part])
-            nll = self.token_nll(prefix[[i for i, _ in part]], self.collate(rows))
-            scores.append(-nll.sum(1))
+            owner = torch.tensor([i for i, _ in part], device=device)
+            ids, mask = _pad([o for _, o in part], self.pad_id, left=False)
+            ids, mask = ids.to(device), mask.to(device)
+            # 2. each option's tokens after its own prompt's cache: position j predicts token j + 1, the last EOS
+            out = self.decoder(
+                inputs_embeds=self.embed(ids),
+                attention_mask=torch.cat([prompt_mask[owner], mask], 1),
+                position_ids=prompt_len[owner, None] + torch.arange(ids.shape[1], device=device)[None],
+                use_cache=True,
+                **{self._cache_kw: self._new_cache([(k[owner], v[owner]) for k, v in kv])},
+            )
+            targets = torch.cat([ids[:, 1:], ids.new_full((len(part), 1), self.pad_id)], 1)
+            lengths = mask.sum(1)
+            targets[torch.arange(len(part), device=device), lengths - 1] = self.eos_id
+            keep = mask.bool()
+            logp = torch.log_softmax(self.logits(out.last_hidden_state[keep]), -1)  # (N, V)
+            tok = logp.gather(1, targets[keep][:, None])[:, 0]
+            per_row = torch.zeros(len(part), device=device).index_add_(0, torch.nonzero(keep)[:, 0], tok)
+            scores.append(per_row + first_logp[owner, ids[:, 0]])
         flat_scores = torch.cat(scores)
         return list(flat_scores.split([len(o) for o in options]))
 
