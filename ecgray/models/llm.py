@@ -198,8 +198,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(str(out_dir))
+    # Written by hand, not with model.save_pretrained: inside a torch.distributed job (a Ray Train worker
+    # that builds the cache) transformers writes the weights on rank 0 only and silently skips them on the
+    # others. save_model drops the tied lm_head copy; from_pretrained re-ties it (tie_word_embeddings).
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    model.config.save_pretrained(str(out_dir))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out_dir))
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out_dir))
+    missing = [n for n in ("config.json", "model.safetensors") if not (out_dir / n).is_file()]
+    if missing:
+        raise RuntimeError(f"converting {gguf_path}: {missing} were not written to {out_dir}")
     return {"source": str(gguf_path), "sha256": file_sha256(gguf_path)}
 
 
