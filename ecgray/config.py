@@ -273,6 +273,10 @@ class EvalConfig:
     names (+ both / none), otherwise as `template+support`; `template` = the template's admissible answers
     (answers_for_each_template.csv); `support` = the answers of the episode's support items of the same
     template; `template+support` = both (see eval.meta_test.query_options)."""
+    episodes_per_pass: int = 10
+    """Meta-test episodes adapted in lockstep and answered together: their support sets share one frozen-LLM
+    pass per inner step and their query sets one decoding pass (each episode keeps its own fast weights, so
+    the results are those of one episode at a time). Lower it when memory is short."""
     ci_level: float = 0.95
     """Confidence level of the intervals over episodes."""
     ci_method: Literal["t", "normal"] = "t"

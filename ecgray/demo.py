@@ -101,6 +101,10 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
         prepared_dir=str(prepared_dir),
     )
     cfg = replace(cfg, data=data_cfg)
+    if not ray.is_initialized():
+        # one Ray for every stage, started here so that the Ray Train workers' progress reaches this
+        # terminal (prepare alone starts its own Ray with worker output off)
+        ray.init(include_dashboard=False, configure_logging=False)
     with stage("prepare", (prepared_dir / "report.json").is_file()):
         if not (prepared_dir / "report.json").is_file():
             from ecgray.data.prepare import prepare
@@ -122,8 +126,6 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
         if not (checkpoint_dir / "mapper.safetensors").is_file():
             from ecgray.train.meta_train import meta_train
 
-            if not ray.is_initialized():
-                ray.init(include_dashboard=False, configure_logging=False)
             result = meta_train(cfg)
             if result.checkpoint is None:
                 raise ValueError(f"meta-training ended without a checkpoint ({result.error})")

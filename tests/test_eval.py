@@ -224,6 +224,51 @@ def test_meta_test_is_deterministic_and_leaves_the_meta_weights_alone(world):
     model.eval()
 
 
+def test_episodes_adapted_in_lockstep_equal_one_at_a_time(world):
+    # eval.episodes_per_pass batches several episodes' inner loops and decoding; each keeps its own fast
+    # weights, so every per-episode record (answers, metrics per step) is the one-at-a-time result
+    import dataclasses
+
+    from ecgray.eval import meta_test as mt
+
+    cfg, rows, model, store, _ = world
+    episodes = EpisodeSampler(rows, cfg.episodes, "meta-test", seed=3).episodes(3)
+    params = model.mapper_params()
+    runs, prefixes = {}, {}
+    decode = mt.decode
+    for n in (1, 2, 3):
+        seen = prefixes[n] = []  # every query prefix decoded, in episode order per step
+        mt.decode = lambda m, prefix, q, o, seen=seen: seen.append(prefix.clone()) or decode(m, prefix, q, o)
+        ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes_per_pass=n))
+        try:
+            runs[n] = meta_test(model, params, episodes, store, ecfg)["episodes"]
+        finally:
+            mt.decode = decode
+        runs[f"scratch {n}"] = B.finetune_scratch(model, episodes, store, ecfg)["episodes"]
+    # the prefixes (made by each episode's own fast weights) after every inner step, grouped per step
+    steps, nq = cfg.meta.inner_steps + 1, len(episodes[0]["query"])
+    one = torch.cat(prefixes[1]).reshape(3, steps, -1).transpose(0, 1)  # one episode at a time
+    for n in (2, 3):
+        flat = torch.cat([torch.cat([p.reshape(p.shape[0], -1) for p in prefixes[n]])])
+        groups = [list(range(i, min(i + n, 3))) for i in range(0, 3, n)]
+        start, got = 0, torch.empty_like(one)
+        for g in groups:  # a group's step-s pass holds its episodes' query prefixes in order
+            for s in range(steps):
+                block = flat[start : start + len(g) * nq].reshape(len(g), -1)
+                for j, e in enumerate(g):
+                    got[s, e] = block[j]
+                start += len(g) * nq
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
+    for n in (2, 3):
+        for one, batched in ((runs[1], runs[n]), (runs["scratch 1"], runs[f"scratch {n}"])):
+            for a, b in zip(one, batched, strict=True):
+                assert a["predictions"] == b["predictions"] and a["exact_match"] == b["exact_match"]
+                assert a["token_acc"] == pytest.approx(b["token_acc"], abs=1e-9)
+    bad = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes_per_pass=0))
+    with pytest.raises(ValueError, match="eval.episodes_per_pass"):
+        meta_test(model, params, episodes, store, bad)
+
+
 def test_step_zero_is_the_unadapted_model_and_adaptation_moves_it(world):
     cfg, _, model, store, episodes = world
     import dataclasses

@@ -242,18 +242,53 @@ def paper_compat_score(model: ECGLanguageModel, prefix: torch.Tensor, questions,
     )
 
 
+def decode(
+    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], options: list[list[str]]
+) -> list[str]:
+    """Answer strings for B questions given their prefixes (B, n_prefix, D_llm): the best-scoring option
+    (constrained) or greedy decoding, as `model.cfg.decoding` says."""
+    if model.cfg.decoding == "constrained":
+        scores = model.score_options(prefix, questions, options)
+        return [opts[int(s.argmax())] for opts, s in zip(options, scores, strict=True)]
+    return model.greedy(prefix, questions)
+
+
 def answer_query(
     model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], golds, options: list[list[str]]
 ) -> StepScore:
     """Answer B query questions given their prefixes (B, n_prefix, D_llm) as `model.cfg` says."""
     if model.cfg.paper_compat:
         return paper_compat_score(model, prefix, questions, golds)
-    if model.cfg.decoding == "constrained":
-        scores = model.score_options(prefix, questions, options)
-        predictions = [opts[int(s.argmax())] for opts, s in zip(options, scores, strict=True)]
-    else:
-        predictions = model.greedy(prefix, questions)
-    return score_predictions(model, predictions, golds)
+    return score_predictions(model, decode(model, prefix, questions, options), golds)
+
+
+def answer_episodes(
+    model: ECGLanguageModel,
+    params: list[Params | None],
+    query_features: list[Features],
+    episodes: list[dict],
+    options: list[list[list[str]]],
+) -> list[StepScore]:
+    """`default_answerer` for several episodes at once: one decoding pass over all their query sets, each
+    with the prefixes of its own fast weights; scored per episode."""
+    if model.cfg.paper_compat:  # the quirk's token accuracy is per query set: one episode at a time
+        return [
+            default_answerer(model, p, None, f, e, o) for p, f, e, o in zip(params, query_features, episodes, options, strict=True)
+        ]  # fmt: skip
+    prefix = torch.cat(
+        [model.fuse(pooled, tokens, p) for p, (pooled, tokens) in zip(params, query_features, strict=True)]
+    )
+    questions = [i["question"] for e in episodes for i in e["query"]]
+    flat_options = [o for opts in options for o in opts]  # per query; empty lists when greedy
+    predictions = decode(model, prefix, questions, flat_options)
+    out, start = [], 0
+    for e in episodes:
+        n = len(e["query"])
+        out.append(
+            score_predictions(model, predictions[start : start + n], [i["answer"] for i in e["query"]])
+        )
+        start += n
+    return out
 
 
 # ------------------------------------------------------------------------------------- the episodes
@@ -308,30 +343,46 @@ def run_episodes(
     if start_params is None:
         steps = 0
     need_options = model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    per_pass = cfg.eval.episodes_per_pass
+    if per_pass < 1:
+        raise ValueError(f"eval.episodes_per_pass={per_pass}: must be >= 1")
+    if answerer is not default_answerer:
+        per_pass = 1  # a custom answerer sees one episode at a time
     records = []
-    iterator = enumerate(episodes)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(episodes), desc=method, unit="ep")
+        bar = tqdm(total=len(episodes), desc=method, unit="ep")
     with eval_mode(model):
-        for index, episode in iterator:
-            options = query_options(episode, template_answers, cfg.eval.options) if need_options else []
-            params = None if start_params is None else start_params(index)
-            scores = _run_episode(model, params, episode, features(episode), options, answerer, steps, cfg)
-            records.append(
-                metrics.episode_record(
-                    index,
-                    episode["query"][0]["question_type"],
-                    episode["classes"],
-                    list(range(steps + 1)),
-                    [s.correct for s in scores],
-                    [s.token_acc_bos for s in scores],
-                    [s.token_acc for s in scores],
-                    [i["class"] for i in episode["query"]],
-                    scores[-1].predictions,
-                )
+        for first in range(0, len(episodes), per_pass):
+            group = list(range(first, min(first + per_pass, len(episodes))))
+            eps = [episodes[i] for i in group]
+            options = [
+                query_options(e, template_answers, cfg.eval.options) if need_options else [] for e in eps
+            ]
+            params = None if start_params is None else [start_params(i) for i in group]
+            group_scores = _run_group(
+                model, params, eps, [features(e) for e in eps], options, answerer, steps, cfg
             )
+            for index, episode, scores in zip(group, eps, group_scores, strict=True):
+                records.append(
+                    metrics.episode_record(
+                        index,
+                        episode["query"][0]["question_type"],
+                        episode["classes"],
+                        list(range(steps + 1)),
+                        [s.correct for s in scores],
+                        [s.token_acc_bos for s in scores],
+                        [s.token_acc for s in scores],
+                        [i["class"] for i in episode["query"]],
+                        scores[-1].predictions,
+                    )
+                )
+            if bar is not None:
+                bar.update(len(group))
+    if bar is not None:
+        bar.close()
     return {
         "method": method,
         "steps": list(range(steps + 1)),
@@ -340,23 +391,33 @@ def run_episodes(
     }
 
 
-def _run_episode(model, params, episode, features, options, answerer, steps, cfg) -> list[StepScore]:
-    """The query set's StepScore at step 0 and after each of `steps` inner steps."""
-    support_features, query_features = features
-    scores: list[StepScore] = []
+def _run_group(model, params, episodes, features, options, answerer, steps, cfg) -> list[list[StepScore]]:
+    """Per episode, the query set's StepScore at step 0 and after each of `steps` inner steps; the episodes'
+    inner loops run in lockstep (one LLM pass per step for all their support sets, each with its own fast
+    weights). params: one dict per episode, or None (no trainable weights: step 0 only)."""
+    scores: list[list[StepScore]] = [[] for _ in episodes]
 
-    def predict(step: int, fast: Params | None) -> None:
+    def predict(step: int, fast: list[Params] | None) -> None:
+        fast = [None] * len(episodes) if fast is None else fast
         with torch.no_grad():
-            scores.append(answerer(model, fast, support_features, query_features, episode, options))
+            if answerer is default_answerer:
+                answers = answer_episodes(model, fast, [f[1] for f in features], episodes, options)
+            else:
+                answers = [
+                    answerer(model, w, f[0], f[1], e, o)
+                    for w, f, e, o in zip(fast, features, episodes, options, strict=True)
+                ]
+        for out, answer in zip(scores, answers, strict=True):
+            out.append(answer)
 
     predict(0, params)
-    if steps > 0:
-        support = episode["support"]
-        questions, answers = [i["question"] for i in support], [i["answer"] for i in support]
-        task = model.task_data(support_features[0], support_features[1], questions, answers)
-        adapt(
-            model.loss_fn(), params, model.task_set([task]), steps, cfg.meta.inner_lr, True, on_step=predict
-        )
+    if steps > 0 and params is not None:
+        tasks = []
+        for episode, (support_features, _) in zip(episodes, features, strict=True):
+            support = episode["support"]
+            questions, answers = [i["question"] for i in support], [i["answer"] for i in support]
+            tasks.append(model.task_data(support_features[0], support_features[1], questions, answers))
+        adapt(model.loss_fn(), params, model.task_set(tasks), steps, cfg.meta.inner_lr, True, on_step=predict)
     return scores
 
 
