@@ -470,9 +470,12 @@ class ECGLanguageModel(nn.Module):
                 f"({self.sliding_window}); lower model.max_question_tokens"
             )
         device = prefix.device
-        scores = []
+        # chunks of options of similar length, so little of each chunk is padding
+        order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
+        flat_scores = torch.empty(len(flat), device=device)
         for start in range(0, len(flat), chunk):
-            part = flat[start : start + chunk]
+            rows = order[start : start + chunk]
+            part = [flat[j] for j in rows]
             owner = torch.tensor([i for i, _ in part], device=device)
             ids, mask = _pad([o for _, o in part], self.pad_id, left=False)
             ids, mask = ids.to(device), mask.to(device)
@@ -491,8 +494,7 @@ class ECGLanguageModel(nn.Module):
             logp = torch.log_softmax(self.logits(out.last_hidden_state[keep]), -1)  # (N, V)
             tok = logp.gather(1, targets[keep][:, None])[:, 0]
             per_row = torch.zeros(len(part), device=device).index_add_(0, torch.nonzero(keep)[:, 0], tok)
-            scores.append(per_row + first_logp[owner, ids[:, 0]])
-        flat_scores = torch.cat(scores)
+            flat_scores[torch.tensor(rows, device=device)] = per_row + first_logp[owner, ids[:, 0]]
         return list(flat_scores.split([len(o) for o in options]))
 
     def greedy(
