@@ -337,7 +337,8 @@ def run_episodes(
 ) -> dict:
     """The loop every method shares: per episode, answer the query set with `start_params(index)`
     (step 0), then after each of `adapt_steps` (default `meta.inner_steps`; 0: no adaptation) SGD steps on
-    the support loss. start_params None: a method without trainable weights (step 0 only).
+    the support loss. start_params None: a method without trainable weights (step 0 only). With the
+    default answerer, `eval.episodes_per_pass` episodes run in lockstep (see `_run_group`).
     -> {"method", "steps", "summary" (metrics.summarize), "episodes" (per-episode records)}."""
     steps = cfg.meta.inner_steps if adapt_steps is None else adapt_steps
     if start_params is None:
