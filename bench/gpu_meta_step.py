@@ -127,13 +127,13 @@ def main() -> int:
     base_loss = model.loss_fn()
 
     def counting_loss(fast, data):
-        flops["total"] += pass_flops(c, data.batch, cfg.n_prefix, backward=True)
+        flops["total"] += sum(pass_flops(c, b, cfg.n_prefix, backward=True) for _, b in data.batches)
         return base_loss(fast, data)
 
     def one_step():
         support = model.task_set([task(args.k_shot) for _ in range(args.tasks)])
         query = model.task_set([task(args.n_query) for _ in range(args.tasks)])
-        flops["total"] += cache_flops(c, support.batch) + cache_flops(c, query.batch)
+        flops["total"] += sum(cache_flops(c, b) for data in (support, query) for _, b in data.batches)
         out = meta_step(
             counting_loss, model.mapper_params(), support, query, args.tasks, args.inner_steps, 0.05, 2
         )

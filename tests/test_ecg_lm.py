@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ecgray.config import Config, ConfigError, EncoderConfig, ModelConfig
 from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, load_metrics, save_checkpoint
-from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
+from ecgray.models.ecg_lm import ECGLanguageModel, answer_text, length_buckets, stack_rows
 from ecgray.models.encoder import ECGEncoder
 from ecgray.models.fusion import AttentionMapper, build_mapper
 from ecgray.models.llm import llm_hidden_size, load_llm
@@ -133,6 +133,47 @@ def test_task_losses_are_per_task_token_means(llm):
     batch = m.collate(t1.rows)
     nll = m.token_nll(m.fuse(t1.pooled, None), batch)
     torch.testing.assert_close(both[0], nll.sum() / batch.target_mask.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_length_buckets_split_where_rows_grow_past_the_ratio():
+    assert length_buckets([3, 10, 4, 45, 7]) == [[0, 2], [4, 1], [3]]
+    assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
+    assert length_buckets([]) == []
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_length_buckets_give_the_loss_and_gradient_of_one_padded_batch(llm, layout):
+    m = make_model(llm, layout)
+    long = [
+        "lead i",
+        "lead ii",
+        "lead iii",
+        "lead avr",
+        "lead avl",
+        "lead avf",
+        "lead v1",
+        "lead v2",
+        "lead v3",
+    ]
+    t1 = m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, [["yes"], long, ["no"]])
+    t2 = m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, [long[:3], ["none"], long])
+    task_set = m.task_set([t1, t2])
+    assert len(task_set.batches) >= 2  # short and long answers went to different buckets
+    assert sorted(i for index, _ in task_set.batches for i in index) == list(range(6))
+    w1 = {k: v.clone().requires_grad_(True) for k, v in m.mapper_params().items()}
+    w2 = {k: (v + 0.01 * torch.randn_like(v)).requires_grad_(True) for k, v in m.mapper_params().items()}
+    bucketed = m.task_losses([w1, w2], [t1, t2], task_set.batches)
+    g_bucketed = torch.autograd.grad(bucketed.sum(), [*w1.values(), *w2.values()])
+    # the reference: every row in one batch padded to the longest answer
+    one = m.collate(stack_rows([t1, t2]))
+    nll = m.token_nll(torch.cat([m.fuse(t1.pooled, None, w1), m.fuse(t2.pooled, None, w2)]), one)
+    reference = torch.stack(
+        [nll[:3].sum() / one.target_mask[:3].sum(), nll[3:].sum() / one.target_mask[3:].sum()]
+    )
+    g_reference = torch.autograd.grad(reference.sum(), [*w1.values(), *w2.values()])
+    torch.testing.assert_close(bucketed, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_bucketed, g_reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["prefix_first", "question_first"])

@@ -109,10 +109,24 @@ class TaskData:
 @dataclass
 class TaskSet:
     """M tasks' support (or query) sets with their rows collated once (question KV cache included), so
-    every inner step reuses them; `ECGLanguageModel.loss_fn` reads it."""
+    every inner step reuses them; `ECGLanguageModel.loss_fn` reads it. The stacked rows are collated in
+    buckets of similar length (`length_buckets`): `batches` holds (row indices, PromptBatch) per bucket."""
 
     tasks: list[TaskData]
-    batch: PromptBatch
+    batches: list[tuple[list[int], PromptBatch]]
+
+
+def length_buckets(lengths: list[int], ratio: float = 2.0) -> list[list[int]]:
+    """Row indices grouped by length, shortest first: a bucket ends where a row is more than `ratio` times
+    its bucket's shortest, so padding to the bucket's longest wastes at most about 1 - 1/ratio of a pass
+    (ECG-QA query answers run from 1 to ~45 tokens; one padded batch wastes two thirds)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if not buckets or lengths[i] > ratio * lengths[buckets[-1][0]]:
+            buckets.append([])
+        buckets[-1].append(i)
+    return buckets
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,37 +408,48 @@ class ECGLanguageModel(nn.Module):
         self,
         fast_weights: list[dict[str, torch.Tensor]],
         tasks: list[TaskData],
-        batch: PromptBatch | None = None,
+        batches: list[tuple[list[int], PromptBatch]] | None = None,
         full_logits: bool = False,
     ) -> torch.Tensor:
-        """Mean answer-token loss of each task under its own fast weights, (M,), in ONE frozen-LLM pass over
-        all M tasks' rows. batch: `collate` of the tasks' rows concatenated (pass it to reuse the KV cache)."""
+        """Mean answer-token loss of each task under its own fast weights, (M,), in one frozen-LLM pass per
+        length bucket over all M tasks' rows. batches: `task_set(tasks).batches` (pass them to reuse the
+        collated rows and question KV cache); None: collated here."""
         if len(fast_weights) != len(tasks):
             raise ValueError(f"task_losses: {len(fast_weights)} fast-weight sets for {len(tasks)} tasks")
-        if batch is None:
-            batch = self.collate(stack_rows(tasks))
+        if batches is None:
+            batches = self.task_set(tasks).batches
         prefix = torch.cat(
             [self.fuse(t.pooled, t.tokens, w) for w, t in zip(fast_weights, tasks, strict=True)], dim=0
         )  # (sum of B_m, n_prefix, D_llm)
-        nll = self.token_nll(prefix, batch, full_logits)
+        rows, row_nll, row_count = [], [], []
+        for index, batch in batches:
+            rows += index
+            row_nll.append(self.token_nll(prefix[index], batch, full_logits).sum(1))
+            row_count.append(batch.target_mask.sum(1))
+        inverse = torch.empty(len(rows), dtype=torch.long)
+        inverse[torch.tensor(rows)] = torch.arange(len(rows))
+        inverse = inverse.to(prefix.device)
+        nll, count = torch.cat(row_nll)[inverse], torch.cat(row_count)[inverse]  # back in stacked row order
         sizes = [len(t.rows) for t in tasks]
         per_task_nll = torch.stack([chunk.sum() for chunk in nll.split(sizes)])
-        per_task_count = torch.stack([chunk.sum() for chunk in batch.target_mask.split(sizes)])
+        per_task_count = torch.stack([chunk.sum() for chunk in count.split(sizes)])
         if (per_task_count == 0).any():
             raise ValueError("task_losses: a task has no answer tokens (answers missing?)")
         return per_task_nll / per_task_count
 
     def task_set(self, tasks: list[TaskData]) -> TaskSet:
-        """Collate M tasks' rows into one batch (and, question_first, their question KV cache) once."""
-        return TaskSet(list(tasks), self.collate(stack_rows(tasks)))
+        """Collate M tasks' rows once, in length buckets (and, question_first, their question KV cache)."""
+        rows = stack_rows(tasks)
+        buckets = length_buckets([len(a) for a in rows.after])
+        return TaskSet(list(tasks), [(index, self.collate(rows.select(index))) for index in buckets])
 
     def loss_fn(self, full_logits: bool = False):
         """The `ecgray.meta` loss: (fast weights dict | list of M dicts, TaskSet) -> scalar | (M,)."""
 
         def loss(fast_weights, data: TaskSet) -> torch.Tensor:
             if isinstance(fast_weights, dict):
-                return self.task_losses([fast_weights], data.tasks, data.batch, full_logits)[0]
-            return self.task_losses(fast_weights, data.tasks, data.batch, full_logits)
+                return self.task_losses([fast_weights], data.tasks, data.batches, full_logits)[0]
+            return self.task_losses(fast_weights, data.tasks, data.batches, full_logits)
 
         return loss
 
