@@ -55,8 +55,7 @@ def main() -> None:
     theta = lm.mapper_params()
     t0 = time.time()
     if a.steps:
-        types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
-        qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, types)
+        qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
         sampler = EpisodeSampler(qa, cfg.episodes, "meta-train", seed=cfg.seed)
         cache = FeatureCache(lm, store)
         opt = make_meta_optimizer(list(theta.values()), cfg.meta)

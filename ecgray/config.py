@@ -76,7 +76,12 @@ class EpisodeConfig:
     """Classes and N-way K-shot episodes (method.md section 1)."""
 
     question_type: Literal["single-verify", "single-choose", "single-query", "mixed"] = "single-verify"
-    """Question type the episodes are drawn from; mixed: each episode from one type chosen at random."""
+    """Question type the episodes are drawn from; mixed: each episode from one of `mixed_types`, chosen at
+    random."""
+    mixed_types: list[Literal["single-verify", "single-choose", "single-query"]] = field(
+        default_factory=lambda: list(QUESTION_TYPES)
+    )
+    """With question_type `mixed`: the question types an episode's type is drawn from (uniformly)."""
     n_way: int = 5
     """Classes per episode."""
     k_shot: int = 5
@@ -98,6 +103,16 @@ class EpisodeConfig:
     """Share of the class keys (template ids in template mode) that go to meta-train, rounded down."""
     split_seed: int = 222
     """Seed of the class / template split (the paper's 222)."""
+
+    def __post_init__(self):
+        if not self.mixed_types or len(set(self.mixed_types)) != len(self.mixed_types):
+            raise ValueError(
+                f"episodes.mixed_types must list distinct question types, got {self.mixed_types}"
+            )
+
+    def types(self) -> list[str]:
+        """The question types episodes are drawn from: `mixed_types` when mixed, else question_type."""
+        return list(self.mixed_types) if self.question_type == "mixed" else [self.question_type]
 
 
 @_forbid_extra
@@ -259,6 +274,10 @@ class EvalConfig:
 
     episodes: int = 1000
     """Meta-test episodes (the paper evaluates on 1,000)."""
+    episodes_by_type: dict[Literal["single-verify", "single-choose", "single-query"], int] = field(
+        default_factory=dict
+    )
+    """Per question type, overrides `episodes` (e.g. more episodes where answering is cheap)."""
     seed: int = 0
     """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
     baselines: list[Literal["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]] = field(
@@ -289,6 +308,10 @@ class EvalConfig:
     """supervised baseline: AdamW learning rate (the paper's meta_lr; weight decay / clipping from meta)."""
     in_context_k: int | None = None
     """in_context baseline: support examples per class put in the prompt; None: all k_shot."""
+
+    def episodes_for(self, question_type: str) -> int:
+        """Meta-test episodes for a question type: episodes_by_type[question_type], else `episodes`."""
+        return self.episodes_by_type.get(question_type, self.episodes)
 
 
 @_forbid_extra

@@ -300,6 +300,28 @@ def test_mixed_draws_each_episode_from_one_type():
     with pytest.raises(EpisodeError, match="meta-train single-choose .* 0 eligible classes"):
         EpisodeSampler(world(4, 1), cfg, "meta-train", 0)
 
+    # mixed_types narrows the draw: only verify and query episodes, and choose classes are not needed
+    two = dataclasses.replace(cfg, mixed_types=[VERIFY, QUERY])
+    assert two.types() == [VERIFY, QUERY]
+    kinds = {
+        it["question_type"]
+        for ep in EpisodeSampler(samples, two, "meta-train", 0).episodes(30)
+        for it in ep["support"] + ep["query"]
+    }
+    assert kinds == {VERIFY, QUERY}
+    no_choose = [s for s in samples if s["question_type"] != CHOOSE]
+    assert len(EpisodeSampler(no_choose, two, "meta-train", 0).episodes(5)) == 5
+
+
+def test_mixed_types_must_be_distinct_and_known():
+    from ecgray.config import ConfigError, load_config
+
+    assert load_config(None, ["episodes.question_type=single-choose"]).episodes.types() == [CHOOSE]
+    for bad, match in (("[]", "distinct question types"), (f"[{VERIFY},{VERIFY}]", "distinct question types"),
+                       (f"[{VERIFY},bogus]", "episodes.mixed_types.1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, ["episodes.question_type=mixed", f"episodes.mixed_types={bad}"])
+
 
 def test_none_samples_shared_by_classes_are_not_repeated():
     cfg = small_cfg(question_type=CHOOSE, meta_train_fraction=1.0, n_way=2)

@@ -285,7 +285,7 @@ class EpisodeSampler:
             raise EpisodeError(f"seed must be a non-negative integer, got {seed!r}")
         self.cfg, self.split, self.seed = cfg, split, int(seed)
         self.need = cfg.k_shot + cfg.n_query
-        self.question_types = QUESTION_TYPES if cfg.question_type == "mixed" else [cfg.question_type]
+        self.question_types = cfg.types()
 
         samples = list(samples)
         seen: set[tuple] = set()
@@ -422,8 +422,7 @@ def episode_dataset(
     """
     from ecgray.data.shards import read_qa
 
-    types = None if cfg.question_type == "mixed" else [cfg.question_type]
-    samples = read_qa(prepared_dir, source=source, variant=variant, question_types=types)
+    samples = read_qa(prepared_dir, source=source, variant=variant, question_types=cfg.types())
     return sampler_dataset(EpisodeSampler(samples, cfg, split, seed), count)
 
 

@@ -60,12 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from ecgray.data.episodes import EpisodeError, EpisodeSampler
     from ecgray.data.shards import read_qa
 
-    qt = cfg.episodes.question_type
     samples = read_qa(
         data,
         source=cfg.data.source,
         variant=cfg.data.variant,
-        question_types=None if qt == "mixed" else [qt],
+        question_types=cfg.episodes.types(),
     )
     try:
         sampler = EpisodeSampler(samples, cfg.episodes, args.split, seed)

@@ -154,12 +154,10 @@ def finetune_scratch(
 
 def meta_train_items(samples: list[dict], cfg: Config) -> list[dict]:
     """Every sample of the meta-train classes (episodes.* split rules), once, with its class answer."""
-    from ecgray.config import QUESTION_TYPES
     from ecgray.data.episodes import build_classes, class_answer, sample_identity, split_classes
 
-    types = QUESTION_TYPES if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
     items, seen = [], set()
-    for qt in types:
+    for qt in cfg.episodes.types():
         classes = split_classes(build_classes(samples, qt, cfg.episodes), cfg.episodes)["meta-train"]
         for key in sorted(classes):
             for qid in sorted(classes[key]):

@@ -1,9 +1,10 @@
 """`ecgray eval --checkpoint DIR --data PREPARED_DIR --out DIR [--config FILE] [--set key=value ...]`
 
 Loads the checkpoint (mapper weights + the config that produced them; encoder and LLM are rebuilt from that
-config), applies --config / --set on top of it, draws `eval.episodes` meta-test episodes (seed `eval.seed`)
-from the prepared dir, runs the meta-test, the baselines in `eval.baselines` and the lead subsets in
-`eval.lead_subsets` on the same episodes, and writes into --out:
+config), applies --config / --set on top of it, draws `eval.episodes` meta-test episodes (or
+`eval.episodes_by_type[question type]`; seed `eval.seed`) from the prepared dir, runs the meta-test, the
+baselines in `eval.baselines` and the lead subsets in `eval.lead_subsets` on the same episodes, and writes
+into --out:
   results.json            every result (per question type x inner step: exact match, token accuracy with /
                           without BOS, CIs; per class; per episode), the resolved config and versions
   config.yaml, versions.json
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True) -> dict:
-    """Meta-test the checkpoint's mapper on `cfg.eval.episodes` meta-test episodes drawn from the prepared
+    """Meta-test the checkpoint's mapper on `cfg.eval.episodes_for(question type)` meta-test episodes drawn from the prepared
     dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
     results.json, the resolved config and the PNGs into `out`. Returns the results payload (+ "curves").
     Bad data raises ValueError / FileNotFoundError naming it."""
@@ -107,10 +108,11 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         raise ValueError(
             f"{data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs={cfg.encoder.fs} Hz"
         )
-    types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
-    samples = read_qa(data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
+    samples = read_qa(
+        data, source=cfg.data.source, variant=cfg.data.variant, question_types=cfg.episodes.types()
+    )
     sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
-    episodes = sampler.episodes(cfg.eval.episodes, progress=progress)
+    episodes = sampler.episodes(cfg.eval.episodes_for(cfg.episodes.question_type), progress=progress)
     missing = sorted(
         {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]} - set(store.ecg_ids.tolist())
     )

@@ -163,8 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     store = ECGStore.open(cfg.data.prepared_dir)
     cache = FeatureCache(lm, store)
-    types = None if cfg.episodes.question_type == "mixed" else [cfg.episodes.question_type]
-    qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, types)
+    qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
     test_sampler = EpisodeSampler(qa, cfg.episodes, "meta-test", seed=cfg.seed + 1)
     my_eval = eval_indices(cfg.meta.eval_episodes, rank, world)
 
