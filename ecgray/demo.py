@@ -78,6 +78,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_run_config(cfg, out)
     owns_ray = not ray.is_initialized()  # shut down at the end only a Ray this run started
     stage = Stages()
     started = time.perf_counter()
@@ -162,6 +163,43 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 7. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_run_config(cfg: Config, out: Path) -> None:
+    """Cached stages are reused only for the config that made them. `out/demo_config.yaml` records the
+    demo's config on the first run; a later run with another config is refused (naming the keys that
+    differ) instead of mixing stages of two configs. An `out` with content but no record is refused too."""
+    import yaml
+
+    record = out / "demo_config.yaml"
+    current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if not record.is_file():
+        if any(p.name != record.name for p in out.iterdir()):
+            raise ValueError(
+                f"{out} holds files but no {record.name} (not a demo run, or one from an older ecgray); "
+                "its cached stages cannot be checked against this config. Rerun with --fresh (deletes it) "
+                "or choose another --out"
+            )
+        record.write_text(yaml.safe_dump(current, sort_keys=False))
+        return
+    before, now = _flat(yaml.safe_load(record.read_text()) or {}), _flat(current)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise ValueError(
+            f"{out} holds a demo run made with a different config ({', '.join(changed[:8])}"
+            f"{' ...' if len(changed) > 8 else ''} differ); its cached stages would not match. Rerun with "
+            "--fresh (deletes it) or choose another --out"
+        )
 
 
 def serve_episode(cfg: Config, checkpoint_dir: Path, synth_dir: Path, out: Path) -> dict:
@@ -357,7 +395,8 @@ def build_report(
         "# ecgray demo report",
         "",
         f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
-        f"{cfg.eval.episodes} meta-test episodes per question type on unseen classes; LLM `{cfg.model.llm}`, "
+        f"meta-test episodes on unseen classes: "
+        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in QUESTION_TYPES)}; LLM `{cfg.model.llm}`, "
         f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min (cached stages not rerun).",
         "",
         "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI +- | token acc (BOS) |",

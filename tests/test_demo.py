@@ -20,7 +20,7 @@ TINY = [
     "meta.inner_steps=2", "meta.tasks_per_step=2", "meta.outer_steps=2", "meta.eval_every=2",
     "meta.eval_episodes=2", "meta.checkpoint_every=2",
     "train.num_workers=2", "train.name=demo_test",
-    "eval.episodes=2", "eval.supervised_steps=5",
+    "eval.episodes=2", "eval.episodes_by_type={single-verify: 3}", "eval.supervised_steps=5",
     "synth.patients=500",
 ]  # fmt: skip
 
@@ -45,11 +45,12 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         assert {(qt, m) for m in ("meta_test", "blind_llm", "finetune_scratch")} <= methods
         assert set(report["learning_evidence"][qt]) == {"blind_llm", "finetune_scratch"}
     for row in report["results"]:
-        assert row["episodes"] == 2 and 0.0 <= row["exact_match_last"] <= 1.0
+        assert row["episodes"] == (3 if row["question_type"] == "single-verify" else 2)
+        assert 0.0 <= row["exact_match_last"] <= 1.0
     served = report["served"]
     assert len(served["answers"]) == 2 * 2  # n_way x n_query answered over HTTP
     assert all(a["predicted"]["answer"] in ("yes", "no") for a in served["answers"])
-    assert "| single-verify | meta_test | 2 |" in (out / "report.md").read_text()
+    assert "| single-verify | meta_test | 3 |" in (out / "report.md").read_text()
 
     # a second run reuses every cached stage and gives the same results
     again = run_demo(cfg, out)
@@ -58,6 +59,27 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         again["seconds_per_stage"]["meta-train"] == "cached"
         and again["seconds_per_stage"]["synth"] == "cached"
     )
+
+
+def test_cached_stages_are_reused_only_for_the_config_that_made_them(tmp_path):
+    from ecgray.demo import check_run_config
+
+    cfg = load_config(None, TINY)
+    out = tmp_path / "demo"
+    out.mkdir()
+    check_run_config(cfg, out)  # first run: records the config
+    (out / "report.json").write_text("{}")
+    check_run_config(load_config(None, TINY), out)  # the same config again: reuse
+    changed = load_config(None, [*TINY, "meta.inner_lr=0.01", "eval.episodes_by_type={single-choose: 4}"])
+    with pytest.raises(
+        ValueError,
+        match=r"different config \(eval.episodes_by_type.single-choose, eval.episodes_by_type.single-verify, meta.inner_lr differ",
+    ):
+        check_run_config(changed, out)
+    assert (out / "report.json").read_text() == "{}"  # nothing written is touched
+    (out / "demo_config.yaml").unlink()
+    with pytest.raises(ValueError, match="holds files but no demo_config.yaml"):
+        check_run_config(cfg, out)
 
 
 def test_learning_evidence_reads_confidence_intervals():
