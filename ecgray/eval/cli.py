@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True) -> dict:
-    """Meta-test the checkpoint's mapper on `cfg.eval.episodes_for(question type)` meta-test episodes drawn from the prepared
-    dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
+    """Meta-test the checkpoint's mapper on `cfg.eval.episodes_for(question type)` meta-test episodes drawn
+    from the prepared dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
     results.json, the resolved config and the PNGs into `out`. Returns the results payload (+ "curves").
     Bad data raises ValueError / FileNotFoundError naming it."""
     import torch
