@@ -24,7 +24,7 @@ from ecgray.data.episodes import EpisodeSampler
 from ecgray.data.shards import ECGStore, read_qa
 from ecgray.eval import baselines as B
 from ecgray.eval.meta_test import load_template_answers, meta_test
-from ecgray.meta.maml import apply_meta_gradient, make_meta_optimizer
+from ecgray.meta.maml import apply_meta_gradient, make_meta_optimizer, meta_lr_at, set_lr
 from ecgray.models.checkpoint import load_checkpoint
 from ecgray.models.ecg_lm import build_model
 from ecgray.train.loop import FeatureCache, meta_gradient
@@ -44,6 +44,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(Path(a.run) / "config.yaml", a.set)
+    if a.steps:  # the run's length is --steps (what meta.lr_schedule decays over)
+        cfg = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, outer_steps=a.steps))
     torch.manual_seed(cfg.seed)
     state = None
     if a.init:
@@ -64,6 +66,7 @@ def main() -> None:
         for s in range(a.steps):
             eps = [sampler.episode(s * g + j) for j in range(g)]
             r = meta_gradient(lm, cache, {k: v.detach() for k, v in theta.items()}, eps, cfg)
+            set_lr(opt, meta_lr_at(s, cfg.meta))
             apply_meta_gradient(opt, theta, r.grads, cfg.meta.grad_clip)
             sl = r.support_losses
             print(

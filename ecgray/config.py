@@ -217,6 +217,9 @@ class MetaConfig:
     query_from_step: int = 2
     """Query losses after inner steps query_from_step..inner_steps are averaged into the meta-loss."""
     meta_lr: float = 5e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Meta learning rate over the outer steps: constant (the paper's) or cosine, meta_lr at the first step
+    decaying towards 0 at outer_steps (the final mapper is the one kept, so its last steps should be small)."""
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     tasks_per_step: int = 1

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ecgray.config import Config, ConfigError, EncoderConfig, ModelConfig
 from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, load_metrics, save_checkpoint
-from ecgray.models.ecg_lm import ECGLanguageModel, answer_text, length_buckets, stack_rows
+from ecgray.models.ecg_lm import ECGLanguageModel, OptionTrie, answer_text, length_buckets, stack_rows
 from ecgray.models.encoder import ECGEncoder
 from ecgray.models.fusion import AttentionMapper, build_mapper
 from ecgray.models.llm import llm_hidden_size, load_llm
@@ -176,6 +176,16 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_batch(llm, layo
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_option_trie_shares_leading_tokens():
+    t = OptionTrie([[7, 8, 9], [7, 8], [7, 5], [4], [7, 8, 9]])
+    assert t.size == 5 and t.token == [7, 8, 9, 5, 4] and t.parent == [-1, 0, 1, 0, -1]
+    assert t.depth == [0, 1, 2, 1, 0]
+    assert t.paths == [[0, 1, 2], [0, 1, -1], [0, 3, -1], [4, -1, -1], [0, 1, 2]]
+    assert t.ends == [2, 1, 3, 4, 2]  # "7 8" ends inside "7 8 9"; a repeated option shares its nodes
+    assert [n for n in range(5) if t.ancestry[2][n]] == [0, 1, 2]
+    assert [n for n in range(5) if t.ancestry[3][n]] == [0, 3] and t.ancestry[4] == [False] * 4 + [True]
+
+
 @pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
 def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
     m = make_model(llm, layout)
@@ -189,20 +199,29 @@ def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
             assert pred[: len(ids)] == ids
         if len(ids) < 3:  # it stopped: EOS was the argmax
             assert pred[len(ids)] == m.eos_id
-    # options of different token lengths, chunks that split one sample's options: every score equals the
-    # teacher-forced log-likelihood of that option (+ EOS) on the full prompt
+    # options of different token lengths sharing leading tokens, one a prefix of another (EOS scored inside
+    # the trie), passes of one sample and of all: every score equals the teacher-forced log-likelihood of
+    # that option (+ EOS) on the full prompt
     options = [
         ["yes", "no"],
-        ["v1", "lead i, v1", "none", "lead i, lead ii, v1, v2"],
-        ["yes", "no", "not sure"],
+        ["v1", "lead i, v1", "none", "lead i, lead ii, v1, v2", "lead i", "lead i, lead ii"],
+        ["yes", "no", "not sure", "not"],
     ]
-    for chunk in (2, 128):
+    for chunk in (1, 8, 1024):  # tries of one option each, samples split into several tries, all in one
         scores = m.score_options(prefix, QUESTIONS, options, chunk=chunk)
-        assert [s.shape[0] for s in scores] == [2, 4, 3]
+        assert [s.shape[0] for s in scores] == [2, 6, 4]
         for i, opts in enumerate(options):
             for j, option in enumerate(opts):
                 nll = m.token_nll(prefix[[i]], m.collate(m.prompt_rows([QUESTIONS[i]], [option])))
                 torch.testing.assert_close(scores[i][j], -nll.sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_option_longer_than_the_sliding_window_is_named():
+    m = make_model(("tiny-gemma", *load_llm("tiny-gemma")))  # sliding window 64
+    prefix = m.fuse(torch.randn(1, D_ENC), None)
+    assert m.score_options(prefix, QUESTIONS[:1], [["lead i, lead ii", "none"]])[0].shape == (2,)
+    with pytest.raises(ValueError, match=r"option \(\d+ tokens\) do not fit the LLM's sliding window \(64\)"):
+        m.score_options(prefix, QUESTIONS[:1], [["lead i, " * 20, "none"]])
 
 
 def test_encoder_to_loss_end_to_end():

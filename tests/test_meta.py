@@ -11,9 +11,11 @@ from ecgray.meta import (
     adapt,
     apply_meta_gradient,
     make_meta_optimizer,
+    meta_lr_at,
     meta_step,
     reference_meta_step,
     run_meta_step,
+    set_lr,
 )
 from ecgray.models.ecg_lm import ECGLanguageModel
 from ecgray.models.fusion import build_mapper
@@ -152,6 +154,22 @@ def test_outer_step_clips_and_uses_adamw():
     # first AdamW step moves each coordinate by lr (sign of grad) plus decoupled weight decay
     torch.testing.assert_close(p["w"].detach(), torch.full((4,), 1 - 5e-4 * 0.01 - 5e-4), rtol=0, atol=1e-6)
     assert p["w"].grad is None
+
+
+def test_meta_lr_schedule():
+    constant = MetaConfig(meta_lr=0.01, outer_steps=10)
+    assert [meta_lr_at(s, constant) for s in (0, 5, 9)] == [0.01, 0.01, 0.01]
+    cosine = MetaConfig(meta_lr=0.01, outer_steps=10, lr_schedule="cosine")
+    lrs = [meta_lr_at(s, cosine) for s in range(10)]
+    assert lrs[0] == 0.01 and lrs[5] == pytest.approx(0.005)
+    assert (
+        all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and 0 < lrs[-1] < 0.0003
+    )  # the last step still moves
+    p = {"w": torch.nn.Parameter(torch.ones(4))}
+    opt = make_meta_optimizer(p.values(), cosine)
+    set_lr(opt, lrs[5])
+    apply_meta_gradient(opt, p, {"w": torch.full((4,), 3.0)}, None)
+    torch.testing.assert_close(p["w"].detach(), torch.full((4,), 1 - 0.005 * 0.01 - 0.005), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ with the tiny LLM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -81,6 +82,8 @@ def run_cfg(toy, tmp, name, *extra):
         toy_overrides(toy)
         + [
             "meta.tasks_per_step=2", f"meta.outer_steps={STEPS}", "meta.eval_every=3", "meta.checkpoint_every=2",
+            # a per-step meta learning rate: ZeRO's optimizers and a resumed run must follow it too
+            "meta.lr_schedule=cosine",
             f"train.storage_path={tmp}", f"train.name={name}", *extra,
         ],
     )  # fmt: skip
@@ -122,6 +125,8 @@ def test_single_worker_run_reports_and_checkpoints(single_worker):
     assert metrics["step"] == STEPS and train_state["step"] == STEPS and train_state["restarts"] == []
     assert metrics["meta_test_episodes"] == 2 and 0.0 <= metrics["meta_test_accuracy"] <= 1.0
     assert metrics["meta_loss"] > 0 and metrics["episodes_per_s"] > 0
+    toy_lr = load_config(None, toy_overrides("x")).meta.meta_lr
+    assert metrics["meta_lr"] == pytest.approx(toy_lr * 0.5 * (1 + math.cos(math.pi * (STEPS - 1) / STEPS)))
     # the meta-parameters moved away from their (seeded) init
     from ecgray.models.ecg_lm import build_model
 

@@ -6,9 +6,11 @@ from ecgray.meta.maml import (
     adapt,
     apply_meta_gradient,
     make_meta_optimizer,
+    meta_lr_at,
     meta_step,
     reference_meta_step,
     run_meta_step,
+    set_lr,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "adapt",
     "apply_meta_gradient",
     "make_meta_optimizer",
+    "meta_lr_at",
     "meta_step",
     "reference_meta_step",
     "run_meta_step",
+    "set_lr",
 ]

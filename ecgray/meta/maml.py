@@ -25,6 +25,7 @@ Engines (both return the same `MetaStep`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,21 @@ def reference_meta_step(
 def make_meta_optimizer(params, cfg) -> torch.optim.Optimizer:
     """AdamW(meta_lr, weight_decay) over the meta-parameters (cfg: `MetaConfig`)."""
     return torch.optim.AdamW(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
+
+
+def meta_lr_at(step: int, cfg) -> float:
+    """The meta learning rate of outer step `step` (0-based) under cfg.lr_schedule (cfg: `MetaConfig`)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.meta_lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.meta_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.outer_steps) / cfg.outer_steps))
+    raise ValueError(f"meta.lr_schedule={cfg.lr_schedule!r}: expected constant or cosine")
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (a torch or DeepSpeed optimizer)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def apply_meta_gradient(

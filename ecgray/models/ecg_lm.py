@@ -141,6 +141,48 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def _shared(a: list[int], b: list[int]) -> int:
+    """Length of the common leading part of two token lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class OptionTrie:
+    """The token trie of one sample's options: node n holds token[n] at depth[n] under parent[n] (-1: a
+    first token); ancestry[n, m] is True when m is n or one of its ancestors; paths[o] lists option o's
+    nodes (padded with -1) and ends[o] its last node, where EOS is scored."""
+
+    def __init__(self, options: list[list[int]]):
+        index: dict[tuple[int, ...], int] = {}
+        self.token: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        paths = []
+        for ids in options:
+            path = []
+            for d in range(len(ids)):
+                key = tuple(ids[: d + 1])
+                if key not in index:
+                    index[key] = len(self.token)
+                    self.token.append(ids[d])
+                    self.parent.append(path[-1] if path else -1)
+                    self.depth.append(d)
+                path.append(index[key])
+            paths.append(path)
+        self.size = len(self.token)
+        self.ends = [p[-1] for p in paths]
+        longest = max((len(p) for p in paths), default=0)
+        self.paths = [p + [-1] * (longest - len(p)) for p in paths]
+        self.ancestry = [[False] * self.size for _ in range(self.size)]
+        for n in range(self.size):
+            m = n
+            while m >= 0:
+                self.ancestry[n][m] = True
+                m = self.parent[m]
+
+
 class ECGLanguageModel(nn.Module):
     """Frozen encoder + trainable mapper + frozen LLM (module docstring).
 
@@ -456,14 +498,17 @@ class ECGLanguageModel(nn.Module):
     # ---------------------------------------------------------------------------------------- decoding
     @torch.no_grad()
     def score_options(
-        self, prefix: torch.Tensor, questions: list[str], options: list[list[str]], chunk: int = 128
+        self, prefix: torch.Tensor, questions: list[str], options: list[list[str]], chunk: int = 1024
     ) -> list[torch.Tensor]:
         """Constrained decoding: log p(option + EOS | prompt) summed over its tokens, for every admissible
         option of every sample -> list of (n_options_i,) tensors.
 
         The prompt ([before ; prefix ; "Answer: "]) runs once per sample; its KV cache is then shared by
-        that sample's options, which run in chunks of `chunk` rows feeding only their own tokens (exactly
-        what teacher forcing each option on the full prompt computes, at a fraction of the cost)."""
+        that sample's options, which run as one token trie (`OptionTrie`): options sharing leading tokens
+        ("lead i", "lead i, lead ii") run those tokens once, each trie node attending to the prompt and its
+        own ancestors. That is exactly what teacher forcing each option on the full prompt computes, at a
+        fraction of the cost. `chunk`: padded trie nodes per pass (at least one trie); a sample whose trie
+        outgrows it (or the sliding window) gets several."""
         if self.cfg.paper_compat:
             raise ValueError(
                 "score_options: option scoring needs teacher forcing; set model.paper_compat=False"
@@ -472,10 +517,10 @@ class ECGLanguageModel(nn.Module):
             raise ValueError(
                 f"score_options: {len(questions)} questions, {prefix.shape[0]} prefixes, {len(options)} option lists"
             )
-        flat = [(i, self._ids(answer_text(o))) for i, opts in enumerate(options) for o in opts]
-        if not flat:
+        ids = [[self._ids(answer_text(o)) for o in opts] for opts in options]
+        if not any(ids):
             raise ValueError("score_options: no options given")
-        if any(not ids for _, ids in flat):
+        if any(not i for opts in ids for i in opts):
             raise ValueError("score_options: an option tokenises to nothing")
         # 1. the prompts: last hidden state (predicts each option's first token) and the KV cache
         batch = self.collate(self.prompt_rows(questions, None))
@@ -488,39 +533,82 @@ class ECGLanguageModel(nn.Module):
         )
         prompt_len = prompt_mask.sum(1)  # (B,) real prompt tokens: the options' first position id
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        longest = int(prompt_mask.shape[1]) + max(len(ids) for _, ids in flat)
-        if self.sliding_window is not None and longest >= self.sliding_window - 1:
-            raise ValueError(
-                f"score_options: prompt + option ({longest} tokens) do not fit the LLM's sliding window "
-                f"({self.sliding_window}); lower model.max_question_tokens"
+        # one trie per sample (several when it outgrows `chunk` or the sliding window): (sample, options, trie)
+        longest = max(len(i) for opts in ids for i in opts)
+        width_limit = max(chunk, longest)  # one option always fits a trie
+        if self.sliding_window is not None:
+            window = self.sliding_window - 2 - int(prompt_mask.shape[1])  # trie nodes the window leaves
+            if longest > window:
+                raise ValueError(
+                    f"score_options: prompt ({int(prompt_mask.shape[1])} tokens) + option ({longest} tokens) "
+                    f"do not fit the LLM's sliding window ({self.sliding_window}); lower model.max_question_tokens"
+                )
+            width_limit = min(width_limit, window)
+        tries: list[tuple[int, list[int], OptionTrie]] = []
+        for i, opts in enumerate(ids):
+            group: list[int] = []
+            size = 0
+            # in token order an option shares the most leading tokens with the one before it, and adds
+            # that many fewer nodes
+            for j in sorted(range(len(opts)), key=lambda j: opts[j]):
+                new = len(opts[j]) - (_shared(opts[j], opts[group[-1]]) if group else 0)
+                if group and size + new > width_limit:
+                    tries.append((i, group, OptionTrie([opts[g] for g in group])))
+                    group, size, new = [], 0, len(opts[j])
+                group.append(j)
+                size += new
+            if group:
+                tries.append((i, group, OptionTrie([opts[g] for g in group])))
+        device, dtype = prefix.device, self.embed.weight.dtype
+        scores = [torch.empty(len(o), device=device) for o in ids]
+        # tries in passes of at most `chunk` padded nodes (at least one trie), similar sizes together
+        # (`length_buckets`) so little of a pass is padding
+        passes: list[list[tuple[int, list[int], OptionTrie]]] = []
+        for bucket in length_buckets([t.size for _, _, t in tries], ratio=1.5):
+            rows = max(1, chunk // max(tries[b][2].size for b in bucket))
+            passes += [[tries[b] for b in bucket[k : k + rows]] for k in range(0, len(bucket), rows)]
+        for part in passes:
+            owner = torch.tensor([i for i, _, _ in part], device=device)
+            width = max(t.size for _, _, t in part)
+            tokens = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+            positions = torch.zeros((len(part), width), dtype=torch.long)
+            tree = torch.eye(width, dtype=torch.bool).repeat(len(part), 1, 1)  # padding attends to itself
+            real = torch.zeros((len(part), width), dtype=torch.bool)
+            for r, (_, _, t) in enumerate(part):
+                tokens[r, : t.size] = torch.as_tensor(t.token)
+                positions[r, : t.size] = torch.as_tensor(t.depth)
+                tree[r, : t.size, : t.size] = torch.as_tensor(t.ancestry)
+                real[r, : t.size] = True
+            # 2. every trie node after its own prompt's cache, attending to the prompt and its ancestors
+            allowed = torch.cat(
+                [prompt_mask[owner].bool()[:, None, :].expand(-1, width, -1), tree.to(device)], 2
             )
-        device = prefix.device
-        # chunks of options of similar length, so little of each chunk is padding
-        order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
-        flat_scores = torch.empty(len(flat), device=device)
-        for start in range(0, len(flat), chunk):
-            rows = order[start : start + chunk]
-            part = [flat[j] for j in rows]
-            owner = torch.tensor([i for i, _ in part], device=device)
-            ids, mask = _pad([o for _, o in part], self.pad_id, left=False)
-            ids, mask = ids.to(device), mask.to(device)
-            # 2. each option's tokens after its own prompt's cache: position j predicts token j + 1, the last EOS
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
             out = self.decoder(
-                inputs_embeds=self.embed(ids),
-                attention_mask=torch.cat([prompt_mask[owner], mask], 1),
-                position_ids=prompt_len[owner, None] + torch.arange(ids.shape[1], device=device)[None],
+                inputs_embeds=self.embed(tokens.to(device)),
+                attention_mask=additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None],
+                position_ids=prompt_len[owner, None] + positions.to(device),
                 use_cache=True,
                 **{self._cache_kw: self._new_cache([(k[owner], v[owner]) for k, v in kv])},
             )
-            targets = torch.cat([ids[:, 1:], ids.new_full((len(part), 1), self.pad_id)], 1)
-            lengths = mask.sum(1)
-            targets[torch.arange(len(part), device=device), lengths - 1] = self.eos_id
-            keep = mask.bool()
-            logp = torch.log_softmax(self.logits(out.last_hidden_state[keep]), -1)  # (N, V)
-            tok = logp.gather(1, targets[keep][:, None])[:, 0]
-            per_row = torch.zeros(len(part), device=device).index_add_(0, torch.nonzero(keep)[:, 0], tok)
-            flat_scores[torch.tensor(rows, device=device)] = per_row + first_logp[owner, ids[:, 0]]
-        return list(flat_scores.split([len(o) for o in options]))
+            # 3. log p(next token | node) at every node: its children's tokens, and EOS where an option ends
+            logits = self.logits(out.last_hidden_state[real.to(device)])  # (nodes, V), row by row
+            log_norm = torch.logsumexp(logits, -1)
+            base = 0
+            for i, group, t in part:
+                tok = torch.as_tensor(t.token, device=device)
+                parent = torch.as_tensor(t.parent, device=device)
+                up = base + parent.clamp(min=0)
+                # log p(node's token | the tokens above it)
+                edge = torch.where(parent >= 0, logits[up, tok] - log_norm[up], first_logp[i, tok])
+                path = torch.as_tensor(t.paths, device=device)  # (options, depth) node ids, -1: none
+                along = torch.where(path >= 0, edge[path.clamp(min=0)], 0.0).sum(1)
+                ends = base + torch.as_tensor(t.ends, device=device)
+                scores[i][torch.as_tensor(group, device=device)] = (
+                    along + logits[ends, self.eos_id] - log_norm[ends]
+                )
+                base += t.size
+        return scores
 
     def greedy(
         self, prefix: torch.Tensor, questions: list[str], max_new_tokens: int | None = None

@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ecgray.data.episodes import EpisodeSampler
     from ecgray.data.shards import ECGStore, read_qa
+    from ecgray.meta.maml import meta_lr_at, set_lr
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
     from ecgray.models.ecg_lm import build_model
     from ecgray.models.fusion import build_mapper
@@ -216,6 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
             result = meta_gradient(lm, cache, theta, episodes, cfg)
             loss = engine(result.grads)  # surrogate: its gradient w.r.t. theta is the meta-gradient
             engine.backward(loss)
+            lr = meta_lr_at(step, cfg.meta)
+            set_lr(engine.optimizer, lr)
             engine.step()
             step += 1
             t_first = t_first or time.perf_counter()
@@ -223,6 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {
                 "step": step,
                 "meta_loss": meta_loss,
+                "meta_lr": lr,
                 "support_loss_last": support_last,
                 "episodes_per_s": (step - start - 1) * G / (time.perf_counter() - t_first)
                 if step > start + 1
