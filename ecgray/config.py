@@ -183,6 +183,9 @@ class ModelConfig:
     or `tiny-llama` / `tiny-gemma` (random, for tests)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """The frozen LLM's attention kernels. auto: sdpa on GPU, eager (matmul + softmax) on CPU, where torch's
+    flash-attention backward takes ~60 % of an inner-loop step on these short prompts (BENCHMARKS.md)."""
     mapper: Literal["attention", "mlp", "qformer"] = "attention"
     n_prefix: int = 4
     n_heads: int = 8

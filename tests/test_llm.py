@@ -67,6 +67,26 @@ def test_dtype_resolution():
         load_llm("tiny-llama", dtype="float8")
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma"])
+def test_attention_kernels_agree_in_value_and_gradient(name):
+    """eager (the CPU default) and sdpa compute the same attention, padding and gradients included."""
+    eager, tok = load_llm(name)
+    sdpa, _ = load_llm(name, attention="sdpa")
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
+    enc = tok(["does this ecg show baseline drift?", "yes"], padding=True, return_tensors="pt")
+    out = {}
+    for kind, model in (("eager", eager), ("sdpa", sdpa)):
+        embeds = input_embeddings(model)(enc.input_ids).clone().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=enc.attention_mask).logits
+        (grad,) = torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), embeds)
+        out[kind] = (logits, grad)
+    keep = enc.attention_mask.bool()
+    torch.testing.assert_close(out["eager"][0][keep], out["sdpa"][0][keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["eager"][1], out["sdpa"][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention 'flash'.*expected 'auto', 'sdpa' or 'eager'"):
+        load_llm(name, attention="flash")
+
+
 def test_bad_names_list_accepted_forms(tmp_path):
     with pytest.raises(ValueError, match="accepted LLM names: 'smollm2-135m'"):
         load_llm("gpt-17")

@@ -685,7 +685,9 @@ def build_model(
 
     check_data_fits_encoder(cfg)
     encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
-    llm, tokenizer = load_llm(cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed)
+    llm, tokenizer = load_llm(
+        cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed, attention=cfg.model.attention
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)

@@ -53,14 +53,21 @@ READY_MARKER = "ecgray_cache.json"
 
 
 def load_llm(
-    name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0
+    name: str,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    attention: str = "auto",
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) for `name` (module docstring), frozen, on `device`.
 
     dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or a torch.dtype.
-    seed: initialisation seed of the random tiny models (ignored for pretrained ones)."""
+    seed: initialisation seed of the random tiny models (ignored for pretrained ones).
+    attention: "auto" (sdpa on CUDA, eager on CPU), "sdpa" or "eager" (`ModelConfig.attention`)."""
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if attention not in ("auto", "sdpa", "eager"):
+        raise ValueError(f"LLM attention {attention!r}: expected 'auto', 'sdpa' or 'eager'")
     if name in TINY_NAMES:
         model, tokenizer = _tiny_llm(name, seed)
         model = model.to(dtype=torch_dtype)
@@ -70,6 +77,9 @@ def load_llm(
     if tokenizer.pad_token is None:
         # LLaMA-family tokenizers ship without a pad token; padding positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
+    if attention == "auto":
+        attention = "sdpa" if device.type == "cuda" else "eager"
+    model.set_attn_implementation(attention)
     return freeze_llm(model.to(device)), tokenizer
 
 
