@@ -493,3 +493,68 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key with its type, default and documentation, read from this module's
+    dataclasses (field docstrings are the string right after a field). `python -m ecgray.config` prints it."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields = docs.setdefault(node.name, {})
+            for stmt, after in zip(node.body, [*node.body[1:], None], strict=True):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    text = ""
+                    if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                        text = " ".join(str(after.value.value).split())
+                    fields[stmt.target.id] = text
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `ecgray/config.py` by `python -m ecgray.config > docs/configuration.md` (a test keeps",
+        "it current). Defaults are the paper's values; `configs/*.yaml` hold differences; `--set key=value`",
+        "overrides any key by its dotted name.",
+    ]
+    root = Config()
+    for section in dataclasses.fields(Config):
+        value = getattr(root, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        cls = type(value)
+        summary = " ".join((cls.__doc__ or "").split())
+        lines += [
+            "",
+            f"## `{section.name}`",
+            "",
+            summary,
+            "",
+            "| key | type | default | |",
+            "|---|---|---|---|",
+        ]
+        for f in dataclasses.fields(cls):
+            default = json.dumps(getattr(value, f.name))
+            text = docs.get(cls.__name__, {}).get(f.name, "")
+            lines.append(
+                f"| `{section.name}.{f.name}` | `{cell(str(f.type))}` | `{cell(default)}` | {cell(text)} |"
+            )
+    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(root, f.name))]
+    lines += ["", "## top level", "", "| key | type | default | |", "|---|---|---|---|"]
+    for f in top:
+        text = docs.get("Config", {}).get(f.name, "")
+        lines.append(
+            f"| `{f.name}` | `{cell(str(f.type))}` | `{cell(json.dumps(getattr(root, f.name)))}` | {cell(text)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from ecgray.config import Config, ConfigError, load_config, save_config
@@ -39,3 +41,18 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path)
     assert load_config(path).seed == 7
     assert (tmp_path / "versions.json").is_file()
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the dataclasses: regenerate with `python -m ecgray.config`."""
+    from ecgray.config import reference_markdown
+
+    text = reference_markdown()
+    path = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert path.read_text() == text, (
+        "docs/configuration.md is stale: python -m ecgray.config > docs/configuration.md"
+    )
+    assert (
+        "| `meta.lr_schedule` | `Literal['constant', 'cosine']` | `\"constant\"` | Meta learning rate" in text
+    )
+    assert "| `model.attention` | `Literal['auto', 'sdpa', 'eager']` | `\"auto\"` | The frozen LLM's" in text
