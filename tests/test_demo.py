@@ -38,6 +38,8 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["results"] == report["results"]
+    assert report["llm_precision"] == "float32 on cpu"  # the tiny config's model.dtype=auto on this CPU
+    assert "(float32 on cpu)" in (out / "report.md").read_text()
     methods = {(r["question_type"], r["method"]) for r in report["results"]}
     for qt in ("single-verify", "single-choose", "single-query"):
         assert (out / "figures" / f"accuracy_vs_step_{qt}.png").stat().st_size > 10_000

@@ -14,6 +14,7 @@ from ecgray.models.llm import (
     input_embeddings,
     llm_hidden_size,
     load_llm,
+    resolve_dtype,
     resolve_model_dir,
     tiny_tokenizer,
 )
@@ -65,6 +66,17 @@ def test_dtype_resolution():
     assert next(model.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="float8.*expected 'auto'"):
         load_llm("tiny-llama", dtype="float8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fastest_dtype_follows_the_cpu(monkeypatch, native):
+    """fastest: bf16 where the CPU computes it natively, fp32 where torch would emulate it; bf16 on CUDA."""
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_dtype("fastest", torch.device("cpu")) == expected
+    model, _ = load_llm("tiny-llama", dtype="fastest", device="cpu")
+    assert next(model.parameters()).dtype == expected
+    assert resolve_dtype("fastest", torch.device("cuda")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma"])

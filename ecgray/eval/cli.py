@@ -163,6 +163,7 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         "checkpoint": str(checkpoint),
         "data": str(data),
         "device": str(device),
+        "llm_dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
         "episodes": len(episodes),
         "seconds": round(time.time() - started, 2),
         "results": results,

@@ -61,7 +61,8 @@ def load_llm(
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) for `name` (module docstring), frozen, on `device`.
 
-    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or a torch.dtype.
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fastest" (bf16 on CUDA and on a CPU with native bf16,
+    else fp32), "float32", "bfloat16" or a torch.dtype.
     seed: initialisation seed of the random tiny models (ignored for pretrained ones).
     attention: "auto" (sdpa on CUDA, eager on CPU), "sdpa" or "eager" (`ModelConfig.attention`)."""
     device = torch.device(device)
@@ -102,14 +103,22 @@ def freeze_llm(model: nn.Module) -> nn.Module:
     return model
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16). Without it torch
+    emulates bf16 and a bf16 LLM runs several times slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fastest":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     if dtype not in table:
-        raise ValueError(f"LLM dtype {dtype!r}: expected 'auto' or one of {sorted(table)}")
+        raise ValueError(f"LLM dtype {dtype!r}: expected 'auto', 'fastest' or one of {sorted(table)}")
     return table[dtype]
 
 
