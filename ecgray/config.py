@@ -103,6 +103,22 @@ class EpisodeConfig:
     """Share of the class keys (template ids in template mode) that go to meta-train, rounded down."""
     split_seed: int = 222
     """Seed of the class / template split (the paper's 222)."""
+    protocol: Literal["paper", "grounded"] = "paper"
+    """paper: every way is one class key inside one question_id group (method.md section 1), so inside an
+    episode the question text names the answer; grounded: every question of an episode appears with
+    `answers_per_question` of its answers, balanced, K + Q samples each, so the text cannot decide (method.md
+    section 7); the split is then over question ids (all answers of a question on one side)."""
+    answers_per_question: int = 2
+    """grounded: answer classes each question contributes to an episode (n_way must be a multiple)."""
+    min_answer_size: int | None = None
+    """grounded: an answer class of a question is eligible when it has at least this many samples; None:
+    k_shot + n_query (the paper's 140 / 14 / 50 class sizes do not apply)."""
+    meta_val_fraction: float = 0.1
+    """Share of the meta-train side's items (class keys, question ids or templates) carved out as meta-val:
+    what in-training evaluation, `ecgray tune` and every settings choice read (meta-test is read once per
+    reported run). 0: no meta-val side."""
+    meta_val_seed: int = 223
+    """Seed of the meta-val carve-out."""
 
     def __post_init__(self):
         if not self.mixed_types or len(set(self.mixed_types)) != len(self.mixed_types):
@@ -146,7 +162,10 @@ class EncoderConfig:
     fs: int = 500
     """Sampling rate (Hz) the encoder is trained for; callers check it against data.fs."""
     checkpoint: str | None = None
-    """safetensors file written by `ecgray pretrain-encoder`; None: random init (tests only)."""
+    """safetensors file written by `ecgray pretrain-encoder`. None is an error in train / eval unless
+    `random_init` is set."""
+    random_init: bool = False
+    """Allow a randomly initialised encoder (no `checkpoint`): tests and smoke runs only."""
     pretrain_objective: Literal["contrastive", "supervised"] = "contrastive"
     """contrastive: CMSC-style InfoNCE between two augmented segments of the same record (no labels);
     supervised: multi-label BCE on the scp_codes of train-split ECGs (minus pretrain_exclude_codes)."""
@@ -266,7 +285,7 @@ class TrainConfig:
     """`ecgray tune`: dotted config key -> values to sweep (a grid), e.g. {"meta.inner_lr": [0.01, 0.05]}."""
     tune_samples: int = 1
     """`ecgray tune`: repetitions of the grid (each with its own seed offset)."""
-    tune_metric: str = "meta_test_accuracy"
+    tune_metric: str = "meta_val_accuracy"
     """`ecgray tune`: the reported metric ASHA maximises."""
     tune_grace_period: int = 1
     """`ecgray tune`: meta-test reports a trial survives before ASHA may stop it."""
@@ -284,13 +303,24 @@ class EvalConfig:
     episodes_by_type: dict[Literal["single-verify", "single-choose", "single-query"], int] = field(
         default_factory=dict
     )
-    """Per question type, overrides `episodes` (e.g. more episodes where answering is cheap)."""
+    """Per question type, overrides `episodes` (e.g. more episodes where answering is cheap); 0 leaves the type
+    out of `ecgray demo`."""
     seed: int = 0
     """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
-    baselines: list[Literal["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]] = field(
-        default_factory=lambda: ["blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context"]
-    )
-    """Baselines run on the same episodes (ecgray.eval.baselines)."""
+    baselines: list[
+        Literal[
+            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free",
+            "finetune_scratch", "supervised", "in_context",
+        ]
+    ] = field(
+        default_factory=lambda: [
+            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free",
+            "finetune_scratch",
+        ]
+    )  # fmt: skip
+    """Controls and baselines run on the same episodes (ecgray.eval.baselines): the shortcut controls
+    text_lookup, support_majority, encoder_prototype (no LLM), blind_llm, ecg_free, finetune_scratch; and
+    supervised, in_context."""
     lead_subsets: dict[str, list[str]] = field(default_factory=dict)
     """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}; the meta-test is
     repeated with only those leads (the others zero-filled and masked before the encoder)."""
@@ -305,8 +335,24 @@ class EvalConfig:
     the results are those of one episode at a time). Lower it when memory is short."""
     ci_level: float = 0.95
     """Confidence level of the intervals over episodes."""
-    ci_method: Literal["t", "normal"] = "t"
-    """Student-t (n-1 dof) or normal quantile for the interval of the per-episode mean."""
+    ci_method: Literal["bootstrap", "t", "normal"] = "bootstrap"
+    """Interval of the mean over episodes: bootstrap percentile (stays inside [0, 1]), Student-t (n-1 dof) or
+    normal quantile."""
+    bootstrap_samples: int = 10000
+    """Resamples of the episodes for bootstrap intervals (accuracies and paired differences)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (intervals are reproducible)."""
+    compare_against: list[str] = field(
+        default_factory=lambda: [
+            "text_lookup",
+            "ecg_free",
+            "blind_llm",
+            "encoder_prototype",
+            "finetune_scratch",
+        ]
+    )
+    """Methods the meta-learned model is compared with, paired on the same episodes (paired bootstrap
+    interval of the mean difference, Wilcoxon signed-rank p-value); those not run are left out."""
     supervised_steps: int = 2000
     """supervised baseline: minibatch steps on meta-train samples (not from the paper)."""
     supervised_batch_size: int = 25

@@ -11,13 +11,17 @@ import pytest
 
 from ecgray.config import EpisodeConfig
 from ecgray.data.episodes import (
+    SPLITS,
     EpisodeError,
     EpisodeSampler,
     build_classes,
+    check_split_keys,
     class_answer,
     class_keys,
+    sample_identity,
     seeded_split,
     split_classes,
+    split_keys,
 )
 
 VERIFY, CHOOSE, QUERY = "single-verify", "single-choose", "single-query"
@@ -47,7 +51,11 @@ def group(n, tid, answer, attribute, qtype=VERIFY, qid=1, first_sid=0, split=Non
 
 
 def small_cfg(**changes) -> EpisodeConfig:
-    cfg = EpisodeConfig(min_class_size={VERIFY: 20, CHOOSE: 20, QUERY: 20}, min_group_size=10)
+    """Small size filters and no meta-val side (the tests of the paper's two-way split); tests of meta-val
+    and of the grounded protocol set their own."""
+    cfg = EpisodeConfig(
+        min_class_size={VERIFY: 20, CHOOSE: 20, QUERY: 20}, min_group_size=10, meta_val_fraction=0.0
+    )
     return dataclasses.replace(cfg, **changes)
 
 
@@ -361,14 +369,14 @@ def test_errors_name_the_counts():
 
 
 def test_real_shard_episodes(shard):
-    cfg = EpisodeConfig(n_way=2, meta_train_fraction=1.0)
+    cfg = EpisodeConfig(n_way=2, meta_train_fraction=1.0, meta_val_fraction=0.0)
     ep = EpisodeSampler(shard, cfg, "meta-train", seed=0).episode(0)
     assert set(ep["classes"]) <= {"27_baseline drift_no", "27_burst noise_no", "27_static noise_no"}
     assert all(it["answer"] == ["no"] and it["template_id"] == 27 for it in ep["support"] + ep["query"])
     with pytest.raises(
         EpisodeError, match="meta-train single-verify \\(class split\\): 2 eligible classes of 2"
     ):
-        EpisodeSampler(shard, EpisodeConfig(), "meta-train", 0)
+        EpisodeSampler(shard, EpisodeConfig(meta_val_fraction=0.0), "meta-train", 0)
 
 
 # ----------------------------------------------------------------------------- Ray Data
@@ -500,3 +508,138 @@ def test_patient_mode_on_real_ecg_ids_shares_no_patient(shared_data):
         patients[side] = {patient_of[it["ecg_id"]] for ep in episodes for it in ep["support"] + ep["query"]}
     assert len(patients["meta-train"]) > 50 and len(patients["meta-test"]) > 20
     assert not patients["meta-train"] & patients["meta-test"]
+
+
+# ----------------------------------------------------------------------------- meta-val, disjointness
+
+
+def side_samples(sides) -> dict[str, set]:
+    return {
+        side: {sample_identity(x) for groups in classes.values() for g in groups.values() for x in g}
+        for side, classes in sides.items()
+    }
+
+
+def test_meta_val_is_carved_from_the_meta_train_side_and_leaves_meta_test_alone():
+    classes = build_classes(world(), VERIFY, small_cfg())
+    two_way = split_classes(classes, small_cfg())
+    three_way = split_classes(classes, small_cfg(meta_val_fraction=0.25))
+    assert set(three_way["meta-test"]) == set(two_way["meta-test"])
+    assert set(three_way["meta-train"]) | set(three_way["meta-val"]) == set(two_way["meta-train"])
+    assert (len(three_way["meta-train"]), len(three_way["meta-val"])) == (12, 4)  # 16 * 0.75
+    assert not set(three_way["meta-train"]) & set(three_way["meta-val"])
+    other = split_classes(classes, small_cfg(meta_val_fraction=0.25, meta_val_seed=5))
+    assert set(other["meta-val"]) != set(three_way["meta-val"])
+    with pytest.raises(EpisodeError, match="meta_val_fraction must lie in"):
+        split_classes(classes, small_cfg(meta_val_fraction=1.0))
+    # patient mode: meta-val keeps ECG-QA's valid split
+    cfg = small_cfg(split_mode="patient", meta_val_fraction=0.25)
+    samples = world(split_of=lambda i: "train" if i < 12 else "valid" if i < 24 else "test")
+    sides = split_classes(build_classes(samples, VERIFY, cfg), cfg)
+    assert {s[2] for s in side_samples(sides)["meta-val"]} == {"valid"}
+
+
+def test_no_sample_sits_on_two_sides_single_choose_none():
+    """A paper single-choose `none` sample is filed under one key per attribute, and the keys split
+    independently: it must still end up on one side only."""
+    cfg = small_cfg(question_type=CHOOSE, meta_val_fraction=0.2)
+    samples, sid = [], 0
+    for t in range(12):
+        tid, attrs = 200 + t, [f"a{t}", f"b{t}"]
+        for answer in ([f"a{t}"], [f"b{t}"], ["none"]):
+            samples += group(20, tid, answer, attrs, CHOOSE, qid=tid, first_sid=sid)
+            sid += 20
+    sides = split_classes(build_classes(samples, CHOOSE, cfg), cfg)
+    members = side_samples(sides)
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not members[a] & members[b], (a, b)
+    # the none samples were split: some none classes lost their samples to the other side
+    none_keys = {k for side in sides.values() for k in side if k.endswith("_none")}
+    assert none_keys and all(members.values())
+
+
+def grounded_cfg(**changes) -> EpisodeConfig:
+    kw = {"protocol": "grounded", "n_way": 4, "k_shot": 2, "n_query": 2, "meta_val_fraction": 0.2}
+    return small_cfg(**{**kw, **changes})
+
+
+def grounded_world(n_questions=20, per_answer=8, qtype=VERIFY):
+    """n_questions questions, each with two answers of per_answer samples (verify: yes / no)."""
+    samples, sid = [], 0
+    for q in range(n_questions):
+        tid = 300 + q % 4
+        answers = (["yes"], ["no"]) if qtype == VERIFY else ([f"a{q}"], [f"b{q}"])
+        for answer in answers:
+            samples += group(per_answer, tid, answer, [f"a{q}", f"b{q}"], qtype, qid=q, first_sid=sid)
+            sid += per_answer
+    return samples
+
+
+def test_grounded_episodes_ask_every_question_with_two_answers_balanced():
+    cfg = grounded_cfg()
+    sampler = EpisodeSampler(grounded_world(), cfg, "meta-train", seed=0)
+    for ep in sampler.episodes(20):
+        assert len(ep["classes"]) == 4 and len(set(ep["classes"])) == 4
+        for part, per in (("support", 2), ("query", 2)):
+            by_question: dict[str, Counter] = {}
+            for it in ep[part]:
+                by_question.setdefault(it["question"], Counter())[it["answer"][0]] += 1
+            assert len(by_question) == 2
+            assert all(c == Counter({"yes": per, "no": per}) for c in by_question.values()), by_question
+        ids = [it["sample_id"] for it in ep["support"] + ep["query"]]
+        assert len(set(ids)) == len(ids) == 16
+    assert sampler.episodes(3) == EpisodeSampler(grounded_world(), cfg, "meta-train", seed=0).episodes(3)
+
+
+def test_grounded_split_is_per_question():
+    cfg = grounded_cfg()
+    sides = split_classes(build_classes(grounded_world(), VERIFY, cfg), cfg)
+    questions = {side: {q for groups in classes.values() for q in groups} for side, classes in sides.items()}
+    assert [len(questions[s]) for s in SPLITS] == [
+        12,
+        4,
+        4,
+    ]  # 20 -> 16 / 4, then 16 -> 12 / 4 (0.2 of 16 = 3.2)
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not questions[a] & questions[b]
+    # every answer of a question sits on its side: each question keeps both its classes
+    for classes in sides.values():
+        per_q = Counter(q for groups in classes.values() for q in groups)
+        assert set(per_q.values()) == {2}
+
+
+def test_grounded_size_filter_is_per_answer_class_and_n_way_must_fit():
+    # 3 samples per answer < k_shot + n_query = 4: nothing is eligible
+    with pytest.raises(EpisodeError, match="0 eligible questions of 12"):
+        EpisodeSampler(grounded_world(per_answer=3), grounded_cfg(min_answer_size=3), "meta-train", 0)
+    with pytest.raises(EpisodeError, match="n_way=5 must be a multiple of episodes.answers_per_question=2"):
+        EpisodeSampler(grounded_world(), grounded_cfg(n_way=5), "meta-train", 0)
+    # answers below the minimum drop out of their question; a question left with one answer is not eligible
+    lopsided = grounded_world(n_questions=20)
+    lopsided = [
+        s for s in lopsided if not (s["question_id"] % 2 and s["answer"] == ["no"] and s["sample_id"] % 8 > 2)
+    ]
+    sampler = EpisodeSampler(lopsided, grounded_cfg(), "meta-train", 0)
+    assert all(qid % 2 == 0 for qid, _ in sampler.pools[VERIFY])
+
+
+def test_grounded_single_choose_none_is_one_answer_of_its_question():
+    sample = qa(30, ["none"], ["b", "a"], CHOOSE)
+    assert class_keys(sample, CHOOSE, protocol="grounded") == ["30_a+b_none"]
+    assert class_keys(sample, CHOOSE) == ["30_a_none", "30_b_none"]
+
+
+def test_split_keys_are_checked_naming_the_keys():
+    cfg = small_cfg(meta_val_fraction=0.25)
+    samples = world()
+    stored = split_keys(samples, cfg)
+    check_split_keys(stored, split_keys(samples, cfg), "data")  # the same data: fine
+    moved = split_keys(samples, dataclasses.replace(cfg, split_seed=1))
+    with pytest.raises(
+        EpisodeError, match=r"data: the data splits differently .*single-verify meta-(train|val|test)"
+    ):
+        check_split_keys(stored, moved, "data")

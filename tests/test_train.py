@@ -95,6 +95,9 @@ def fit(cfg):
     return build_trainer(cfg).fit()
 
 
+single_worker_path: list[str] = []  # the single-worker run's checkpoint directory
+
+
 def final(result):
     from ecgray.models.checkpoint import load_checkpoint
 
@@ -106,14 +109,16 @@ def final(result):
 
 @pytest.fixture(scope="module")
 def single_worker(toy, tmp_path_factory, ray_session):
-    return final(fit(run_cfg(toy, tmp_path_factory.mktemp("runs"), "one", "train.num_workers=1")))
+    result = fit(run_cfg(toy, tmp_path_factory.mktemp("runs"), "one", "train.num_workers=1"))
+    single_worker_path.append(result.checkpoint.path)
+    return final(result)
 
 
 def assert_same_run(a, b):
     (ma, sa, _), (mb, sb, _) = a, b
     assert ma["step"] == mb["step"] == STEPS
     assert ma["meta_loss"] == pytest.approx(mb["meta_loss"], rel=1e-5)
-    assert ma["meta_test_token_acc"] == pytest.approx(mb["meta_test_token_acc"], abs=1e-6)
+    assert ma["meta_val_token_acc"] == pytest.approx(mb["meta_val_token_acc"], abs=1e-6)
     for k in sa:
         # Adam divides by sqrt(v): near-zero gradient entries amplify float-order noise; lr * steps = 0.06
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
@@ -123,8 +128,11 @@ def assert_same_run(a, b):
 def test_single_worker_run_reports_and_checkpoints(single_worker):
     metrics, state, train_state = single_worker
     assert metrics["step"] == STEPS and train_state["step"] == STEPS and train_state["restarts"] == []
-    assert metrics["meta_test_episodes"] == 2 and 0.0 <= metrics["meta_test_accuracy"] <= 1.0
+    assert metrics["meta_val_episodes"] == 2 and 0.0 <= metrics["meta_val_accuracy"] <= 1.0
     assert metrics["meta_loss"] > 0 and metrics["episodes_per_s"] > 0
+    # the checkpoint stores the split it was trained on: the toy's 10 classes, 6 / 2 / 2
+    splits = json.loads((Path(single_worker_path[0]) / "splits.json").read_text())["single-verify"]
+    assert [len(splits[side]) for side in ("meta-train", "meta-val", "meta-test")] == [6, 2, 2]
     toy_lr = load_config(None, toy_overrides("x")).meta.meta_lr
     assert metrics["meta_lr"] == pytest.approx(toy_lr * 0.5 * (1 + math.cos(math.pi * (STEPS - 1) / STEPS)))
     # the meta-parameters moved away from their (seeded) init

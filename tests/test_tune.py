@@ -30,11 +30,11 @@ def test_sweep_rejects_an_empty_or_bad_space():
 
 def test_results_table_files(tmp_path):
     rows = [
-        {"meta.inner_lr": 0.01, "meta.inner_steps": 5, "step": 4, "meta_test_accuracy": 0.4},
-        {"meta.inner_lr": 0.05, "meta.inner_steps": 10, "step": 2, "meta_test_accuracy": 0.6},
+        {"meta.inner_lr": 0.01, "meta.inner_steps": 5, "step": 4, "meta_val_accuracy": 0.4},
+        {"meta.inner_lr": 0.05, "meta.inner_steps": 10, "step": 2, "meta_val_accuracy": 0.6},
     ]
-    table = write_results(rows, ["meta.inner_lr", "meta.inner_steps"], "meta_test_accuracy", tmp_path)
-    assert list(table["meta_test_accuracy"]) == [0.4, 0.6]
+    table = write_results(rows, ["meta.inner_lr", "meta.inner_steps"], "meta_val_accuracy", tmp_path)
+    assert list(table["meta_val_accuracy"]) == [0.4, 0.6]
     assert pd.read_csv(tmp_path / "sweep.csv")["meta.inner_lr"].tolist() == [0.01, 0.05]
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,7 +54,7 @@ def test_two_trial_sweep(tmp_path, ray_session):
     table = sweep(cfg)
     assert sorted(table["meta.inner_lr"]) == [0.01, 0.1]
     assert table["error"].isna().all()
-    assert table["meta_test_accuracy"].between(0, 1).all() and (table["step"] >= 1).all()
+    assert table["meta_val_accuracy"].between(0, 1).all() and (table["step"] >= 1).all()
     # a trial ASHA did not stop ran to the end
     assert table["step"].max() == 2
     out = tmp_path / "sw_sweep"

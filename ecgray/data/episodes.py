@@ -14,16 +14,31 @@ Class keys are `{template_id}_{attrs}_{answer}` where `attrs` is the sorted attr
   definition says.)
 - single-query: the answers sorted and joined with ", " (ECG-QA answers are unordered sets).
 
-Splits (per question type, over the keys `build_classes` kept), reproducible with `cfg.split_seed`:
-sort the items (class keys, or template ids in `template` mode), permute them with
+Protocols (`cfg.protocol`):
+- `paper`: every way of an episode is one class key inside one question_id group (method.md section 1). All
+  samples of a way share one question text and one answer, so inside an episode the question names the
+  answer (method.md section 7).
+- `grounded`: the unit is a question (question_id). Its answer classes are its samples grouped by class
+  answer (the class rules above, except that a single-choose `none` is one class `{tid}_{attrs}_none` of its
+  question); one is eligible with >= `min_answer_size` (default k_shot + n_query) samples. An episode takes
+  n_way / answers_per_question questions, each with answers_per_question of its eligible answer classes,
+  k_shot support + n_query query samples each: every question appears with several answers, balanced, so the
+  text of a query cannot decide its answer.
+
+Splits (per question type), reproducible with the seeds: sort the items (class keys in `paper`, question
+ids in `grounded`; template ids in `template` mode), permute them with
 `numpy.random.default_rng(split_seed).permutation(n)`, and send the first floor(n * meta_train_fraction)
-of the permuted items to meta-train and the rest to meta-test.
-- `class`: the paper's split of class keys.
-- `patient`: the class split, then meta-train keeps only samples of ECG-QA's `train` split and meta-test
-  only those of its `test` split (ECG-QA's splits are patient-disjoint, so the ECGs and patients of the
-  two sides are disjoint; `valid` is used by neither); question groups that fall below
-  `min_group_size` and classes left without a group are dropped.
+of the permuted items to the meta-train side and the rest to meta-test; then carve meta-val out of the
+meta-train side the same way (`meta_val_fraction`, `meta_val_seed`), so meta-test is the same whatever the
+meta-val fraction. Meta-val is what in-training evaluation and every settings choice read.
+- `class`: the paper's split of items.
+- `patient`: the item split, then meta-train keeps only samples of ECG-QA's `train` split, meta-val those of
+  `valid`, meta-test those of `test` (ECG-QA's splits are patient-disjoint, so the ECGs and patients of the
+  sides are disjoint); question groups that fall below their minimum size and classes left without a group
+  are dropped.
 - `template`: the split is over template ids, so every class of a meta-test template is unseen.
+A sample that sits in classes of several sides (a `paper` single-choose `none`: one key per attribute) stays
+on the side of its first class key (sorted) only, so no sample is on two sides.
 """
 
 from __future__ import annotations
@@ -40,8 +55,8 @@ from ecgray.config import QUESTION_TYPES, EpisodeConfig
 
 ATTR_SEP = "+"
 """Joins the sorted attributes inside a class key (no ECG-QA attribute contains it)."""
-SPLITS = ("meta-train", "meta-test")
-PATIENT_SPLIT_OF = {"meta-train": "train", "meta-test": "test"}
+SPLITS = ("meta-train", "meta-val", "meta-test")
+PATIENT_SPLIT_OF = {"meta-train": "train", "meta-val": "valid", "meta-test": "test"}
 """ECG-QA split whose samples each side keeps in `patient` mode."""
 MAX_DRAWS = 100
 """Fresh class draws tried before giving up on an episode (see EpisodeSampler.sample)."""
@@ -90,12 +105,16 @@ def _attributes(sample: Sample) -> list[str]:
 
 
 def class_keys(
-    sample: Sample, question_type: str, excluded_templates: Iterable[int] | None = None
+    sample: Sample,
+    question_type: str,
+    excluded_templates: Iterable[int] | None = None,
+    protocol: str = "paper",
 ) -> list[str]:
     """The class keys a sample belongs to (method.md section 1); [] when the rules drop it.
 
     `excluded_templates` defaults to `EpisodeConfig().excluded_templates` (the paper's conflicting
-    templates). Most samples get one key; a single-choose `none` gets one per attribute.
+    templates). Most samples get one key; under the paper protocol a single-choose `none` gets one per
+    attribute, under `grounded` one, `{tid}_{attrs}_none` (an answer class of its question).
     """
     if question_type not in QUESTION_TYPES:
         raise EpisodeError(f"question_type {question_type!r}: expected one of {QUESTION_TYPES}")
@@ -132,6 +151,8 @@ def class_keys(
                     f"sample {sample.get('sample_id')}: single-choose answer 'none' needs attributes, "
                     "got none"
                 )
+            if protocol == "grounded":
+                return [f"{tid}_{joined}_none"]
             return [f"{tid}_{attr}_none" for attr in attrs]
         return [f"{tid}_{joined}_{answers[0]}"]
 
@@ -160,15 +181,35 @@ def sample_identity(sample: Sample) -> tuple:
     )
 
 
+def min_answer_size(cfg: EpisodeConfig) -> int:
+    """grounded: the fewest samples an answer class of a question needs (default k_shot + n_query)."""
+    return cfg.k_shot + cfg.n_query if cfg.min_answer_size is None else cfg.min_answer_size
+
+
+def _check_protocol(cfg: EpisodeConfig) -> None:
+    if cfg.protocol not in ("paper", "grounded"):
+        raise EpisodeError(f"episodes.protocol {cfg.protocol!r}: expected paper or grounded")
+    if cfg.protocol == "grounded":
+        apq = cfg.answers_per_question
+        if apq < 2 or cfg.n_way % apq:
+            raise EpisodeError(
+                f"episodes.protocol=grounded: n_way={cfg.n_way} must be a multiple of "
+                f"episodes.answers_per_question={apq} (>= 2: every question of an episode comes with "
+                "that many of its answers)"
+            )
+
+
 def build_classes(samples: Iterable[Sample], question_type: str, cfg: EpisodeConfig) -> Classes:
     """{class_key: {question_id: [samples]}} for one question type, after the size filters.
 
-    A class needs >= cfg.min_class_size[question_type] samples (counted before grouping, as the
+    paper: a class needs >= cfg.min_class_size[question_type] samples (counted before grouping, as the
     official code does); inside it, question_id groups with < cfg.min_group_size samples are dropped,
-    and so are classes left without a group. Keys, question ids and samples (by `sample_identity`)
-    are sorted, so the result does not depend on the input order.
+    and so are classes left without a group. grounded: both minimums are `min_answer_size(cfg)` (an answer
+    class of one question is one class key in one question_id group). Keys, question ids and samples (by
+    `sample_identity`) are sorted, so the result does not depend on the input order.
     """
-    if question_type not in cfg.min_class_size:
+    _check_protocol(cfg)
+    if cfg.protocol == "paper" and question_type not in cfg.min_class_size:
         raise EpisodeError(
             f"episodes.min_class_size has no entry for {question_type!r} (has {sorted(cfg.min_class_size)})"
         )
@@ -176,18 +217,33 @@ def build_classes(samples: Iterable[Sample], question_type: str, cfg: EpisodeCon
     for sample in samples:
         if _field(sample, "question_type") != question_type:
             continue
-        for key in class_keys(sample, question_type, cfg.excluded_templates):
+        for key in class_keys(sample, question_type, cfg.excluded_templates, cfg.protocol):
             members[key].append(sample)
 
-    min_size = cfg.min_class_size[question_type]
+    if cfg.protocol == "grounded":
+        min_size = min_group = min_answer_size(cfg)
+    else:
+        min_size, min_group = cfg.min_class_size[question_type], cfg.min_group_size
     classes: Classes = {}
     for key in sorted(members):
         if len(members[key]) < min_size:
             continue
-        groups = _group_by_question(members[key], cfg.min_group_size)
+        groups = _group_by_question(members[key], min_group)
         if groups:
             classes[key] = groups
     return classes
+
+
+def questions_of(classes: Classes, answers_per_question: int = 1) -> dict[int, dict[str, list[Sample]]]:
+    """{question_id: {class_key: samples}}: each question's answer classes; questions with fewer than
+    `answers_per_question` of them are left out."""
+    questions: dict[int, dict[str, list[Sample]]] = defaultdict(dict)
+    for key, groups in classes.items():
+        for qid, group in groups.items():
+            questions[qid][key] = group
+    return {
+        q: dict(sorted(a.items())) for q, a in sorted(questions.items()) if len(a) >= answers_per_question
+    }
 
 
 def _group_by_question(samples: list[Sample], min_group_size: int) -> dict[int, list[Sample]]:
@@ -220,29 +276,109 @@ def template_of(classes: Classes, key: str) -> int:
     return int(next(iter(groups.values()))[0]["template_id"])
 
 
-def split_classes(classes: Classes, cfg: EpisodeConfig) -> dict[str, Classes]:
-    """{"meta-train": classes, "meta-test": classes} by cfg.split_mode (see the module docstring)."""
-    mode = cfg.split_mode
-    if mode in ("class", "patient"):
-        train_keys, test_keys = seeded_split(classes, cfg.meta_train_fraction, cfg.split_seed)
-    elif mode == "template":
-        train_tids, _ = seeded_split(
-            (template_of(classes, k) for k in classes), cfg.meta_train_fraction, cfg.split_seed
-        )
-        train_set = set(train_tids)
-        train_keys = [k for k in sorted(classes) if template_of(classes, k) in train_set]
-        test_keys = [k for k in sorted(classes) if template_of(classes, k) not in train_set]
-    else:
-        raise EpisodeError(f"episodes.split_mode {mode!r}: expected class, patient or template")
+def _three_way(items: Iterable, cfg: EpisodeConfig) -> dict[str, list]:
+    """Items -> {side: items}: meta-test as the paper's split, meta-val carved from the meta-train side."""
+    if not 0.0 <= cfg.meta_val_fraction < 1.0:
+        raise EpisodeError(f"episodes.meta_val_fraction must lie in [0, 1), got {cfg.meta_val_fraction}")
+    train_val, test = seeded_split(items, cfg.meta_train_fraction, cfg.split_seed)
+    train, val = seeded_split(train_val, 1.0 - cfg.meta_val_fraction, cfg.meta_val_seed)
+    return {"meta-train": train, "meta-val": val, "meta-test": test}
 
-    out = {
-        "meta-train": {k: classes[k] for k in train_keys},
-        "meta-test": {k: classes[k] for k in test_keys},
-    }
+
+def split_classes(classes: Classes, cfg: EpisodeConfig) -> dict[str, Classes]:
+    """{"meta-train", "meta-val", "meta-test": classes} by cfg.protocol and cfg.split_mode (module
+    docstring). grounded: a side holds, per class key, only the question groups of its questions."""
+    _check_protocol(cfg)
+    mode = cfg.split_mode
+    if mode not in ("class", "patient", "template"):
+        raise EpisodeError(f"episodes.split_mode {mode!r}: expected class, patient or template")
+    if cfg.protocol == "grounded":
+        questions = questions_of(classes)
+        if mode == "template":
+            tid = {q: int(next(iter(a.values()))[0]["template_id"]) for q, a in questions.items()}
+            sides = _three_way(set(tid.values()), cfg)
+            qids = {side: {q for q in questions if tid[q] in set(t)} for side, t in sides.items()}
+        else:
+            qids = {side: set(q) for side, q in _three_way(questions, cfg).items()}
+        out = {
+            side: {
+                k: {q: g for q, g in groups.items() if q in qids[side]}
+                for k, groups in classes.items()
+                if any(q in qids[side] for q in groups)
+            }
+            for side in SPLITS
+        }
+        min_group = min_answer_size(cfg)
+    else:
+        if mode == "template":
+            sides = _three_way({template_of(classes, k) for k in classes}, cfg)
+            keys = {
+                s: [k for k in sorted(classes) if template_of(classes, k) in set(t)] for s, t in sides.items()
+            }
+        else:
+            keys = _three_way(classes, cfg)
+        out = {side: {k: classes[k] for k in keys[side]} for side in SPLITS}
+        min_group = cfg.min_group_size
+    out = _one_side_per_sample(out, min_group)
     if mode == "patient":
         for side, qa_split in PATIENT_SPLIT_OF.items():
-            out[side] = _keep_qa_split(out[side], qa_split, cfg.min_group_size)
+            out[side] = _keep_qa_split(out[side], qa_split, min_group)
     return out
+
+
+def _one_side_per_sample(sides: dict[str, Classes], min_group_size: int) -> dict[str, Classes]:
+    """A sample in classes of several sides stays on the side of its first (sorted) class key only."""
+    home: dict[tuple, str] = {}
+    for side, classes in sides.items():
+        for key, groups in classes.items():
+            for group in groups.values():
+                for sample in group:
+                    ident = sample_identity(sample)
+                    if ident not in home or key < home[ident][1]:
+                        home[ident] = (side, key)
+    out: dict[str, Classes] = {}
+    for side, classes in sides.items():
+        kept: Classes = {}
+        for key, groups in classes.items():
+            new_groups = {}
+            for qid, group in groups.items():
+                own = [s for s in group if home[sample_identity(s)][0] == side]
+                if len(own) >= min_group_size:
+                    new_groups[qid] = own
+            if new_groups:
+                kept[key] = new_groups
+        out[side] = kept
+    return out
+
+
+def split_keys(samples: Iterable[Sample], cfg: EpisodeConfig) -> dict[str, dict[str, list[str]]]:
+    """{question type: {side: sorted class keys}}: what a checkpoint stores, so evaluation can check that
+    it splits the data the same way (grounded keys name the question: template, attributes, answer)."""
+    samples = list(samples)
+    return {
+        qt: {
+            side: sorted(classes)
+            for side, classes in split_classes(build_classes(samples, qt, cfg), cfg).items()
+        }
+        for qt in cfg.types()
+    }
+
+
+def check_split_keys(expected: dict, actual: dict, where: str) -> None:
+    """Raise naming the question type, side and keys when two `split_keys` results differ."""
+    problems = []
+    for qt in sorted(set(expected) | set(actual)):
+        for side in SPLITS:
+            want, got = set(expected.get(qt, {}).get(side, [])), set(actual.get(qt, {}).get(side, []))
+            if want != got:
+                extra, missing = sorted(got - want)[:5], sorted(want - got)[:5]
+                problems.append(f"{qt} {side}: not in the checkpoint's split {extra}, missing {missing}")
+    if problems:
+        raise EpisodeError(
+            f"{where}: the data splits differently from the checkpoint's stored split ("
+            + "; ".join(problems[:6])
+            + "). Evaluate on the data and episodes.* settings the checkpoint was trained with"
+        )
 
 
 def _keep_qa_split(classes: Classes, qa_split: str, min_group_size: int) -> Classes:
@@ -265,7 +401,7 @@ def _keep_qa_split(classes: Classes, qa_split: str, min_group_size: int) -> Clas
 
 
 class EpisodeSampler:
-    """N-way K-shot episodes from the classes of one side (meta-train / meta-test) of the split.
+    """N-way K-shot episodes from the classes of one side (meta-train / meta-val / meta-test) of the split.
 
     With question_type `mixed`, every question type gets its own classes and split, and each episode
     is drawn from one type chosen uniformly at random. Episode i is drawn from
@@ -298,10 +434,14 @@ class EpisodeSampler:
                 )
             seen.add(ident)
 
-        # type -> [(class_key, [groups with >= need samples, each a list of (identity, item)])]
-        self.pools: dict[str, list[tuple[str, list[list[tuple[tuple, dict]]]]]] = {}
+        # paper: type -> [(class_key, [groups with >= need samples, each a list of (identity, item)])]
+        # grounded: type -> [(question_id, [(class_key, [(identity, item)]) per eligible answer class])]
+        self.pools: dict[str, list] = {}
         for qt in self.question_types:
             classes = split_classes(build_classes(samples, qt, cfg), cfg)[split]
+            if cfg.protocol == "grounded":
+                self.pools[qt] = self._question_pool(classes, qt)
+                continue
             pool = []
             for key, groups in classes.items():
                 eligible = [
@@ -321,9 +461,46 @@ class EpisodeSampler:
                 )
             self.pools[qt] = pool
 
+    def _question_pool(self, classes: Classes, qt: str) -> list:
+        cfg, apq = self.cfg, self.cfg.answers_per_question
+        need_questions = cfg.n_way // apq
+        pool = []
+        for qid, answers in questions_of(classes).items():
+            eligible = [
+                (key, [(sample_identity(s), _item(s, key, qt)) for s in group])
+                for key, group in answers.items()
+                if len(group) >= self.need
+            ]
+            if len(eligible) >= apq:
+                pool.append((qid, eligible))
+        if len(pool) < need_questions:
+            raise EpisodeError(
+                f"{self.split} {qt} (grounded, {cfg.split_mode} split): {len(pool)} eligible questions of "
+                f"{len(questions_of(classes))}, fewer than n_way / answers_per_question = {cfg.n_way} / "
+                f"{apq} = {need_questions}. A question is eligible when >= {apq} of its answers have >= "
+                f"k_shot + n_query = {self.need} samples"
+            )
+        return pool
+
+    def _draw_grounded(self, pool, rng: np.random.Generator) -> Episode:
+        cfg = self.cfg
+        classes, support, query = [], [], []
+        for q in rng.choice(len(pool), size=cfg.n_way // cfg.answers_per_question, replace=False):
+            _, answers = pool[int(q)]
+            for a in rng.choice(len(answers), size=cfg.answers_per_question, replace=False):
+                key, group = answers[int(a)]
+                # a sample has one question and, under grounded keys, one answer class: no overlap
+                picked = [group[int(i)][1] for i in rng.permutation(len(group))[: self.need]]
+                items = [{**item, "answer": list(item["answer"])} for item in picked]
+                classes.append(key)
+                support.extend(items[: cfg.k_shot])
+                query.extend(items[cfg.k_shot :])
+        return {"classes": classes, "support": support, "query": query}
+
     def sample(self, rng: np.random.Generator) -> Episode:
         """One episode: n_way classes, one question group each, k_shot support + n_query query
-        samples per class, no sample twice in the episode.
+        samples per class, no sample twice in the episode (grounded: n_way / answers_per_question
+        questions with answers_per_question answer classes each; module docstring).
 
         A single-choose `none` sample sits in several classes; when an earlier way of the episode
         used up a group, the next eligible group of the class is tried, and when none is left the
@@ -331,6 +508,8 @@ class EpisodeSampler:
         """
         qt = self.question_types[int(rng.integers(len(self.question_types)))]
         pool = self.pools[qt]
+        if self.cfg.protocol == "grounded":
+            return self._draw_grounded(pool, rng)
         for _ in range(MAX_DRAWS):
             episode = self._try_draw(pool, rng)
             if episode is not None:

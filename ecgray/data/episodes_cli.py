@@ -24,6 +24,7 @@ _EPISODE_FLAGS = {
     "k_shot": "k_shot",
     "n_query": "n_query",
     "split_mode": "split_mode",
+    "protocol": "protocol",
 }
 
 
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-shot", type=int, help="episodes.k_shot (support samples per class)")
     parser.add_argument("--n-query", type=int, help="episodes.n_query (query samples per class)")
     parser.add_argument("--split-mode", choices=["class", "patient", "template"], help="episodes.split_mode")
-    parser.add_argument("--split", choices=["meta-train", "meta-test"], default="meta-train")
+    parser.add_argument("--protocol", choices=["paper", "grounded"], help="episodes.protocol")
+    parser.add_argument("--split", choices=["meta-train", "meta-val", "meta-test"], default="meta-train")
     parser.add_argument("--count", type=int, default=10, help="episodes to print (default 10)")
     parser.add_argument("--seed", type=int, help="episode seed (default: the config's seed)")
     add_config_arguments(parser)

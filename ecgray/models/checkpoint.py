@@ -1,4 +1,6 @@
-"""Checkpoints of the trainable parts: `mapper.safetensors` + the resolved `config.yaml` + `metrics.json`.
+"""Checkpoints of the trainable parts: `mapper.safetensors` + the resolved `config.yaml` + `metrics.json` +
+`splits.json` (the meta-train / meta-val / meta-test class keys per question type the run was trained on, so
+evaluation can refuse data that splits differently).
 
 No pickle anywhere: tensors in safetensors, config as YAML validated back into a typed `Config`, metrics as
 JSON. Written into a temporary sibling directory and renamed into place, so a reader never sees half a
@@ -20,12 +22,18 @@ from ecgray.config import Config, ConfigError, from_dict, to_dict
 MAPPER_FILE = "mapper.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+SPLITS_FILE = "splits.json"
 
 
 def save_checkpoint(
-    directory: str | Path, mapper_state: dict[str, torch.Tensor], cfg: Config, metrics: dict | None = None
+    directory: str | Path,
+    mapper_state: dict[str, torch.Tensor],
+    cfg: Config,
+    metrics: dict | None = None,
+    splits: dict | None = None,
 ) -> Path:
-    """Write the checkpoint atomically (temp dir + rename); an existing checkpoint at `directory` is replaced."""
+    """Write the checkpoint atomically (temp dir + rename); an existing checkpoint at `directory` is replaced.
+    splits: `ecgray.data.episodes.split_keys` of the training data (None: not recorded)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -40,6 +48,8 @@ def save_checkpoint(
         save_file(tensors, str(tmp / MAPPER_FILE), metadata={"format": "ecgray-mapper"})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=2, default=float))
+        if splits is not None:
+            (tmp / SPLITS_FILE).write_text(json.dumps(splits, indent=1))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
@@ -71,6 +81,12 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Con
     except ConfigError as err:
         raise ConfigError(f"checkpoint {directory}/{CONFIG_FILE}: {err}") from None
     return load_file(str(directory / MAPPER_FILE)), cfg
+
+
+def load_splits(directory: str | Path) -> dict | None:
+    """The stored split keys ({question type: {side: [class keys]}}), or None for a checkpoint without them."""
+    path = Path(directory) / SPLITS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_metrics(directory: str | Path) -> dict:

@@ -183,6 +183,19 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_encoder_checkpoint(cfg: EncoderConfig) -> None:
+    """Train and eval need the frozen encoder's weights: no `checkpoint` is an error unless `random_init`
+    says a random encoder is meant (tests, smoke runs); a named file must exist."""
+    if cfg.checkpoint is None:
+        if not cfg.random_init:
+            raise ValueError(
+                "encoder.checkpoint is not set: the frozen encoder would be random. Point it at the "
+                "safetensors file `ecgray pretrain-encoder` wrote, or set encoder.random_init=true (tests only)"
+            )
+    elif not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(f"encoder.checkpoint={cfg.checkpoint}: no such file")
+
+
 def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: int = 0) -> ECGEncoder:
     """Build the encoder, load `cfg.checkpoint` and freeze it (eval, requires_grad False).
 

@@ -4,9 +4,10 @@ Recipe: the driver builds the meta-train episode stream (a Ray Dataset) and star
 workers; each worker builds the model, wraps the mapper and the frozen LLM in a DeepSpeed engine
 (engine.py), and per outer step computes the meta-gradient of its share of the step's tasks
 (loop.py), which DeepSpeed averages across workers before AdamW. Every `meta.eval_every` steps the
-workers meta-test on unseen classes; every `meta.checkpoint_every` steps (and at the end) a checkpoint
-(mapper + config + metrics + optimizer state) is reported to Ray Train, which restarts failed worker
-groups from the latest one (`train.max_failures`).
+workers evaluate on meta-val episodes (classes / questions carved from the meta-train side: meta-test is
+never read while training); every `meta.checkpoint_every` steps (and at the end) a checkpoint
+(mapper + config + metrics + the split's class keys + optimizer state) is reported to Ray Train, which
+restarts failed worker groups from the latest one (`train.max_failures`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
 def check_config(cfg: Config) -> None:
     """Fail on the driver, before any worker starts, with the key to fix."""
     from ecgray.models.ecg_lm import check_data_fits_encoder
+    from ecgray.models.encoder import check_encoder_checkpoint
     from ecgray.train.loop import local_tasks
 
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
+    check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
     for key in ("outer_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         if getattr(cfg.meta, key) < 1:
@@ -113,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ecgray.data.episodes import EpisodeSampler
+    from ecgray.data.episodes import EpisodeSampler, split_keys
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.meta.maml import meta_lr_at, set_lr
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
@@ -165,7 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
     store = ECGStore.open(cfg.data.prepared_dir)
     cache = FeatureCache(lm, store)
     qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
-    test_sampler = EpisodeSampler(qa, cfg.episodes, "meta-test", seed=cfg.seed + 1)
+    splits = split_keys(qa, cfg.episodes)  # stored with every checkpoint
+    val_sampler = EpisodeSampler(qa, cfg.episodes, "meta-val", seed=cfg.seed + 1)
     my_eval = eval_indices(cfg.meta.eval_episodes, rank, world)
 
     def all_mean(values: list[float]) -> list[float]:
@@ -173,18 +177,18 @@ def train_loop_per_worker(config: dict) -> None:
         dist.all_reduce(t)
         return (t / world).tolist()
 
-    def meta_test(theta) -> dict:
+    def meta_val(theta) -> dict:
         sums = torch.tensor(
-            meta_test_sums(lm, theta, [test_sampler.episode(i) for i in my_eval], store, cfg),
+            meta_test_sums(lm, theta, [val_sampler.episode(i) for i in my_eval], store, cfg),
             dtype=torch.float64,
         )
         dist.all_reduce(sums)
         n = float(sums[0])
         return {
-            "meta_test_episodes": int(n),
-            "meta_test_accuracy_step0": float(sums[1]) / n,
-            "meta_test_accuracy": float(sums[2]) / n,
-            "meta_test_token_acc": float(sums[3]) / n,
+            "meta_val_episodes": int(n),
+            "meta_val_accuracy_step0": float(sums[1]) / n,
+            "meta_val_accuracy": float(sums[2]) / n,
+            "meta_val_token_acc": float(sums[3]) / n,
         }
 
     def save(step: int, metrics: dict):
@@ -196,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "checkpoint"
-            save_checkpoint(target, theta, cfg, metrics)
+            save_checkpoint(target, theta, cfg, metrics, splits)
             eng.write_train_state(target, opt, {"step": step, **history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
 
@@ -237,7 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(json.dumps(metrics), flush=True)
             if step % cfg.meta.eval_every == 0 or step == steps:
-                metrics.update(meta_test(eng.gather_theta(module)))
+                metrics.update(meta_val(eng.gather_theta(module)))
             if step % cfg.meta.checkpoint_every == 0 or step == steps:
                 save(step, metrics)
             else:
