@@ -24,7 +24,7 @@ from ecgray.config import load_config
 from ecgray.data.episodes import EpisodeSampler
 from ecgray.data.shards import ECGStore, read_qa
 from ecgray.eval.meta_test import encode_ecgs, load_template_answers, query_options
-from ecgray.models.ecg_lm import _pad, answer_text, build_model
+from ecgray.models.ecg_lm import _pad, build_model
 
 
 def full_rows(model, prefix, questions, options, chunk: int = 128) -> list[torch.Tensor]:
@@ -41,7 +41,7 @@ def full_rows(model, prefix, questions, options, chunk: int = 128) -> list[torch
 
 def option_rows(model, prefix, questions, options, chunk: int = 128) -> list[torch.Tensor]:
     """Each prompt once, its KV cache shared by its options, one row per option (no trie)."""
-    flat = [(i, model._ids(answer_text(o))) for i, opts in enumerate(options) for o in opts]
+    flat = [(i, model.answer_ids(o)) for i, opts in enumerate(options) for o in opts]
     with torch.no_grad():
         batch = model.collate(model.prompt_rows(questions, None))
         hidden, offset, cache = model._forward(prefix, batch, keep_cache=True)

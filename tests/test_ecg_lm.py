@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import rounding_tolerance
 
 from ecgray.config import Config, ConfigError, EncoderConfig, ModelConfig
 from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, load_metrics, save_checkpoint
@@ -26,6 +27,13 @@ ANSWERS = [["yes"], ["v1", "lead i"], ["no"]]
 D_ENC = 16
 
 
+def assert_same_math(actual, expected, reduction: int = 512, reference=None) -> None:
+    """actual == expected up to the rounding of a different summation order (`rounding_tolerance`); the
+    longest reduction in the tiny LLMs is the LM head's log-softmax over their 512-token vocabulary."""
+    tol = rounding_tolerance(expected if reference is None else reference, reduction)
+    torch.testing.assert_close(actual, expected, **tol)
+
+
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma"])
 def llm(request):
     return request.param, *load_llm(request.param)
@@ -39,21 +47,51 @@ def make_model(llm, layout="prefix_first", **overrides) -> ECGLanguageModel:
     return ECGLanguageModel(None, mapper, model, tokenizer, cfg)
 
 
+def tokenizer_split(tok, question: str, answer) -> tuple[list[int], list[int], list[int]]:
+    """The tokenizer's own ids of the whole text "Question: {q}Answer: {a}" (BOS first), cut into the
+    question part, "Answer:" and the answer (what comes after the ids of "Question: {q}Answer:")."""
+    q = question.lower()
+    full = tok(f"Question: {q}Answer: {answer_text(answer)}")["input_ids"]
+    question_part, prompt = tok(f"Question: {q}")["input_ids"], tok(f"Question: {q}Answer:")["input_ids"]
+    assert full[: len(prompt)] == prompt and prompt[: len(question_part)] == question_part
+    return question_part, prompt[len(question_part) :], full[len(prompt) :]
+
+
 def hand_built_nll(m: ECGLanguageModel, prefix, question, answer, layout) -> torch.Tensor:
-    """One sample through the plain HF forward, full logits, with the answer spliced by hand."""
+    """One sample through the plain HF forward, full logits, with the prefix and answer spliced by hand."""
     tok, emb = m.tokenizer, m.llm.get_input_embeddings()
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos = [tok.bos_token_id]  # the tiny tokenizers prepend BOS
-    q, a = ids("Question: ") + ids(question.lower()), ids(answer_text(answer))
+    question_part, wrap, a = tokenizer_split(tok, question, answer)
+    bos, q = question_part[:1], question_part[1:]  # the tiny tokenizers prepend BOS
     if layout == "prefix_first":
-        before, after = bos, q + ids("Answer: ") + a
+        before, after = bos, q + wrap + a
     else:
-        before, after = bos + q, ids("Answer: ") + a
+        before, after = bos + q, wrap + a
     x = torch.cat([emb(torch.tensor([before])), prefix[None], emb(torch.tensor([after]))], 1)
     logits = m.llm(inputs_embeds=x).logits[0].float()
     first = len(before) + prefix.shape[0] + len(after) - len(a) - 1  # predicts the first answer token
     targets = torch.tensor(a + [tok.eos_token_id])
     return F.cross_entropy(logits[first : first + len(targets)], targets, reduction="none")
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_rows_are_the_tokenizers_own_ids_of_the_whole_text(llm, layout):
+    """The prompt ends at "Answer:" and the answer is what the tokenizer makes of " {a}" there: with the
+    tiny byte-level BPE (GPT-2 / SmolLM2 convention) `:` `Ġyes`, never `:` `Ġ` `yes`."""
+    m = make_model(llm, layout)
+    tok = m.tokenizer
+    rows, prompts = m.prompt_rows(QUESTIONS, ANSWERS), m.prompt_rows(QUESTIONS, None)
+    for i, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
+        question_part, wrap, a = tokenizer_split(tok, question, answer)
+        assert rows.targets[i] == a + [m.eos_id] and m.answer_ids(answer) == a
+        assert tok.convert_ids_to_tokens(prompts.after[i][-1]) == ":"  # no lone space token after it
+        assert prompts.before[i] + prompts.after[i] == question_part + wrap
+        assert rows.before[i] + rows.after[i] == question_part + wrap + a
+        split = len(question_part) if layout == "question_first" else 1  # [BOS] alone before the prefix
+        assert rows.before[i] == question_part[:split] and prompts.before[i] == question_part[:split]
+        # the first target sits right after the prompt: [before ; prefix ; after] is contiguous
+        assert rows.target_start[i] == m.cfg.n_prefix + len(prompts.after[i]) - 1
+    assert tok.convert_ids_to_tokens(m.answer_ids(["yes"])) == ["Ġyes"]
+    assert m.answer_ids(["v1", "lead i"]) == tok(" lead i, v1", add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
@@ -66,9 +104,9 @@ def test_teacher_forced_loss_equals_hand_built_forward(llm, layout):
     for i in range(3):
         ref = hand_built_nll(m, prefix[i], QUESTIONS[i], ANSWERS[i], layout)
         assert int(batch.target_mask[i].sum()) == len(ref)
-        torch.testing.assert_close(nll[i, : len(ref)], ref, rtol=1e-4, atol=1e-4)
+        assert_same_math(nll[i, : len(ref)], ref)
     # answer-position logits == full-sequence logits, gathered
-    torch.testing.assert_close(m.token_nll(prefix, batch, full_logits=True), nll, rtol=1e-5, atol=1e-5)
+    assert_same_math(m.token_nll(prefix, batch, full_logits=True), nll)
 
 
 def test_question_cache_equals_full_pass_and_padding_is_invisible(llm):
@@ -77,10 +115,10 @@ def test_question_cache_equals_full_pass_and_padding_is_invisible(llm):
     rows = m.prompt_rows(QUESTIONS, ANSWERS)
     cached = m.token_nll(prefix, m.collate(rows))
     full = m.token_nll(prefix, m.collate(rows, use_cache=False))
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert_same_math(cached, full)
     for i in range(3):  # a padded row computes what it computes alone
         alone = m.token_nll(prefix[i : i + 1], m.collate(rows.select([i])))
-        torch.testing.assert_close(alone[0], cached[i, : alone.shape[1]], rtol=1e-5, atol=1e-5)
+        assert_same_math(alone[0], cached[i, : alone.shape[1]])
     # the distinct questions are run once: rows 0 and 2 share their cached keys
     k = m.collate(rows).cache[0][0]
     assert torch.equal(k[0], k[2]) and not torch.equal(k[0], k[1])
@@ -101,7 +139,7 @@ def test_paper_compat_reads_the_answer_over_the_question(llm):
         assert target[0] == tok.bos_token_id
         p = m.cfg.n_prefix
         ref = F.cross_entropy(logits[p - 1 : p - 1 + len(target)], torch.tensor(target), reduction="none")
-        torch.testing.assert_close(nll[i, : len(target)], ref, rtol=1e-4, atol=1e-4)
+        assert_same_math(nll[i, : len(target)], ref)
     pred = m.target_predictions(prefix, batch)
     assert ((pred >= 0) == batch.target_mask).all()
     with pytest.raises(ValueError, match="prefix_first"):
@@ -128,11 +166,11 @@ def test_task_losses_are_per_task_token_means(llm):
     w = m.mapper_params()
     w2 = {k: v + 0.01 * torch.randn_like(v) for k, v in w.items()}
     both = m.task_losses([w, w2], [t1, t2])
-    torch.testing.assert_close(both[0], m.task_losses([w], [t1])[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(both[1], m.task_losses([w2], [t2])[0], rtol=1e-5, atol=1e-5)
+    assert_same_math(both[0], m.task_losses([w], [t1])[0])
+    assert_same_math(both[1], m.task_losses([w2], [t2])[0])
     batch = m.collate(t1.rows)
     nll = m.token_nll(m.fuse(t1.pooled, None), batch)
-    torch.testing.assert_close(both[0], nll.sum() / batch.target_mask.sum(), rtol=1e-5, atol=1e-5)
+    assert_same_math(both[0], nll.sum() / batch.target_mask.sum())
 
 
 def test_length_buckets_split_where_rows_grow_past_the_ratio():
@@ -171,9 +209,11 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_batch(llm, layo
         [nll[:3].sum() / one.target_mask[:3].sum(), nll[3:].sum() / one.target_mask[3:].sum()]
     )
     g_reference = torch.autograd.grad(reference.sum(), [*w1.values(), *w2.values()])
-    torch.testing.assert_close(bucketed, reference, rtol=1e-5, atol=1e-5)
+    assert_same_math(bucketed, reference)
     for a, b in zip(g_bucketed, g_reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # at the scale of the whole gradient: the mapper's key bias shifts every attention score of a query
+        # alike, so the softmax cancels its gradient to ~1e-11 of pure rounding
+        assert_same_math(a, b, reference=g_reference)
 
 
 def test_option_trie_shares_leading_tokens():
@@ -191,7 +231,9 @@ def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
     m = make_model(llm, layout)
     prefix = m.fuse(torch.randn(3, D_ENC), None)
     generated = m.greedy_ids(prefix, QUESTIONS, max_new_tokens=3)
-    assert len(generated) == 3 and len(m.greedy(prefix, QUESTIONS, max_new_tokens=3)) == 3
+    texts = m.greedy(prefix, QUESTIONS, max_new_tokens=3)
+    # answers start with their space token (" yes"): the decoded text is stripped of it
+    assert texts == [m.tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
     for i, ids in enumerate(generated):
         rows = m.prompt_rows([QUESTIONS[i]], [ids + [m.eos_id]], eos=False)
         pred = m.target_predictions(prefix[i : i + 1], m.collate(rows))[0].tolist()
@@ -213,7 +255,7 @@ def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
         for i, opts in enumerate(options):
             for j, option in enumerate(opts):
                 nll = m.token_nll(prefix[[i]], m.collate(m.prompt_rows([QUESTIONS[i]], [option])))
-                torch.testing.assert_close(scores[i][j], -nll.sum(), rtol=1e-4, atol=1e-4)
+                assert_same_math(scores[i][j], -nll.sum())
 
 
 def test_option_longer_than_the_sliding_window_is_named():

@@ -88,9 +88,23 @@ def _sgd_step(fast: list[Params], loss: torch.Tensor, inner_lr: float, first_ord
 
 
 def _start(params: list[Params], first_order: bool) -> list[Params]:
+    """Each task's own starting fast weights. First order: detached copies. Second order: a view per task
+    (no copy), still attached to `params`: when M tasks start from the same meta-parameters, the M views
+    are distinct tensors of the graph, so the inner gradient w.r.t. task m's view holds task m's loss only
+    (w.r.t. the shared tensor itself it would hold the sum of all M tasks' losses)."""
     if first_order:
         return [{k: v.detach().clone().requires_grad_() for k, v in p.items()} for p in params]
-    return [dict(p) for p in params]
+    _check_differentiable(params, "first_order=False")
+    return [{k: v.view_as(v) for k, v in p.items()} for p in params]
+
+
+def _check_differentiable(params: list[Params], engine: str) -> None:
+    frozen = sorted({k for p in params for k, v in p.items() if not v.requires_grad})
+    if frozen:
+        raise ValueError(
+            f"{engine} differentiates the query losses w.r.t. the meta-parameters, but {frozen} do not "
+            "require grad (detached?): pass tensors with requires_grad=True"
+        )
 
 
 def adapt(
@@ -145,11 +159,11 @@ def meta_step(
 
     loss_fn(list of n_tasks fast-weight dicts, support | query) -> (n_tasks,) losses; `support` / `query`
     hold the n_tasks tasks' data (opaque here). The query loss after each inner step
-    query_from_step..inner_steps enters the meta-loss (the paper: 2..15, i.e. 14 losses)."""
+    query_from_step..inner_steps enters the meta-loss (the paper: 2..15, i.e. 14 losses).
+    first_order=False differentiates w.r.t. `params` themselves: they must require grad."""
     _check_steps(inner_steps, query_from_step)
     names = list(params)
-    theta = [params] * n_tasks
-    fast = _start(theta, first_order)
+    fast = _start([params] * n_tasks, first_order)  # every task gets its own start tensors
     support_losses, query_losses = [], []
     grads = {k: torch.zeros_like(v) for k, v in params.items()}
     kept = []  # second order: query losses with their graphs
@@ -190,9 +204,11 @@ def reference_meta_step(
     query_from_step: int = 2,
 ) -> MetaStep:
     """The official first-order loop for ONE task (loss_fn takes a one-element list, returns (1,)): query
-    losses keep their graphs until a single backward of their mean at the end."""
+    losses keep their graphs until a single backward of their mean at the end. `params` must require
+    grad (the fast weights stay attached to them)."""
     _check_steps(inner_steps, query_from_step)
     names = list(params)
+    _check_differentiable([params], "meta.engine=reference")
     fast = dict(params)  # attached to the meta-parameters
     support_losses, kept = [], []
     for step in range(1, inner_steps + 1):

@@ -6,16 +6,20 @@
 
 Every sequence has three parts, `[before ; prefix ; after]`:
 
-    prefix_first    before = [BOS]                        after = "Question: {q}" "Answer: " answer EOS
-    question_first  before = [BOS] "Question: {q}"        after = "Answer: " answer EOS
-    paper_compat    before = []                           after = tokenizer("Question: {q}Answer: ") cut /
-                                                                  padded to 30 tokens (with its BOS)
+    prefix_first    before = [BOS]                    after = "Question:" " {q}" "Answer:" " {answer}" EOS
+    question_first  before = [BOS] "Question:" " {q}" after = "Answer:" " {answer}" EOS
+    paper_compat    before = []                       after = tokenizer("Question: {q}Answer: ") cut /
+                                                              padded to 30 tokens (with its BOS)
 
-(BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.) `before` is
-LEFT-padded and `after` RIGHT-padded, so the prefix sits at one column for the whole batch and every row is
-contiguous; explicit position ids skip the padding, so a padded row computes exactly what it would alone.
-`before` does not depend on the ECG, so it can be run once without gradient and reused as a KV cache: with
-question_first that is the whole question (computed once per episode, reused by every inner step).
+(BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.) Each piece is
+tokenised as the tokenizer writes the whole text "Question: {q}Answer: {answer}": the prompt ends at
+"Answer:" and the answer carries its leading space (SmolLM2: `:` `Ġyes`, not `:` `Ġ` `yes`, a sequence
+that tokenizer never makes); a piece's ids are ids(text up to its end) minus ids(text before it)
+(`_continuation`). `before` is LEFT-padded and `after` RIGHT-padded, so the prefix sits at one column for
+the whole batch and every row is contiguous; explicit position ids skip the padding, so a padded row
+computes exactly what it would alone. `before` does not depend on the ECG, so it can be run once without
+gradient and reused as a KV cache: with question_first that is the whole question (computed once per
+episode, reused by every inner step).
 
 Teacher forcing: the loss covers the answer tokens + EOS only, and logits are computed only at the
 positions that predict them (final hidden state gathered there, then the LM head), never for the whole
@@ -37,8 +41,9 @@ from torch.func import functional_call
 
 from ecgray.config import ModelConfig
 
-QUESTION_WRAP = "Question: "
-ANSWER_WRAP = "Answer: "
+QUESTION_WRAP = "Question:"
+ANSWER_WRAP = "Answer:"  # the prompt ends here: the answer brings its own leading space
+PAPER_PROMPT = "Question: {q}Answer: "  # the official prompt, trailing space token included (paper_compat)
 
 
 def answer_text(answer: list[str] | str) -> str:
@@ -224,7 +229,6 @@ class ECGLanguageModel(nn.Module):
         bos = tokenizer.bos_token_id
         self.bos = [int(bos)] if bos is not None and probe and probe[0] == bos else []
         self._question_wrap = self._ids(QUESTION_WRAP)
-        self._answer_wrap = self._ids(ANSWER_WRAP)
 
     def train(self, mode: bool = True) -> ECGLanguageModel:
         # Only the mapper ever trains (dropout); the frozen parts stay in eval mode.
@@ -259,6 +263,22 @@ class ECGLanguageModel(nn.Module):
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _continuation(self, context: str, text: str) -> list[int]:
+        """The ids of `text` as the tokenizer writes it right after `context`: ids(context + text) minus
+        ids(context). Refused when a token straddles the boundary (no split of the ids is `text`'s own)."""
+        head, ids = self._ids(context), self._ids(context + text)
+        if ids[: len(head)] != head:
+            raise ValueError(
+                f"tokenizer: {context + text!r} does not tokenise as {context!r} followed by {text!r} "
+                f"(a token spans the boundary: {head} vs {ids})"
+            )
+        return ids[len(head) :]
+
+    def answer_ids(self, answer: list[str] | str) -> list[int]:
+        """An answer's target ids (EOS excluded): those the tokenizer gives " {answer}" after "Answer:"."""
+        text = answer_text(answer)
+        return self._continuation(ANSWER_WRAP, " " + text) if text else []
+
     def prompt_rows(
         self, questions: list[str], answers: list[list[str] | str | list[int]] | None = None, eos: bool = True
     ) -> PromptRows:
@@ -271,8 +291,9 @@ class ECGLanguageModel(nn.Module):
         for i, question in enumerate(questions):
             answer = None if answers is None else answers[i]
             if self.cfg.paper_compat:
-                # the official input: tokenizer(prompt) with its BOS, cut / padded to 30; target keeps its BOS
-                prompt = self.tokenizer(f"{QUESTION_WRAP}{question.lower()}{ANSWER_WRAP}")["input_ids"]
+                # the official input: tokenizer(prompt) with its BOS and trailing space, cut / padded to 30;
+                # the target is tokenised on its own and keeps its BOS
+                prompt = self.tokenizer(PAPER_PROMPT.format(q=question.lower()))["input_ids"]
                 prompt = list(prompt)[: self.cfg.paper_prompt_tokens]
                 prompt += [self.pad_id] * (self.cfg.paper_prompt_tokens - len(prompt))
                 if answer is None:
@@ -291,20 +312,22 @@ class ECGLanguageModel(nn.Module):
                 rows.target_start.append(n_prefix - 1)  # over the question: the quirk
                 rows.targets.append(target)
                 continue
-            q_ids = self._ids(question.lower())[: self.cfg.max_question_tokens]
+            q = " " + question.lower()
+            q_ids = self._continuation(QUESTION_WRAP, q)[: self.cfg.max_question_tokens]
+            wrap = self._continuation(QUESTION_WRAP + q, ANSWER_WRAP)  # as written after the question
             if answer is None:
                 a_ids = []
             elif isinstance(answer, list) and answer and isinstance(answer[0], int):
-                a_ids = list(answer)
+                a_ids = list(answer)  # token ids (decoding): as given
             else:
-                a_ids = self._ids(answer_text(answer))
+                a_ids = self.answer_ids(answer)
             target = a_ids + ([self.eos_id] if eos and answer is not None else [])
             if self.cfg.prompt_layout == "question_first":
                 before = self.bos + self._question_wrap + q_ids
-                after = self._answer_wrap + a_ids
+                after = wrap + a_ids
             else:
                 before = list(self.bos)
-                after = self._question_wrap + q_ids + self._answer_wrap + a_ids
+                after = self._question_wrap + q_ids + wrap + a_ids
             # the token at index n_prefix + len(after without answer) - 1 predicts the first answer token
             rows.before.append(before)
             rows.after.append(after)  # EOS is only a target: nothing is predicted from its position
@@ -503,7 +526,7 @@ class ECGLanguageModel(nn.Module):
         """Constrained decoding: log p(option + EOS | prompt) summed over its tokens, for every admissible
         option of every sample -> list of (n_options_i,) tensors.
 
-        The prompt ([before ; prefix ; "Answer: "]) runs once per sample; its KV cache is then shared by
+        The prompt ([before ; prefix ; ... "Answer:"]) runs once per sample; its KV cache is then shared by
         that sample's options, which run as one token trie (`OptionTrie`): options sharing leading tokens
         ("lead i", "lead i, lead ii") run those tokens once, each trie node attending to the prompt and its
         own ancestors. That is exactly what teacher forcing each option on the full prompt computes, at a
@@ -517,7 +540,7 @@ class ECGLanguageModel(nn.Module):
             raise ValueError(
                 f"score_options: {len(questions)} questions, {prefix.shape[0]} prefixes, {len(options)} option lists"
             )
-        ids = [[self._ids(answer_text(o)) for o in opts] for opts in options]
+        ids = [[self.answer_ids(o) for o in opts] for opts in options]
         if not any(ids):
             raise ValueError("score_options: no options given")
         if any(not i for opts in ids for i in opts):

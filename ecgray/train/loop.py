@@ -79,9 +79,15 @@ def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -
 
 
 def meta_gradient(lm: ECGLanguageModel, cache: FeatureCache, theta: dict, episodes: list[dict], cfg: Config):
-    """The MetaStep of this worker's episodes (ecgray.meta does the algorithm)."""
+    """The MetaStep of this worker's episodes (ecgray.meta does the algorithm). theta may be detached
+    (`engine.gather_theta` gives plain copies); the caller's tensors are never modified."""
     support, query = task_sets(lm, cache, episodes)
     meta_cfg = dataclasses.replace(cfg.meta, tasks_per_step=len(episodes))
+    if meta_cfg.engine == "reference" or not meta_cfg.first_order:
+        # these engines differentiate the query losses w.r.t. theta itself (FOMAML only w.r.t. its own
+        # detached copies): give them leaves that require grad. detach() makes new tensor objects over the
+        # same storage (nothing is copied, nothing written), so the caller's tensors keep requires_grad.
+        theta = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
     return run_meta_step(lm.loss_fn(), theta, support, query, meta_cfg)
 
 
