@@ -3,6 +3,7 @@ masking, and `ecgray eval` end to end on a tiny prepared dir + checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -27,6 +28,7 @@ from ecgray.data.shards import ECGStore
 from ecgray.eval import baselines as B
 from ecgray.eval import metrics
 from ecgray.eval.meta_test import (
+    canonical_answer,
     encode_ecgs,
     load_template_answers,
     mask_leads,
@@ -67,7 +69,9 @@ def tiny_cfg(**eval_kw) -> Config:
             meta_train_fraction=0.5,
             min_class_size={"single-verify": 4, "single-choose": 4, "single-query": 4},
         ),  # fmt: skip
-        encoder=EncoderConfig(d_enc=16, n_layers=1, n_heads=2, patch=25, stem_channels=8, fs=40),
+        encoder=EncoderConfig(
+            d_enc=16, n_layers=1, n_heads=2, patch=25, stem_channels=8, fs=40, random_init=True
+        ),
         model=ModelConfig(llm="tiny-llama", dropout=0.5),
         meta=MetaConfig(inner_steps=2, inner_lr=0.5),
         eval=EvalConfig(episodes=2, supervised_steps=3, supervised_batch_size=4, **eval_kw),
@@ -105,11 +109,36 @@ def world():
 # --------------------------------------------------------------------------------------------- metrics
 
 
+BIGEMINAL = "bigeminal pattern (unknown origin, supraventricular, or ventricular)"  # an answer with commas
+
+
 def test_exact_match_compares_sets():
     assert metrics.exact_match("v1, lead i", ["lead i", "v1"])
     assert metrics.exact_match(["Yes "], "yes")
     assert not metrics.exact_match("v1", ["lead i", "v1"])
     assert not metrics.exact_match("v1, lead i, v2", ["lead i", "v1"])
+    assert metrics.exact_match(["v1", "lead i"], ["lead i", "v1"])  # answer lists: sets, by identity
+    assert not metrics.exact_match(["v1, lead i"], ["lead i", "v1"])  # one answer is not two
+
+
+def test_exact_match_keeps_answers_with_commas_whole():
+    # an answer list (constrained decoding's option) is never split
+    assert metrics.exact_match([BIGEMINAL], [BIGEMINAL])
+    assert metrics.exact_match([BIGEMINAL.upper() + " "], [BIGEMINAL])
+    assert not metrics.exact_match(["supraventricular"], [BIGEMINAL])
+    assert metrics.answer_set([BIGEMINAL, "sinus rhythm"]) == {BIGEMINAL, "sinus rhythm"}
+    # free text equal to the answer matches; so does a multi-answer set in either order
+    assert metrics.exact_match(BIGEMINAL, [BIGEMINAL])
+    assert metrics.exact_match(f"{BIGEMINAL}, sinus rhythm", ["sinus rhythm", BIGEMINAL])
+    assert metrics.exact_match(f"sinus rhythm, {BIGEMINAL}", ["sinus rhythm", BIGEMINAL])
+    assert metrics.exact_match(f"sinus rhythm, {BIGEMINAL}, sinus rhythm", ["sinus rhythm", BIGEMINAL])
+    # part of the answer, or the answer cut up differently, does not
+    assert not metrics.exact_match("bigeminal pattern (unknown origin", [BIGEMINAL])
+    assert not metrics.exact_match(BIGEMINAL, [BIGEMINAL, "sinus rhythm"])
+    assert not metrics.exact_match(
+        "supraventricular, bigeminal pattern (unknown origin, or ventricular)", [BIGEMINAL]
+    )
+    assert not metrics.reads_as("", [BIGEMINAL]) and metrics.reads_as("", [])
 
 
 def test_token_accuracy_by_hand():
@@ -135,8 +164,12 @@ def test_confidence_intervals_by_hand():
     assert n["half_width"] == pytest.approx(1.959963984540054 * std / 2)
     assert (n["lo"], n["hi"]) == pytest.approx((0.5 - n["half_width"], 0.5 + n["half_width"]))
     assert math.isnan(metrics.mean_ci([0.7])["half_width"])
+    # the default is the bootstrap percentile interval, inside the values' range
+    b = metrics.mean_ci(values)
+    assert b["mean"] == pytest.approx(0.5) and 0.0 <= b["lo"] < 0.5 < b["hi"] <= 1.0
+    assert b["half_width"] == pytest.approx((b["hi"] - b["lo"]) / 2)
     with pytest.raises(ValueError, match="method"):
-        metrics.mean_ci(values, method="bootstrap")
+        metrics.mean_ci(values, method="jackknife")
 
 
 def test_summarize_per_type_step_and_class():
@@ -172,9 +205,12 @@ def test_query_options_template_and_support():
         "query": [{"sample_id": 9, "template_id": 3, "answer": ["v2"], "question_type": "single-query"}],
     }
     table = {3: ["none", "V2"]}
-    assert query_options(episode, table, "template") == [["none", "v2"]]
-    assert query_options(episode, table, "support") == [["both", "lead i, v1"]]
-    assert query_options(episode, table, "template+support") == [["both", "lead i, v1", "none", "v2"]]
+    # options are answer lists (identities), sorted by their text
+    assert query_options(episode, table, "template") == [[["none"], ["v2"]]]
+    assert query_options(episode, table, "support") == [[["both"], ["lead i", "v1"]]]
+    assert query_options(episode, table, "template+support") == [
+        [["both"], ["lead i", "v1"], ["none"], ["v2"]]
+    ]
     assert query_options(episode, table) == query_options(episode, table, "template+support")  # not choose
     with pytest.raises(ValueError, match="template 3 has no admissible answers"):
         query_options(episode, {}, "template")
@@ -187,10 +223,90 @@ def test_choose_options_are_the_candidates_the_question_names():
              "attribute": ["afib", "sr"], "question": "which of afib or sr does this ecg show?"}  # fmt: skip
     episode = {"support": [{"template_id": 40, "answer": ["stach"]}], "query": [query]}
     # the support answer "stach" names another question's candidate: not a choice of this one
-    assert query_options(episode, table) == [["afib", "both", "none", "sr"]]
-    assert "stach" in query_options(episode, table, "template+support")[0]
+    assert query_options(episode, table) == [[["afib"], ["both"], ["none"], ["sr"]]]
+    assert ["stach"] in query_options(episode, table, "template+support")[0]
+    # `both` / `none` are offered even where the template does not list them (no ECG-QA template lists
+    # `both`, but the class rules make it of every two-answer sample); no template table is needed
+    assert query_options(episode, {40: ["AFIB", "SR"]}) == [[["afib"], ["both"], ["none"], ["sr"]]]
+    assert query_options(episode, None) == [[["afib"], ["both"], ["none"], ["sr"]]]
+    # an admissible answer with commas stays one option
+    big = {**query, "attribute": [BIGEMINAL, "sinus rhythm"]}
+    assert query_options({"support": [], "query": [big]}, None) == [
+        [[BIGEMINAL], ["both"], ["none"], ["sinus rhythm"]]
+    ]
+    assert [BIGEMINAL] in query_options(
+        {"support": [], "query": [{**query, "template_id": 7}]}, load_template_answers(Config()), "template"
+    )[0]
     with pytest.raises(ValueError, match="without its attribute list"):
         query_options({"support": [], "query": [{**query, "attribute": None}]}, table)
+
+
+def _option_episode(sample: dict, question_type: str) -> dict:
+    """A one-query episode (no support) of an ECG-QA sample, its answer by the class rules."""
+    from ecgray.data.episodes import class_answer
+
+    query = {"sample_id": sample["sample_id"], "template_id": sample["template_id"], "question_type": question_type,
+             "answer": class_answer(sample, question_type), "attribute": sample["attribute"]}  # fmt: skip
+    return {"support": [], "query": [query]}
+
+
+@pytest.fixture(scope="module")
+def synth_rows(tmp_path_factory) -> list[dict]:
+    """Every sample of a small synthetic world (24 patients: ~1 s), with its ECG-QA split."""
+    from ecgray.synth.world import generate_world
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_world(out, 24, seed=3, progress=False)
+    return [
+        {**s, "split": split}
+        for split in ("train", "valid", "test")
+        for f in sorted((out / "ecgqa/ptbxl/template" / split).glob("*.json"))
+        for s in json.loads(f.read_text())
+    ]
+
+
+def test_option_sets_hold_every_answer_the_class_rules_make(synth_rows):
+    from ecgray.data.episodes import class_keys
+
+    table = load_template_answers(Config())  # the synthetic world's (= ECG-QA PTB-XL's) table
+    cfg = EpisodeConfig(n_way=5, k_shot=1, n_query=1, min_group_size=2, meta_train_fraction=0.5,
+                        min_class_size={"single-verify": 2, "single-choose": 2, "single-query": 2})  # fmt: skip
+    golds: dict[str, set] = {}
+    for qt in ("single-verify", "single-choose", "single-query"):
+        qcfg = dataclasses.replace(cfg, question_type=qt)
+        for side in ("meta-train", "meta-test"):
+            for episode in EpisodeSampler(synth_rows, qcfg, side, seed=1).episodes(60):
+                for item, options in zip(episode["query"], query_options(episode, table), strict=True):
+                    assert canonical_answer(item["answer"]) in options, (item["class"], options)
+                    golds.setdefault(qt, set()).add(", ".join(item["answer"]))
+    assert {"both", "none"} <= golds["single-choose"]  # the answers the template lists never hold
+    # every single-choose sample the class rules keep, by itself: 2-answer ones (-> both) included
+    kept = [s for s in synth_rows if s["question_type"] == "single-choose" and class_keys(s, "single-choose")]
+    assert sum(len(s["answer"]) == 2 for s in kept) >= 5
+    for sample in kept:
+        episode = _option_episode(sample, "single-choose")
+        assert canonical_answer(episode["query"][0]["answer"]) in query_options(episode, table)[0]
+
+
+def test_option_sets_hold_every_answer_of_the_real_shards(shared_data):
+    # the real samples under shared/data (single-verify noise templates only for now: no single-choose
+    # shard is there; any that is added is checked the same way), with each source's own table
+    from ecgray.data.ecgqa import SOURCES, read_template_answers, version_dir
+    from ecgray.data.episodes import class_keys
+
+    checked: dict[str, int] = {}
+    for source in SOURCES:
+        table = read_template_answers(shared_data / "ecgqa", source)
+        for path in sorted(version_dir(shared_data / "ecgqa", source).glob("*/*/*.json")):
+            for sample in json.loads(path.read_text()):
+                qt = sample["question_type"]
+                if qt not in ("single-verify", "single-choose", "single-query") or not class_keys(sample, qt):
+                    continue
+                episode = _option_episode(sample, qt)
+                gold = canonical_answer(episode["query"][0]["answer"])
+                assert gold in query_options(episode, table)[0], (path, sample)
+                checked[qt] = checked.get(qt, 0) + 1
+    assert checked["single-verify"] == 2 * 1038  # template 27 in both wordings (method.md's worked example)
 
 
 # ----------------------------------------------------------------------------------------- meta-test
@@ -220,7 +336,7 @@ def test_meta_test_is_deterministic_and_leaves_the_meta_weights_alone(world):
     # yes/no: one answer token + BOS -> the BOS-included accuracy is (1 + acc) / 2 per episode
     for rec in first["episodes"]:
         assert rec["token_acc_bos"] == pytest.approx([(1 + a) / 2 for a in rec["token_acc"]])
-        assert all(p in ("no", "yes") for p in rec["predictions"])
+        assert all(p in (["no"], ["yes"]) for p in rec["predictions"])  # constrained: answer lists
     model.eval()
 
 
@@ -364,13 +480,16 @@ def test_blind_llm_answers_from_the_question_alone(world):
     for item, pred in zip(episodes[0]["query"], res["episodes"][0]["predictions"], strict=True):
         scores = {}
         for option in ("no", "yes"):
-            prompt = [tok.bos_token_id] + ids("Question: ") + ids(item["question"].lower()) + ids("Answer: ")
-            target = ids(option) + [tok.eos_token_id]
+            # the text as the tokenizer writes it whole; the prompt ends at "Answer:", the answer brings
+            # its leading space (ecgray.models.ecg_lm's layout)
+            text = f"Question: {item['question'].lower()}Answer:"
+            prompt = [tok.bos_token_id] + ids(text)
+            target = ids(f"{text} {option}")[len(prompt) - 1 :] + [tok.eos_token_id]
             with torch.no_grad():
                 logits = llm(torch.tensor([prompt + target[:-1]])).logits[0]
             lp = F.log_softmax(logits[len(prompt) - 1 :], -1)
             scores[option] = float(lp[torch.arange(len(target)), torch.tensor(target)].sum())
-        assert pred == max(scores, key=scores.get)
+        assert pred == [max(scores, key=scores.get)]
 
 
 def test_ecg_free_ignores_the_ecgs_and_finetune_scratch_starts_fresh(world):
@@ -487,12 +606,17 @@ def test_cli_end_to_end(tmp_path, world, capsys):
         warnings.simplefilter("ignore")
         assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "meta_test" in printed and "leads limb" in printed and "in_context" in printed
+    assert "meta_test" in printed and "leads limb" in printed and "text_lookup" in printed
     out = tmp_path / "out"
     for name in ("results.json", "config.yaml", "versions.json", "accuracy_vs_step.png", "per_class.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert set(res["results"]) == {"meta_test", *cfg.eval.baselines}
+    # paired comparisons with every baseline of eval.compare_against that ran, on the same episodes
+    assert {r["baseline"] for r in res["comparisons"]} == set(cfg.eval.compare_against) & set(
+        cfg.eval.baselines
+    )
+    assert all(r["episodes"] == cfg.eval.episodes and r["method"] == "meta_test" for r in res["comparisons"])
     assert set(res["lead_subsets"]) == {"I", "limb"}
     assert res["config"]["eval"]["lead_subsets"]["limb"] == ["I", "II", "III", "aVR", "aVL", "aVF"]
     assert res["episodes"] == cfg.eval.episodes

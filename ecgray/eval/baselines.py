@@ -1,5 +1,21 @@
-"""Baselines on the same meta-test episodes; each returns results shaped like `meta_test`'s.
+"""Controls and baselines on the same meta-test episodes; each runs through `run_episodes` and returns
+results shaped like `meta_test`'s (summary per question type and step, per-episode records).
 
+Shortcut controls (method.md section 7; no LLM, nothing trained, step 0 only; their predictions are
+answer lists, scored like the model's by `score_predictions`):
+- `text_lookup`: per query, the majority answer of the support items whose question text equals the
+  query's (exact string), else the support set's majority answer: what the question text alone gives away.
+- `support_majority`: the support set's majority answer for every query.
+- `encoder_prototype`: nearest class mean of the frozen encoder's pooled features inside the episode: a
+  class's prototype is the mean pooled vector of its support items; a query takes the answer of the
+  prototype nearest in Euclidean distance, among the classes whose support items ask the query's question
+  (exact text) when there are such, else among all classes. In the paper's protocol every question is one
+  class, so this equals text_lookup; in the grounded one the classes of a question differ only by answer
+  and the encoder has to tell them apart: what the encoder alone knows.
+Majorities count answers by identity (`canonical_answer`); a tie goes to the answer whose text
+(`answer_text`) sorts first, so every control is deterministic.
+
+Model baselines:
 - `blind_llm`: the frozen LLM on the question alone: no ECG, no prefix, nothing trained (step 0 only).
 - `ecg_free`: the meta-learned mapper fed an all-zero ECG vector (and zero tokens), adapted on the support
   set like the model: what the prefix learns from the questions / answers alone.
@@ -18,16 +34,19 @@ answer is fed in the context) and refuse it.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 
 from ecgray.config import Config
 from ecgray.eval.meta_test import (
+    Answer,
     Features,
     Params,
     StepScore,
     answer_query,
+    canonical_answer,
     copy_params,
     device_of,
     ecg_features,
@@ -38,9 +57,11 @@ from ecgray.eval.meta_test import (
     run_episodes,
     score_predictions,
 )
-from ecgray.models.ecg_lm import ECGLanguageModel, PromptBatch
+from ecgray.models.ecg_lm import ECGLanguageModel, PromptBatch, answer_text
 
-BASELINES = ("blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context")
+CONTROLS = ("text_lookup", "support_majority", "encoder_prototype")
+"""The shortcut controls: plain functions of the episode (and the frozen encoder), no LLM."""
+BASELINES = (*CONTROLS, "blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context")
 CONTEXT_SEPARATOR = "\n"
 
 
@@ -75,6 +96,123 @@ def fresh_mapper_params(model: ECGLanguageModel, seed: int) -> Params:
         mapper = build_mapper(model.cfg, model.encoder.d_enc, model.d_llm)
     device = device_of(model)
     return {k: v.detach().to(device) for k, v in mapper.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------- shortcut controls
+
+
+def majority_answer(items: list[dict]) -> Answer:
+    """The most frequent answer (by identity) of the items; a tie goes to the answer whose text sorts
+    first."""
+    counts = Counter(tuple(canonical_answer(i["answer"])) for i in items)
+    if not counts:
+        raise ValueError("majority_answer: no items")
+    best = max(counts.values())
+    return list(
+        min((a for a, c in counts.items() if c == best), key=lambda a: (answer_text(list(a)), len(a)))
+    )
+
+
+def text_lookup_answers(episode: dict) -> list[Answer]:
+    """Per query item, the majority answer of the support items with exactly its question text, else the
+    support set's majority answer."""
+    by_question: dict[str, list[dict]] = defaultdict(list)
+    for item in episode["support"]:
+        by_question[item["question"]].append(item)
+    fallback = majority_answer(episode["support"])
+    return [
+        majority_answer(by_question[q["question"]]) if q["question"] in by_question else fallback
+        for q in episode["query"]
+    ]
+
+
+def prototype_answers(
+    support_pooled: torch.Tensor,
+    support_items: list[dict],
+    query_pooled: torch.Tensor,
+    query_items: list[dict],
+) -> list[Answer]:
+    """Nearest class mean: support_pooled (S, D_enc) -> one prototype per support class (`class` field,
+    sorted), the mean of its items' vectors; each query (query_pooled (Q, D_enc)) takes the majority answer
+    of the class whose prototype is nearest in Euclidean distance, among the classes with a support item
+    of the query's question text when there are any, else among all (ties: the first class in sort order)."""
+    if support_pooled.shape[0] != len(support_items) or query_pooled.shape[0] != len(query_items):
+        raise ValueError(
+            f"prototype_answers: {support_pooled.shape[0]} support vectors for {len(support_items)} items, "
+            f"{query_pooled.shape[0]} query vectors for {len(query_items)} items"
+        )
+    members: dict[str, list[int]] = defaultdict(list)
+    for j, item in enumerate(support_items):
+        members[item["class"]].append(j)
+    classes = sorted(members)
+    support = support_pooled.detach().to("cpu", torch.float64)
+    prototypes = torch.stack([support[members[c]].mean(0) for c in classes])  # (C, D_enc)
+    query = query_pooled.detach().to("cpu", torch.float64)
+    distance = ((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)  # (Q, C) squared Euclidean
+    answers = [majority_answer([support_items[j] for j in members[c]]) for c in classes]
+    questions = [{support_items[j]["question"] for j in members[c]} for c in classes]
+    out = []
+    for i, item in enumerate(query_items):
+        candidates = [k for k in range(len(classes)) if item["question"] in questions[k]]
+        candidates = candidates or list(range(len(classes)))
+        nearest = min(candidates, key=lambda k: (float(distance[i, k]), k))
+        out.append(list(answers[nearest]))
+    return out
+
+
+def _no_features(episode: dict) -> tuple[Features, Features]:
+    """Nothing is encoded: zero-width vectors, one per support / query item."""
+    n_s, n_q = len(episode["support"]), len(episode["query"])
+    return (torch.zeros(n_s, 0), None), (torch.zeros(n_q, 0), None)
+
+
+def _run_control(model, episodes, features, cfg: Config, answers, method: str, progress: bool) -> dict:
+    """A control through the shared loop: `answers(episode, support_features, query_features)` gives the
+    query set's answer lists, scored like the model's (step 0 only, no option sets)."""
+
+    def answerer(m, params, support_features, query_features, episode, options):
+        golds = [i["answer"] for i in episode["query"]]
+        return score_predictions(m, answers(episode, support_features, query_features), golds)
+
+    return run_episodes(
+        model, None, episodes, features, cfg, template_answers=None, answerer=answerer, method=method,
+        progress=progress, answer_options=False,
+    )  # fmt: skip
+
+
+def text_lookup(
+    model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
+) -> dict:
+    """The support answers of the query's question text (module docstring); model: only its tokenizer
+    (token accuracy). ecg_store, template_answers, feature_cache: accepted for a uniform call, unused."""
+    return _run_control(
+        model, episodes, _no_features, cfg, lambda e, s, q: text_lookup_answers(e), "text_lookup", progress
+    )
+
+
+def support_majority(
+    model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
+) -> dict:
+    """The support set's majority answer for every query (module docstring); model: only its tokenizer.
+    ecg_store, template_answers, feature_cache: accepted for a uniform call, unused."""
+
+    def answers(episode, support_features, query_features):
+        return [majority_answer(episode["support"])] * len(episode["query"])
+
+    return _run_control(model, episodes, _no_features, cfg, answers, "support_majority", progress)
+
+
+def encoder_prototype(
+    model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
+) -> dict:
+    """Nearest class mean of the frozen encoder's pooled features (module docstring, `prototype_answers`);
+    feature_cache: shared with the other methods so each ECG is encoded once. template_answers: unused."""
+
+    def answers(episode, support_features, query_features):
+        return prototype_answers(support_features[0], episode["support"], query_features[0], episode["query"])
+
+    features = ecg_features(model, ecg_store, None, feature_cache)
+    return _run_control(model, episodes, features, cfg, answers, "encoder_prototype", progress)
 
 
 # ------------------------------------------------------------------------------------------ blind_llm
@@ -385,12 +523,19 @@ def in_context(
 
 __all__ = [
     "BASELINES",
+    "CONTROLS",
     "blind_llm",
     "ecg_free",
+    "encoder_prototype",
     "finetune_scratch",
     "fresh_mapper_params",
     "in_context",
+    "majority_answer",
     "meta_train_items",
+    "prototype_answers",
     "supervised",
+    "support_majority",
+    "text_lookup",
+    "text_lookup_answers",
     "train_supervised",
 ]

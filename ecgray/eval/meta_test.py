@@ -8,8 +8,9 @@ For every episode:
      `meta.inner_steps` plain SGD steps at `meta.inner_lr` on the support loss, starting from a detached
      copy (first order: no meta-gradient is needed at test time), and the query set is answered after each;
   3. answers are option-constrained (`model.decoding=constrained`: the admissible answers of the question's
-     template, see `query_options`, scored by log p(option + EOS | prompt)) or greedy; under
-     `model.paper_compat` the official prediction is used (argmax at every gold position, BOS included).
+     template, see `query_options`, scored by log p(option + EOS | prompt); the chosen option is an answer
+     list, scored by identity) or greedy (free text); under `model.paper_compat` the official prediction is
+     used (argmax at every gold position, BOS included).
 The model is in eval mode throughout (mapper dropout off); its weights are never modified, and it is built
 once for all episodes. Results are deterministic for given episodes and weights.
 """
@@ -144,49 +145,66 @@ def load_template_answers(cfg: Config) -> dict[int, list[str]]:
         return {int(r["template_id"]): ast.literal_eval(r["classes"]) for r in csv.DictReader(f)}
 
 
+Answer = list[str]
+"""An answer by identity: its answers, stripped, lowercased and sorted (never split on commas)."""
+CHOOSE_EXTRA_OPTIONS = ("both", "none")
+"""What single-choose class rules make besides the named candidates: two answers -> `both`, `none` stays."""
+
+
+def canonical_answer(answer: str | list[str]) -> Answer:
+    """An answer as its identity: a list's answers stripped, lowercased, deduplicated and sorted; a string
+    is one answer (an admissible answer of a template, commas and all)."""
+    parts = [answer] if isinstance(answer, str) else list(answer)
+    return sorted({a.strip().lower() for a in parts if a.strip()})
+
+
 def query_options(
     episode: dict, template_answers: dict[int, list[str]] | None, mode: str = "question"
-) -> list[list[str]]:
-    """The answers constrained decoding chooses from, per query item (sorted, as answer strings):
+) -> list[list[Answer]]:
+    """The answers constrained decoding chooses from, per query item: answer lists (`canonical_answer`),
+    so the chosen option keeps its identity (an answer may contain commas), sorted by their text:
     - `template`: the admissible single answers of the item's template;
     - `template+support`: those plus every answer of the episode's support items of the same template
       (so `both` and multi-answer query sets the support set teaches are reachable);
     - `support`: the support answers of the same template only;
     - `question`: for single-choose items, the candidates the question itself names (its `attribute` list)
-      plus `both` / `none` where the template admits them, as ECG-QA's choose questions offer exactly these;
-      for the other question types the same as `template+support`.
-    The query's own answer is never added: if it is not among the options it cannot be matched."""
+      plus `both` and `none`; for the other question types the same as `template+support`.
+    Why `both` / `none` always: the class rules (ecgray.data.episodes.class_answer) turn every two-answer
+    choose sample into `both` and keep `none`, whatever the template's admissible list says (no template
+    lists `both`), so the option set holds every answer those rules can give a choose question. The
+    query's own answer is never added: if it is not among the options it cannot be matched."""
     if mode not in ("question", "template", "template+support", "support"):
         raise ValueError(f"eval.options={mode!r}: expected question, template, template+support or support")
-    support: dict[int, set[str]] = {}
+    support: dict[int, set[tuple[str, ...]]] = {}
     for item in episode["support"]:
-        support.setdefault(int(item["template_id"]), set()).add(answer_text(item["answer"]))
+        support.setdefault(int(item["template_id"]), set()).add(tuple(canonical_answer(item["answer"])))
     out = []
     for item in episode["query"]:
         tid = int(item["template_id"])
-        if mode != "support" and (template_answers is None or tid not in template_answers):
+        choose = mode == "question" and item["question_type"] == "single-choose"
+        if mode != "support" and not choose and (template_answers is None or tid not in template_answers):
             raise ValueError(
                 f"query sample {item['sample_id']}: template {tid} has no admissible answers "
                 "(answers_for_each_template.csv)"
             )
-        options: set[str] = set()
-        if mode == "question" and item["question_type"] == "single-choose":
+        options: set[tuple[str, ...]] = set()
+        if choose:
             if not item.get("attribute"):
                 raise ValueError(
                     f"query sample {item['sample_id']}: a single-choose item without its attribute list "
                     "(the candidates the question names); use eval.options=template+support"
                 )
-            admissible = {a.strip().lower() for a in template_answers[tid]}
-            options.update(answer_text([a]) for a in item["attribute"])
-            options.update(a for a in ("both", "none") if a in admissible)
+            options.update(tuple(canonical_answer(a)) for a in [*item["attribute"], *CHOOSE_EXTRA_OPTIONS])
         else:
             if mode != "support":
-                options.update(answer_text([a]) for a in template_answers[tid])
+                options.update(tuple(canonical_answer(a)) for a in template_answers[tid])
             if mode != "template":
                 options.update(support.get(tid, ()))
+        options.discard(())
         if not options:
             raise ValueError(f"query sample {item['sample_id']}: no answer options (eval.options={mode})")
-        out.append(sorted(options))
+        # by text; an identical text (one answer "a, b" vs the pair a, b) by the number of answers
+        out.append([list(o) for o in sorted(options, key=lambda o: (answer_text(list(o)), len(o)))])
     return out
 
 
@@ -200,15 +218,20 @@ class StepScore:
     correct: list[bool]
     token_acc_bos: float
     token_acc: float
-    predictions: list[str]
+    predictions: list[str | Answer]
+    """Answer lists (constrained decoding, the controls: compared by identity) or free text (greedy)."""
 
 
 def _answer_ids(model: ECGLanguageModel, answer) -> list[int]:
-    return list(model.tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"])
+    """The answer's ids as the model is scored on them (after "Answer:", with the tokenizer's leading space)."""
+    return model.answer_ids(answer)
 
 
-def score_predictions(model: ECGLanguageModel, predictions: list[str], golds: list[list[str]]) -> StepScore:
-    """Exact match and token accuracy (with / without BOS) of decoded answer strings."""
+def score_predictions(
+    model: ECGLanguageModel, predictions: list[str | Answer], golds: list[list[str]]
+) -> StepScore:
+    """Exact match (metrics.exact_match: answer lists by identity, strings as free text) and token accuracy
+    (with / without BOS) of predicted answers against the gold answer lists."""
     pred_ids = [_answer_ids(model, p) for p in predictions]
     gold_ids = [_answer_ids(model, g) for g in golds]
     # no BOS in this tokenizer: the BOS-included number equals the answer-token one
@@ -243,10 +266,10 @@ def paper_compat_score(model: ECGLanguageModel, prefix: torch.Tensor, questions,
 
 
 def decode(
-    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], options: list[list[str]]
-) -> list[str]:
-    """Answer strings for B questions given their prefixes (B, n_prefix, D_llm): the best-scoring option
-    (constrained) or greedy decoding, as `model.cfg.decoding` says."""
+    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], options: list[list[Answer]]
+) -> list[str | Answer]:
+    """Answers for B questions given their prefixes (B, n_prefix, D_llm): the best-scoring option, an
+    answer list (constrained), or the greedy decoding's text, as `model.cfg.decoding` says."""
     if model.cfg.decoding == "constrained":
         scores = model.score_options(prefix, questions, options)
         return [opts[int(s.argmax())] for opts, s in zip(options, scores, strict=True)]
@@ -254,7 +277,7 @@ def decode(
 
 
 def answer_query(
-    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], golds, options: list[list[str]]
+    model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], golds, options: list[list[Answer]]
 ) -> StepScore:
     """Answer B query questions given their prefixes (B, n_prefix, D_llm) as `model.cfg` says."""
     if model.cfg.paper_compat:
@@ -267,7 +290,7 @@ def answer_episodes(
     params: list[Params | None],
     query_features: list[Features],
     episodes: list[dict],
-    options: list[list[list[str]]],
+    options: list[list[list[Answer]]],
 ) -> list[StepScore]:
     """`default_answerer` for several episodes at once: one decoding pass over all their query sets, each
     with the prefixes of its own fast weights; scored per episode."""
@@ -295,7 +318,9 @@ def answer_episodes(
 
 FeatureFn = Callable[[dict], tuple[Features, Features]]
 """episode -> ((support pooled, tokens), (query pooled, tokens))."""
-Answerer = Callable[[ECGLanguageModel, Params | None, Features, Features, dict, list[list[str]]], StepScore]
+Answerer = Callable[
+    [ECGLanguageModel, Params | None, Features, Features, dict, list[list[Answer]]], StepScore
+]
 """(model, params, support features, query features, episode, options) -> the query set's StepScore."""
 
 
@@ -334,16 +359,20 @@ def run_episodes(
     adapt_steps: int | None = None,
     method: str = "meta_test",
     progress: bool = False,
+    answer_options: bool = True,
 ) -> dict:
     """The loop every method shares: per episode, answer the query set with `start_params(index)`
     (step 0), then after each of `adapt_steps` (default `meta.inner_steps`; 0: no adaptation) SGD steps on
     the support loss. start_params None: a method without trainable weights (step 0 only). With the
     default answerer, `eval.episodes_per_pass` episodes run in lockstep (see `_run_group`).
+    answer_options False: the answerer picks its answers itself (the shortcut controls), so no option
+    sets are built and it gets empty ones. Intervals: eval.ci_level / ci_method / bootstrap_samples /
+    bootstrap_seed.
     -> {"method", "steps", "summary" (metrics.summarize), "episodes" (per-episode records)}."""
     steps = cfg.meta.inner_steps if adapt_steps is None else adapt_steps
     if start_params is None:
         steps = 0
-    need_options = model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    need_options = answer_options and model.cfg.decoding == "constrained" and not model.cfg.paper_compat
     per_pass = cfg.eval.episodes_per_pass
     if per_pass < 1:
         raise ValueError(f"eval.episodes_per_pass={per_pass}: must be >= 1")
@@ -387,7 +416,13 @@ def run_episodes(
     return {
         "method": method,
         "steps": list(range(steps + 1)),
-        "summary": metrics.summarize(records, cfg.eval.ci_level, cfg.eval.ci_method),
+        "summary": metrics.summarize(
+            records,
+            cfg.eval.ci_level,
+            cfg.eval.ci_method,
+            cfg.eval.bootstrap_samples,
+            cfg.eval.bootstrap_seed,
+        ),
         "episodes": records,
     }
 

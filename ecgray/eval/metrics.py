@@ -1,7 +1,13 @@
-"""Meta-test metrics (method.md section 4), in plain python / numpy.
+"""Meta-test metrics (method.md section 4) and paired statistics, in plain python / numpy / scipy.
 
-- **Exact match**: the predicted answer and the gold answer compared as *sets* of answers (ECG-QA answers
-  are unordered): "v1, lead i" == ["lead i", "v1"]. Strings are split on ", ", stripped and lowercased.
+- **Exact match**: predicted and gold answers compared as *sets* of answers (ECG-QA answers are unordered).
+  An answer given as a list of strings is an identity: its elements are the answers, stripped and
+  lowercased, never split (an answer may itself hold commas: "bigeminal pattern (unknown origin,
+  supraventricular, or ventricular)"). Constrained decoding and the shortcut controls predict such lists.
+  A string is free text (greedy decoding, the paper's quirk): it matches an answer list when it reads as
+  those answers joined with commas in any order (`reads_as`), so "v1, lead i" == ["lead i", "v1"] and the
+  bigeminal string matches the one-answer list holding it; two strings match when their comma-split sets
+  are equal.
 - **Token accuracy** (the paper's "accuracy"): position-wise over the gold answer's tokens. Position j is
   right when the prediction has a token there and it equals the gold token; a prediction shorter than the
   gold counts its missing positions wrong, extra predicted tokens are ignored (the paper takes the
@@ -10,10 +16,17 @@
   has a 50 % floor; *without BOS*: the answer tokens only. Token accuracy is micro-averaged over all
   answer tokens of an episode's query set.
 - **Confidence intervals** are over episodes: each episode gives one number (its query set's exact-match
-  rate, or its token accuracy); the interval is mean +- q * s / sqrt(n) with s the sample standard
-  deviation (ddof=1) of the n per-episode values and q the two-sided quantile of Student's t with n-1
-  degrees of freedom (`method="t"`) or of the normal distribution (`method="normal"`). With n = 1 the
-  interval is undefined and reported as NaN half-width.
+  rate, or its token accuracy). `method="bootstrap"` (eval.ci_method's default): the percentile interval of
+  the mean over `n_resamples` resamples of the episodes with replacement (`numpy.random.default_rng(seed)`),
+  so it always lies inside [min, max] of the values, hence inside [0, 1] for accuracies; half_width is
+  (hi - lo) / 2. `method="t"` / `"normal"`: mean +- q * s / sqrt(n), s the sample standard deviation
+  (ddof=1), q the two-sided quantile of Student's t with n-1 degrees of freedom or of the normal
+  distribution. With n = 1 every interval is undefined and reported as NaN.
+- **Paired comparisons** (`paired_comparison`, `compare_results`): two methods on the same episodes; the
+  mean of the per-episode differences, its paired-bootstrap percentile interval (episodes resampled, the
+  pair kept together) and the two-sided Wilcoxon signed-rank p-value (scipy.stats.wilcoxon,
+  zero_method="zsplit": episodes where both methods score the same count as evidence of no difference
+  instead of being dropped, see `WILCOXON_ZERO_METHOD`). `learning_evidence` reads them per question type.
 
 Per-episode records (one per episode, from `episode_record`) are aggregated per question type and per
 inner step by `summarize`.
@@ -31,16 +44,62 @@ NORMAL_Q975 = 1.959963984540054
 """Two-sided 95 % quantile of the standard normal distribution."""
 METRICS = ("exact_match", "token_acc_bos", "token_acc")
 """The per-step numbers every result reports."""
+CI_METHODS = ("bootstrap", "t", "normal")
+WILCOXON_ZERO_METHOD = "zsplit"
+"""How the signed-rank test treats episodes with a zero difference. Ties between two methods are common
+(both right on every query of an easy episode); "wilcox" and "pratt" drop them from the statistic, so a
+method that wins 10 episodes of 1,000 and ties the rest would look significant. "zsplit" ranks them and
+splits their ranks between the two signs: ties pull the statistic towards "no difference"."""
+TIE_DECIMALS = 12
+"""Per-episode differences are rounded to this many decimals for the signed-rank test, so that float noise
+does not split ties."""
+BOOTSTRAP_CHUNK = 2_000_000
+"""Resampled episode indices held in memory at once (resamples x episodes)."""
+
+
+def _normal(answer: str) -> str:
+    return answer.strip().lower()
 
 
 def answer_set(answer: str | Iterable[str]) -> frozenset[str]:
-    """An answer as a set: a string is split on ","; parts are stripped and lowercased; empties dropped."""
+    """An answer as a set of normalised answers (stripped, lowercased, empties dropped): a list's elements
+    as they are (never split); a string, free text, split on ","."""
     parts = answer.split(",") if isinstance(answer, str) else list(answer)
-    return frozenset(p.strip().lower() for p in parts if p.strip())
+    return frozenset(_normal(p) for p in parts if _normal(p))
+
+
+def reads_as(text: str, answers: Iterable[str]) -> bool:
+    """Whether free text names exactly these answers: split at its commas, the text can be cut into runs
+    of consecutive parts each equal to one answer (itself split at its commas), every answer used at least
+    once, in any order (repeats allowed, as in a set)."""
+    parts = tuple(p for p in (_normal(x) for x in text.split(",")) if p)
+    pieces = {a: tuple(p for p in (_normal(x) for x in a.split(",")) if p) for a in answer_set(list(answers))}
+    pieces = {a: p for a, p in pieces.items() if p}
+    if not pieces:
+        return not parts
+    seen: set[tuple[int, frozenset[str]]] = set()
+
+    def cut(start: int, used: frozenset[str]) -> bool:
+        if start == len(parts):
+            return len(used) == len(pieces)
+        if (start, used) in seen:
+            return False
+        seen.add((start, used))
+        return any(
+            parts[start : start + len(p)] == p and cut(start + len(p), used | {a}) for a, p in pieces.items()
+        )
+
+    return cut(0, frozenset())
 
 
 def exact_match(pred: str | Iterable[str], gold: str | Iterable[str]) -> bool:
-    """Set-level exact match of two answers (strings or lists of strings)."""
+    """Set-level exact match of two answers: lists by identity, strings as free text (module docstring)."""
+    if isinstance(pred, str) and isinstance(gold, str):
+        return answer_set(pred) == answer_set(gold)
+    if isinstance(pred, str):
+        return reads_as(pred, gold)
+    if isinstance(gold, str):
+        return reads_as(gold, pred)
     return answer_set(pred) == answer_set(gold)
 
 
@@ -75,32 +134,100 @@ def t_quantile(level: float, dof: int) -> float:
     return float(stdtrit(dof, 0.5 + level / 2))
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t") -> dict:
-    """Mean of per-episode values with its confidence interval (module docstring).
+def bootstrap_means(values, n_resamples: int = 10000, seed: int = 0) -> np.ndarray:
+    """Means of `n_resamples` resamples (with replacement) of the rows of values (n,) or (n, S) ->
+    (n_resamples,) or (n_resamples, S). The resampled row indices come from default_rng(seed) alone (not
+    from the values), so two arrays with the same n get the same resamples: a paired bootstrap when their
+    rows are the same episodes. Every mean is clipped into [min, max] of its column (rounding aside it
+    lies there)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim not in (1, 2) or x.shape[0] == 0:
+        raise ValueError(f"bootstrap_means: expected (n,) or (n, S) values with n >= 1, got shape {x.shape}")
+    if n_resamples < 1:
+        raise ValueError(f"bootstrap_means: n_resamples must be >= 1, got {n_resamples}")
+    n = x.shape[0]
+    columns = x.reshape(n, -1)  # (n, S)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, BOOTSTRAP_CHUNK // n)
+    out = []
+    for start in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - start)
+        index = rng.integers(0, n, size=(r, n))  # (r, n) resampled episodes
+        # counts[i, j]: how often episode j is in resample i; the means are then one matrix product
+        counts = np.bincount((index + n * np.arange(r)[:, None]).ravel(), minlength=r * n).reshape(r, n)
+        out.append(counts @ columns / n)  # (r, S)
+    means = np.clip(np.concatenate(out), columns.min(0), columns.max(0))
+    return means[:, 0] if x.ndim == 1 else means
 
-    -> {"mean", "lo", "hi", "half_width", "std", "n"}; half_width is NaN for n < 2."""
-    if method not in ("t", "normal"):
-        raise ValueError(f"mean_ci: method {method!r}; expected 't' or 'normal'")
+
+def percentile_interval(means: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (1 - level) / 2 and (1 + level) / 2 quantiles of bootstrap means, over their first axis."""
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return lo, hi
+
+
+def _check_ci_args(level: float, method: str) -> None:
+    if method not in CI_METHODS:
+        raise ValueError(f"mean_ci: method {method!r}; expected one of {CI_METHODS}")
     if not 0 < level < 1:
         raise ValueError(f"mean_ci: level must lie in (0, 1), got {level}")
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
+
+
+def mean_ci(
+    values: Sequence[float],
+    level: float = 0.95,
+    method: str = "bootstrap",
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> dict:
+    """Mean of per-episode values with its confidence interval (module docstring). n_resamples, seed:
+    the bootstrap's (unused by "t" / "normal").
+
+    -> {"mean", "lo", "hi", "half_width", "std", "n"}; lo, hi, half_width and std are NaN for n < 2."""
+    return step_cis(np.asarray(values, dtype=np.float64)[:, None], level, method, n_resamples, seed)[0]
+
+
+def step_cis(
+    per_episode: np.ndarray,
+    level: float = 0.95,
+    method: str = "bootstrap",
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> list[dict]:
+    """`mean_ci` of every column of per_episode (episodes, S) at once (the bootstrap draws one set of
+    resamples for all columns) -> S dicts."""
+    _check_ci_args(level, method)
+    x = np.asarray(per_episode, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"step_cis: expected (episodes, steps) values, got shape {x.shape}")
+    n = int(x.shape[0])
     if n == 0:
         raise ValueError("mean_ci: no values")
-    mean = float(x.mean())
+    means = x.mean(0)
     if n < 2:
-        return {"mean": mean, "lo": math.nan, "hi": math.nan, "half_width": math.nan, "std": math.nan, "n": n}
-    std = float(x.std(ddof=1))
-    if method == "t":
-        q = t_quantile(level, n - 1)
-    elif level == 0.95:
-        q = NORMAL_Q975
+        nan = math.nan
+        return [
+            {"mean": float(m), "lo": nan, "hi": nan, "half_width": nan, "std": nan, "n": n} for m in means
+        ]
+    std = x.std(0, ddof=1)
+    if method == "bootstrap":
+        lo, hi = percentile_interval(bootstrap_means(x, n_resamples, seed), level)
+        half = (hi - lo) / 2
     else:
-        from scipy.special import ndtri
+        if method == "t":
+            q = t_quantile(level, n - 1)
+        elif level == 0.95:
+            q = NORMAL_Q975
+        else:
+            from scipy.special import ndtri
 
-        q = float(ndtri(0.5 + level / 2))
-    half = q * std / math.sqrt(n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "half_width": half, "std": std, "n": n}
+            q = float(ndtri(0.5 + level / 2))
+        half = q * std / math.sqrt(n)
+        lo, hi = means - half, means + half
+    return [
+        {"mean": float(m), "lo": float(a), "hi": float(b), "half_width": float(h), "std": float(s), "n": n}
+        for m, a, b, h, s in zip(means, lo, hi, half, std, strict=True)
+    ]
 
 
 def episode_record(
@@ -112,11 +239,11 @@ def episode_record(
     token_acc_bos: list[float],
     token_acc: list[float],
     query_classes: list[str],
-    predictions: list[str] | None = None,
+    predictions: list[str | list[str]] | None = None,
 ) -> dict:
     """One episode's numbers, JSON-ready. correct[s][i]: query item i exactly right after steps[s];
     token_acc*[s]: that step's micro token accuracy; query_classes[i]: the class of query item i;
-    predictions: the decoded answers at the last step. per_class holds [right, total] per class at the
+    predictions: the answers at the last step (answer lists, or free text from greedy decoding). per_class holds [right, total] per class at the
     last step."""
     if not (len(correct) == len(token_acc_bos) == len(token_acc) == len(steps)):
         raise ValueError(
@@ -141,8 +268,15 @@ def episode_record(
     }
 
 
-def summarize(records: list[dict], level: float = 0.95, method: str = "t") -> dict:
-    """Aggregate episode records per question type (and over all, key "all") and per inner step.
+def summarize(
+    records: list[dict],
+    level: float = 0.95,
+    method: str = "bootstrap",
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> dict:
+    """Aggregate episode records per question type (and over all, key "all") and per inner step; the
+    intervals are `mean_ci`'s (level, method, n_resamples, seed).
 
     -> {qt: {"episodes": n, "steps": [...], "exact_match": [ci per step], "token_acc_bos": [...],
              "token_acc": [...], "per_class": {class: {"correct", "total", "accuracy"}}}}"""
@@ -161,7 +295,7 @@ def summarize(records: list[dict], level: float = 0.95, method: str = "t") -> di
         entry: dict = {"episodes": len(recs), "steps": list(steps)}
         for name in METRICS:
             per_episode = np.asarray([r[name] for r in recs], dtype=np.float64)  # (episodes, steps)
-            entry[name] = [mean_ci(per_episode[:, s], level, method) for s in range(len(steps))]
+            entry[name] = step_cis(per_episode, level, method, n_resamples, seed)
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for r in recs:
             for cls, (right, total) in r["per_class"].items():
@@ -171,4 +305,153 @@ def summarize(records: list[dict], level: float = 0.95, method: str = "t") -> di
             cls: {"correct": c, "total": t, "accuracy": c / t} for cls, (c, t) in sorted(counts.items())
         }
         out[qt] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------- paired statistics
+
+
+def paired_comparison(
+    model_values: Sequence[float],
+    baseline_values: Sequence[float],
+    level: float = 0.95,
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> dict:
+    """Two methods on the same episodes (element i of both = episode i): the mean of the per-episode
+    differences model - baseline, its paired-bootstrap percentile interval (episodes resampled, each pair
+    kept together) and the two-sided Wilcoxon signed-rank p-value of the differences rounded to
+    `TIE_DECIMALS` (zero_method `WILCOXON_ZERO_METHOD`; scipy's method "auto": exact or permutation for
+    small samples, normal approximation beyond).
+    All-zero differences give p_value 1.0; fewer than 2 episodes give NaN interval and p-value.
+
+    -> {"mean_difference", "ci_low", "ci_high", "p_value", "episodes"}"""
+    m = np.asarray(model_values, dtype=np.float64)
+    b = np.asarray(baseline_values, dtype=np.float64)
+    if m.ndim != 1 or b.ndim != 1 or m.shape != b.shape:
+        raise ValueError(
+            f"paired_comparison: {m.size} model values but {b.size} baseline values; a paired comparison "
+            "needs one value per episode from both, on the same episodes"
+        )
+    if m.size == 0:
+        raise ValueError("paired_comparison: no episodes")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_comparison: level must lie in (0, 1), got {level}")
+    d = m - b  # (episodes,)
+    out = {"mean_difference": float(d.mean()), "episodes": int(d.size)}
+    if d.size < 2:
+        return {**out, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+    lo, hi = percentile_interval(bootstrap_means(d, n_resamples, seed), level)
+    if not d.any():  # identical on every episode: the signed-rank statistic has no spread
+        p_value = 1.0
+    else:
+        from scipy.stats import wilcoxon
+
+        # rounded: equal differences (0.2 as 0.6 - 0.4 and as 1.0 - 0.8) must tie in the ranks
+        tied = np.round(d, TIE_DECIMALS)
+        p_value = float(wilcoxon(tied, zero_method=WILCOXON_ZERO_METHOD, alternative="two-sided").pvalue)
+    return {**out, "ci_low": float(lo), "ci_high": float(hi), "p_value": p_value}
+
+
+def last_step_exact_match(result: dict) -> dict[int, tuple[str, float]]:
+    """episode index -> (question type, exact match at the last inner step) of a `run_episodes` result."""
+    out = {}
+    for rec in result["episodes"]:
+        if rec["index"] in out:
+            raise ValueError(f"{result.get('method', '?')}: episode index {rec['index']} occurs twice")
+        out[rec["index"]] = (rec["question_type"], float(rec["exact_match"][-1]))
+    return out
+
+
+def compare_results(
+    results: dict[str, dict],
+    model: str = "meta_test",
+    against: Iterable[str] = (
+        "text_lookup",
+        "ecg_free",
+        "blind_llm",
+        "encoder_prototype",
+        "finetune_scratch",
+    ),
+    level: float = 0.95,
+    n_resamples: int = 10000,
+    seed: int = 0,
+    protocol: str | None = None,
+) -> list[dict]:
+    """`paired_comparison` of `model` against every method of `against` present in results (the others
+    are skipped), on the last-step exact match per episode, episodes matched by index (the two results must
+    hold the same episode indices with the same question types), per question type (and "all" when there
+    are several).
+
+    -> [{"protocol", "question_type", "method", "baseline", "mean_difference", "ci_low", "ci_high",
+         "p_value", "episodes"}]"""
+    if model not in results:
+        raise ValueError(f"compare_results: no {model!r} result among {sorted(results)}")
+    ours = last_step_exact_match(results[model])
+    types = sorted({qt for qt, _ in ours.values()})
+    groups = types + (["all"] if len(types) > 1 else [])
+    rows = []
+    for baseline in against:
+        if baseline not in results or baseline == model:
+            continue
+        theirs = last_step_exact_match(results[baseline])
+        if set(theirs) != set(ours):
+            only_model, only_base = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            raise ValueError(
+                f"compare_results: {model} and {baseline} were run on different episodes ({len(ours)} vs "
+                f"{len(theirs)}; only in {model}: {only_model[:5]}, only in {baseline}: {only_base[:5]})"
+            )
+        differ = [i for i in sorted(ours) if ours[i][0] != theirs[i][0]]
+        if differ:
+            i = differ[0]
+            raise ValueError(
+                f"compare_results: episode {i} is {ours[i][0]} for {model} but {theirs[i][0]} for {baseline}"
+            )
+        for qt in groups:
+            index = [i for i in sorted(ours) if qt == "all" or ours[i][0] == qt]
+            stats = paired_comparison(
+                [ours[i][1] for i in index], [theirs[i][1] for i in index], level, n_resamples, seed
+            )
+            rows.append(
+                {"protocol": protocol, "question_type": qt, "method": model, "baseline": baseline, **stats}
+            )
+    return rows
+
+
+def learning_evidence(
+    comparisons: list[dict],
+    required: Iterable[str] = ("text_lookup", "ecg_free", "blind_llm"),
+    alpha: float = 0.05,
+) -> dict[str, dict]:
+    """Per question type of `compare_results` rows (one protocol, one model): whether the model beats
+    every required baseline, i.e. paired p_value < alpha and a positive mean difference against each. A
+    required baseline without a row counts as not beaten (and is listed under "missing").
+
+    -> {question_type: {"evidence": bool, "against": {baseline: bool}, "missing": [baseline]}}"""
+    required = list(required)
+    if not required:
+        raise ValueError("learning_evidence: no required baselines (evidence needs at least one)")
+    protocols = {r["protocol"] for r in comparisons}
+    methods = {r["method"] for r in comparisons}
+    if len(protocols) > 1 or len(methods) > 1:
+        raise ValueError(
+            f"learning_evidence: rows of protocols {sorted(map(str, protocols))} and methods "
+            f"{sorted(methods)}; pass one protocol's comparisons of one model"
+        )
+    by_type: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in comparisons:
+        if row["baseline"] in by_type[row["question_type"]]:
+            raise ValueError(f"learning_evidence: two rows for {row['question_type']} vs {row['baseline']}")
+        by_type[row["question_type"]][row["baseline"]] = row
+    out = {}
+    for qt, rows in by_type.items():
+        against = {
+            name: bool(name in rows and rows[name]["p_value"] < alpha and rows[name]["mean_difference"] > 0)
+            for name in required
+        }  # a NaN p-value compares False
+        out[qt] = {
+            "evidence": all(against.values()),
+            "against": against,
+            "missing": [name for name in required if name not in rows],
+        }
     return out

@@ -1,8 +1,9 @@
 """PNG figures of meta-test results (matplotlib, Agg backend: no display needed).
 
 - `plot_accuracy_vs_step`: one panel per question type; the meta-test's exact match vs inner step with its
-  confidence band; baselines with one step (blind_llm, in_context) as horizontal lines, adapted ones
-  (ecg_free, supervised, finetune_scratch) and lead subsets as curves with markers.
+  confidence band (eval.ci_method's interval); methods with one step (the shortcut controls text_lookup,
+  support_majority, encoder_prototype; blind_llm, in_context) as horizontal lines, adapted ones (ecg_free,
+  supervised, finetune_scratch) and lead subsets as curves with markers.
 - `plot_per_class`: exact match per class at the last inner step (horizontal bars).
 """
 
