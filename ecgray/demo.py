@@ -5,8 +5,12 @@ Recipe (each stage is skipped when its output is already in --out, so a re-run r
   2. prepare    WFDB records + ECG-QA -> Parquet shards with Ray Data (`ecgray prepare`)
   3. encoder    self-supervised pretraining of the built-in ECG encoder (`ecgray pretrain-encoder`)
   4. meta-train the fusion module with Ray Train over `train.num_workers` workers (`ecgray train`)
-  5. eval       N-way K-shot meta-test on unseen classes for the three single question types, against the
-                baselines, on the same episodes (`ecgray eval`)
+  5. eval       N-way K-shot meta-test on unseen questions for the single question types (those of
+                `eval.episodes_by_type` set to 0 are left out), with the shortcut controls and baselines on
+                the same episodes and paired comparisons (`ecgray eval`): first under the run's protocol
+                (`episodes.protocol`, grounded in configs/demo.yaml: the headline), then under the other one
+                on the same held-out questions (the paper's protocol: where the question text names the
+                answer, which the text-lookup control shows)
   6. serve      the Ray Serve app from the checkpoint; one meta-test episode's support set adapted and its
                 query ECGs answered over HTTP; shut down
   7. report     report.md, report.json, the resolved config and figures in --out
@@ -140,17 +144,19 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 5. meta-test per question type, with the baselines, on the same episodes
     from ecgray.eval.cli import evaluate
 
-    evals: dict[str, dict] = {}
-    for qt in QUESTION_TYPES:
-        eval_dir = out / "eval" / qt
-        done = (eval_dir / "results.json").is_file()
-        with stage(f"eval {qt}", done):
-            if done:
-                evals[qt] = json.loads((eval_dir / "results.json").read_text())
-            else:
-                qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt))
-                evals[qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir)
-                evals[qt].pop("curves")
+    evals: dict[str, dict[str, dict]] = {}  # protocol -> question type -> results payload
+    for protocol in protocols(cfg):
+        evals[protocol] = {}
+        for qt in eval_types(cfg):
+            eval_dir = out / "eval" / protocol / qt
+            done = (eval_dir / "results.json").is_file()
+            with stage(f"eval {protocol} {qt}", done):
+                if done:
+                    evals[protocol][qt] = json.loads((eval_dir / "results.json").read_text())
+                else:
+                    qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
+                    evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir)
+                    evals[protocol][qt].pop("curves")
 
     # 6. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
     served = None
@@ -163,6 +169,16 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 7. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
+
+
+def protocols(cfg: Config) -> list[str]:
+    """The run's protocol first (the headline), then the other one."""
+    return [cfg.episodes.protocol, *(p for p in ("grounded", "paper") if p != cfg.episodes.protocol)]
+
+
+def eval_types(cfg: Config) -> list[str]:
+    """The question types the demo evaluates: all single types but those given 0 episodes."""
+    return [qt for qt in QUESTION_TYPES if cfg.eval.episodes_for(qt) > 0]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -316,74 +332,73 @@ def plot_episode(episode: dict, answers: list[dict], synth_dir: Path, path: Path
     return path
 
 
-def _last(summary: dict, metric: str = "exact_match") -> dict:
-    return summary[metric][-1]
+LEARNING_EVIDENCE_AGAINST = ("text_lookup", "ecg_free", "blind_llm")
+"""The controls the model must beat (paired p < 0.05, positive difference) for learning evidence."""
 
 
-def _half_width(stat: dict) -> float:
-    """The CI half-width; unknown (None in JSON, NaN in memory: one episode) counts as unbounded. A zero
-    half-width (every episode scored alike) is a real, zero-width interval."""
-    half = stat["half_width"]
-    return math.inf if half is None or not math.isfinite(half) else half
+def _table(evals: dict[str, dict[str, dict]]) -> list[dict]:
+    rows = []
+    for protocol, by_type in evals.items():
+        for qt, payload in by_type.items():
+            for name, result in payload["results"].items():
+                s = result["summary"][qt]
+                first, last = s["exact_match"][0], s["exact_match"][-1]
+                rows.append(
+                    {
+                        "protocol": protocol,
+                        "question_type": qt,
+                        "method": name,
+                        "episodes": s["episodes"],
+                        "exact_match_step0": first["mean"],
+                        "exact_match_last": last["mean"],
+                        "ci_low": last["lo"],
+                        "ci_high": last["hi"],
+                        "token_acc_bos_last": s["token_acc_bos"][-1]["mean"],
+                    }
+                )
+    return rows
 
 
-def learning_evidence(evals: dict[str, dict], against: tuple[str, ...]) -> dict:
-    """Per question type: is the meta-learned model's exact match (last inner step) above each baseline's
-    with non-overlapping 95 % confidence intervals?"""
-    verdicts: dict = {}
-    for qt, payload in evals.items():
-        results = payload["results"]
-        model = _last(results["meta_test"]["summary"][qt])
-        verdicts[qt] = {}
-        for name in against:
-            if name not in results:
-                continue
-            base = _last(results[name]["summary"][qt])
-            m_low = model["mean"] - _half_width(model)
-            b_high = base["mean"] + _half_width(base)
-            verdicts[qt][name] = {
-                "model": model["mean"],
-                "baseline": base["mean"],
-                "separated": bool(m_low > b_high),
-            }
-    return verdicts
+def _num(value, fmt: str = ".3f") -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else format(value, fmt)
+    )
 
 
 def build_report(
     cfg: Config, out: Path, evals: dict, served: dict | None, seconds: dict, total: float
 ) -> dict:
+    from ecgray.eval.metrics import learning_evidence
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for qt, payload in evals.items():
-        plot_accuracy_vs_step(payload["results"], figures / f"accuracy_vs_step_{qt}.png")
-        plot_per_class(payload["results"]["meta_test"], figures / f"per_class_{qt}.png")
-    evidence = learning_evidence(evals, ("blind_llm", "finetune_scratch"))
+    headline = protocols(cfg)[0]
+    for protocol, by_type in evals.items():
+        for qt, payload in by_type.items():
+            suffix = qt if protocol == headline else f"{protocol}_{qt}"
+            plot_accuracy_vs_step(payload["results"], figures / f"accuracy_vs_step_{suffix}.png")
+            plot_per_class(payload["results"]["meta_test"], figures / f"per_class_{suffix}.png")
+    comparisons = [c for by_type in evals.values() for p in by_type.values() for c in p["comparisons"]]
+    evidence = {
+        protocol: learning_evidence(
+            [c for c in comparisons if c["protocol"] == protocol], LEARNING_EVIDENCE_AGAINST
+        )
+        for protocol in evals
+    }
     # the LLM's precision as evaluation resolved it (model.dtype "auto" / "fastest" depend on the machine)
-    precision = sorted({f"{p['llm_dtype']} on {p['device']}" for p in evals.values()})
-    table = []
-    for qt, payload in evals.items():
-        for name, result in payload["results"].items():
-            s = result["summary"][qt]
-            first, last = s["exact_match"][0], s["exact_match"][-1]
-            table.append(
-                {
-                    "question_type": qt,
-                    "method": name,
-                    "episodes": s["episodes"],
-                    "exact_match_step0": first["mean"],
-                    "exact_match_last": last["mean"],
-                    "ci95_half_width": last["half_width"],
-                    "token_acc_bos_last": s["token_acc_bos"][-1]["mean"],
-                }
-            )
+    precision = sorted({f"{p['llm_dtype']} on {p['device']}" for b in evals.values() for p in b.values()})
+    table = _table(evals)
     report = {
         "completed": True,
         "seconds_total": round(total, 1),
         "seconds_per_stage": seconds,
         "llm_precision": ", ".join(precision),
+        "headline_protocol": headline,
         "results": table,
+        "comparisons": comparisons,
         "learning_evidence": evidence,
         "served": None
         if served is None
@@ -394,31 +409,53 @@ def build_report(
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
+    types = eval_types(cfg)
     lines = [
         "# ecgray demo report",
         "",
         f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
-        f"meta-test episodes on unseen classes: "
-        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in QUESTION_TYPES)}; LLM `{cfg.model.llm}` "
+        f"meta-test episodes on unseen questions: "
+        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in types)} per protocol; LLM `{cfg.model.llm}` "
         f"({', '.join(precision)}), "
-        f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min (cached stages not rerun).",
-        "",
-        "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI +- | token acc (BOS) |",
-        "|---|---|---|---|---|---|---|",
+        f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min "
+        "(cached stages not rerun). Exact match at the last inner step with its 95 % bootstrap interval over "
+        "episodes; every method on the same episodes.",
     ]
-    for r in table:
-        half = r["ci95_half_width"]
-        lines.append(
-            f"| {r['question_type']} | {r['method']} | {r['episodes']} | {r['exact_match_step0']:.3f} | "
-            f"{r['exact_match_last']:.3f} | {'n/a' if half is None else f'{half:.3f}'} | "
-            f"{r['token_acc_bos_last']:.3f} |"
-        )
-    lines += ["", "## Learning evidence (non-overlapping 95 % CIs, exact match at the last inner step)", ""]
-    for qt, verdict in evidence.items():
-        for name, v in verdict.items():
-            mark = "yes" if v["separated"] else "NO"
+    for protocol in evals:
+        title = "headline" if protocol == headline else "for comparison"
+        lines += [
+            "",
+            f"## {protocol} protocol ({title})",
+            "",
+            "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI | token acc (BOS) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in table if r["protocol"] == protocol):
             lines.append(
-                f"- {qt} vs {name}: model {v['model']:.3f}, baseline {v['baseline']:.3f}: separated: {mark}"
+                f"| {r['question_type']} | {r['method']} | {r['episodes']} | {r['exact_match_step0']:.3f} | "
+                f"{r['exact_match_last']:.3f} | [{_num(r['ci_low'])}, {_num(r['ci_high'])}] | "
+                f"{r['token_acc_bos_last']:.3f} |"
+            )
+        lines += [
+            "",
+            f"Paired on the same episodes, meta-learned model minus each method ({protocol}): mean difference, "
+            "95 % paired-bootstrap interval, Wilcoxon signed-rank p.",
+            "",
+            "| question type | baseline | episodes | difference | 95 % CI | p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in (c for c in comparisons if c["protocol"] == protocol):
+            lines.append(
+                f"| {c['question_type']} | {c['baseline']} | {c['episodes']} | {c['mean_difference']:+.3f} | "
+                f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.2g} |"
+            )
+        lines += ["", f"Learning evidence ({protocol}): paired p < 0.05 and a positive difference against "
+                  f"{', '.join(LEARNING_EVIDENCE_AGAINST)}:", ""]  # fmt: skip
+        for qt, verdict in evidence[protocol].items():
+            lines.append(
+                f"- {qt}: {'yes' if verdict['evidence'] else 'NO'} ("
+                + ", ".join(f"{b}: {'yes' if ok else 'no'}" for b, ok in verdict["against"].items())
+                + ")"
             )
     if served:
         lines += [

@@ -16,7 +16,7 @@ TINY = [
     "encoder.d_enc=32", "encoder.n_layers=1", "encoder.n_heads=2", "encoder.stem_channels=8",
     "encoder.fs=100", "encoder.pretrain_steps=3", "encoder.pretrain_batch_size=16", "encoder.probe_labels=[]",
     "model.llm=tiny-llama", "model.n_heads=2", "model.dropout=0.0",
-    "episodes.n_way=2", "episodes.k_shot=2", "episodes.n_query=2",
+    "episodes.protocol=grounded", "episodes.n_way=2", "episodes.k_shot=2", "episodes.n_query=2",
     "meta.inner_steps=2", "meta.tasks_per_step=2", "meta.outer_steps=2", "meta.eval_every=2",
     "meta.eval_episodes=2", "meta.checkpoint_every=2",
     "train.num_workers=2", "train.name=demo_test",
@@ -40,19 +40,46 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     assert on_disk["results"] == report["results"]
     assert report["llm_precision"] == "float32 on cpu"  # the tiny config's model.dtype=auto on this CPU
     assert "(float32 on cpu)" in (out / "report.md").read_text()
-    methods = {(r["question_type"], r["method"]) for r in report["results"]}
+    methods = {(r["protocol"], r["question_type"], r["method"]) for r in report["results"]}
+    controls = (
+        "text_lookup",
+        "support_majority",
+        "encoder_prototype",
+        "blind_llm",
+        "ecg_free",
+        "finetune_scratch",
+    )
     for qt in ("single-verify", "single-choose", "single-query"):
-        assert (out / "figures" / f"accuracy_vs_step_{qt}.png").stat().st_size > 10_000
-        assert (out / "figures" / f"per_class_{qt}.png").is_file()
-        assert {(qt, m) for m in ("meta_test", "blind_llm", "finetune_scratch")} <= methods
-        assert set(report["learning_evidence"][qt]) == {"blind_llm", "finetune_scratch"}
+        for protocol, suffix in (("grounded", qt), ("paper", f"paper_{qt}")):
+            assert (out / "figures" / f"accuracy_vs_step_{suffix}.png").stat().st_size > 10_000
+            assert (out / "figures" / f"per_class_{suffix}.png").is_file()
+            assert {(protocol, qt, m) for m in ("meta_test", *controls)} <= methods
+            verdict = report["learning_evidence"][protocol][qt]
+            assert set(verdict["against"]) == {"text_lookup", "ecg_free", "blind_llm"}
+    assert report["headline_protocol"] == "grounded"
+    compared = {(c["protocol"], c["question_type"], c["baseline"]) for c in report["comparisons"]}
+    assert ("grounded", "single-verify", "text_lookup") in compared and (
+        "paper",
+        "single-choose",
+        "ecg_free",
+    ) in compared
+    for c in report["comparisons"]:
+        assert set(c) == {"protocol", "question_type", "method", "baseline", "mean_difference", "ci_low",
+                          "ci_high", "p_value", "episodes"}  # fmt: skip
+        assert c["ci_low"] <= c["mean_difference"] <= c["ci_high"] and 0.0 <= c["p_value"] <= 1.0
     for row in report["results"]:
         assert row["episodes"] == (3 if row["question_type"] == "single-verify" else 2)
-        assert 0.0 <= row["exact_match_last"] <= 1.0
+        assert 0.0 <= row["ci_low"] <= row["exact_match_last"] <= row["ci_high"] <= 1.0
+        if row["protocol"] == "grounded" and row["method"] == "text_lookup":
+            assert row["exact_match_last"] <= 0.6  # the text cannot decide a grounded episode
+    report_md = (out / "report.md").read_text()
+    assert (
+        "## grounded protocol (headline)" in report_md and "## paper protocol (for comparison)" in report_md
+    )
     served = report["served"]
     assert len(served["answers"]) == 2 * 2  # n_way x n_query answered over HTTP
     assert all(a["predicted"]["answer"] in ("yes", "no") for a in served["answers"])
-    assert "| single-verify | meta_test | 3 |" in (out / "report.md").read_text()
+    assert "| single-verify | meta_test | 3 |" in report_md
 
     # a second run reuses every cached stage and gives the same results
     again = run_demo(cfg, out)
@@ -82,21 +109,3 @@ def test_cached_stages_are_reused_only_for_the_config_that_made_them(tmp_path):
     (out / "demo_config.yaml").unlink()
     with pytest.raises(ValueError, match="holds files but no demo_config.yaml"):
         check_run_config(cfg, out)
-
-
-def test_learning_evidence_reads_confidence_intervals():
-    from ecgray.demo import learning_evidence
-
-    def result(mean, half):
-        return {"summary": {"single-verify": {"exact_match": [{"mean": mean, "half_width": half}]}}}
-
-    evals = {"single-verify": {"results": {
-        "meta_test": result(0.8, 0.0),  # every episode alike: a zero-width interval, not an unknown one
-        "blind_llm": result(0.5, 0.1),
-        "finetune_scratch": result(0.7, None),  # one episode: no interval, so never separated
-    }}}  # fmt: skip
-    verdict = learning_evidence(evals, ("blind_llm", "finetune_scratch"))["single-verify"]
-    assert verdict["blind_llm"]["separated"] is True
-    assert verdict["finetune_scratch"]["separated"] is False
-    evals["single-verify"]["results"]["meta_test"] = result(0.8, float("nan"))
-    assert learning_evidence(evals, ("blind_llm",))["single-verify"]["blind_llm"]["separated"] is False

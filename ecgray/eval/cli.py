@@ -1,12 +1,18 @@
 """`ecgray eval --checkpoint DIR --data PREPARED_DIR --out DIR [--config FILE] [--set key=value ...]`
 
 Loads the checkpoint (mapper weights + the config that produced them; encoder and LLM are rebuilt from that
-config), applies --config / --set on top of it, draws `eval.episodes` meta-test episodes (or
+config), applies --config / --set on top of it, checks that the data splits as the checkpoint's stored
+split (`splits.json`; a difference fails naming the keys), draws `eval.episodes` meta-test episodes (or
 `eval.episodes_by_type[question type]`; seed `eval.seed`) from the prepared dir, runs the meta-test, the
-baselines in `eval.baselines` and the lead subsets in `eval.lead_subsets` on the same episodes, and writes
-into --out:
+controls and baselines in `eval.baselines` and the lead subsets in `eval.lead_subsets` on the same
+episodes, compares the model with each of `eval.compare_against` paired on those episodes, and writes into
+--out:
   results.json            every result (per question type x inner step: exact match, token accuracy with /
-                          without BOS, CIs; per class; per episode), the resolved config and versions
+                          without BOS, CIs; per class; per episode), the paired comparisons, the resolved
+                          config and versions
+An `episodes.protocol` other than the checkpoint's (e.g. paper episodes for a mapper trained on grounded
+ones) draws its episodes only from the samples the checkpoint's split held out (its meta-test side), all of
+them on the meta-test side, so nothing the mapper was trained on is evaluated.
   config.yaml, versions.json
   accuracy_vs_step.png    exact match vs inner step per question type, baselines included
   per_class.png           the meta-test's per-class accuracy at the last step
@@ -46,21 +52,34 @@ def _jsonable(value):
     return value
 
 
-def summary_table(results: dict[str, dict]) -> str:
-    """method x question type: exact match at step 0 and at the last step (+- CI half-width), token acc."""
+def _interval(stat: dict) -> str:
+    lo, hi = stat["lo"], stat["hi"]
+    known = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+    return f"[{lo:.3f}, {hi:.3f}]" if known else "[n/a]"
+
+
+def summary_table(results: dict[str, dict], comparisons: list[dict] | None = None) -> str:
+    """method x question type: exact match at step 0 and at the last step (with its CI), token acc; then
+    the paired comparisons of the model with each baseline."""
     lines = [
-        f"{'method':<22} {'question type':<15} {'n':>5} {'EM step 0':>10} {'EM last':>16} "
+        f"{'method':<22} {'question type':<15} {'n':>5} {'EM step 0':>10} {'EM last [CI]':>26} "
         f"{'tok+BOS last':>13} {'tok last':>9}"
     ]
     for name, result in results.items():
         for qt, e in result["summary"].items():
             first, last = e["exact_match"][0], e["exact_match"][-1]
-            half = last["half_width"]
-            half_s = "n/a" if half is None or not math.isfinite(half) else f"{half:.3f}"
             lines.append(
                 f"{name:<22} {qt:<15} {e['episodes']:>5} {first['mean']:>10.3f} "
-                f"{last['mean']:>8.3f} +-{half_s:>5} (s{e['steps'][-1]}) "
+                f"{last['mean']:>6.3f} {_interval(last):>16} (s{e['steps'][-1]}) "
                 f"{e['token_acc_bos'][-1]['mean']:>5.3f} {e['token_acc'][-1]['mean']:>9.3f}"
+            )
+    if comparisons:
+        lines += ["", f"{'model - baseline (paired)':<26} {'question type':<15} {'n':>4} {'diff':>7} "
+                  f"{'CI':>17} {'p':>8}"]  # fmt: skip
+        for c in comparisons:
+            lines.append(
+                f"{'- ' + c['baseline']:<26} {c['question_type']:<15} {c['episodes']:>4} "
+                f"{c['mean_difference']:>+7.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] {c['p_value']:>8.2g}"
             )
     return "\n".join(lines)
 
@@ -77,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ecgray eval: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(summary_table(payload["curves"]))
+    print(summary_table(payload["curves"], payload["comparisons"]))
     print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_step.png'}, {out / 'per_class.png'}")
     return 0
 
@@ -93,12 +112,15 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     from ecgray.data.episodes import EpisodeSampler
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
+    from ecgray.eval import metrics
     from ecgray.eval.meta_test import load_template_answers, meta_test
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
-    from ecgray.models.checkpoint import load_checkpoint
+    from ecgray.models.checkpoint import load_checkpoint, load_splits
     from ecgray.models.ecg_lm import build_model
+    from ecgray.models.encoder import check_encoder_checkpoint
 
-    state, _ = load_checkpoint(checkpoint)
+    state, checkpoint_cfg = load_checkpoint(checkpoint)
+    check_encoder_checkpoint(cfg.encoder)
     cfg.data.prepared_dir = str(data)
     out = Path(out)
     started = time.time()
@@ -111,7 +133,10 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     samples = read_qa(
         data, source=cfg.data.source, variant=cfg.data.variant, question_types=cfg.episodes.types()
     )
-    sampler = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed)
+    samples, episode_cfg = held_out(
+        samples, cfg.episodes, checkpoint_cfg.episodes, load_splits(checkpoint), str(data)
+    )
+    sampler = EpisodeSampler(samples, episode_cfg, "meta-test", seed=cfg.eval.seed)
     episodes = sampler.episodes(cfg.eval.episodes_for(cfg.episodes.question_type), progress=progress)
     missing = sorted(
         {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]} - set(store.ecg_ids.tolist())
@@ -134,7 +159,9 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
             skipped[name] = "not defined under model.paper_compat=True"
             print(f"ecgray eval: skipping {name}: {skipped[name]}", file=sys.stderr)
             continue
-        if name == "blind_llm":
+        if name in ("text_lookup", "support_majority", "encoder_prototype"):
+            results[name] = getattr(B, name)(model, episodes, store, cfg, **common)
+        elif name == "blind_llm":
             results[name] = B.blind_llm(model, episodes, store, cfg, **common)
         elif name == "ecg_free":
             results[name] = B.ecg_free(model, meta_params, episodes, store, cfg, **common)
@@ -157,6 +184,11 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         for name, subset in cfg.eval.lead_subsets.items()
     }
 
+    comparisons = metrics.compare_results(
+        results, model="meta_test", against=cfg.eval.compare_against, level=cfg.eval.ci_level,
+        n_resamples=cfg.eval.bootstrap_samples, seed=cfg.eval.bootstrap_seed, protocol=cfg.episodes.protocol,
+    )  # fmt: skip
+
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     payload = {
@@ -164,9 +196,13 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         "data": str(data),
         "device": str(device),
         "llm_dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
+        "protocol": cfg.episodes.protocol,
+        "trained_protocol": checkpoint_cfg.episodes.protocol,
         "episodes": len(episodes),
         "seconds": round(time.time() - started, 2),
         "results": results,
+        "comparisons": comparisons,
+        "learning_evidence": metrics.learning_evidence(comparisons) if comparisons else {},
         "lead_subsets": leads,
         "skipped": skipped,
         "config": to_dict(cfg),
@@ -179,3 +215,44 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     plot_per_class(results["meta_test"], out / "per_class.png")
     payload["curves"] = curves
     return payload
+
+
+def held_out(samples: list[dict], episodes, trained, stored_splits: dict | None, where: str):
+    """(samples, episode config) for meta-test episodes of a checkpoint trained with episode config
+    `trained` whose stored split is `stored_splits` (None: a checkpoint without one, not checked).
+
+    The data must split as the checkpoint's did (same class keys per side, for the question types both
+    know), else EpisodeError naming the keys. Under the checkpoint's protocol the samples and `episodes`
+    are returned as they are; under another protocol only the samples of the checkpoint's meta-test side
+    are kept, and all of them go to meta-test (meta_train_fraction = meta_val_fraction = 0)."""
+    from dataclasses import replace
+
+    from ecgray.data.episodes import (
+        build_classes,
+        check_split_keys,
+        sample_identity,
+        split_classes,
+        split_keys,
+    )
+
+    same_protocol = episodes.protocol == trained.protocol
+    # the split the eval would use, under the checkpoint's rules when the protocol differs
+    rules = episodes if same_protocol else trained
+    types = [qt for qt in episodes.types() if stored_splits is None or qt in stored_splits]
+    if stored_splits is not None and types:
+        actual = split_keys(samples, replace(rules, question_type="mixed", mixed_types=types))
+        check_split_keys({qt: stored_splits[qt] for qt in types}, actual, where)
+    elif stored_splits is None:
+        print(
+            f"ecgray eval: the checkpoint stores no split keys; {where}'s split is not checked",
+            file=sys.stderr,
+        )
+    if same_protocol:
+        return samples, episodes
+    kept: set[tuple] = set()
+    for qt in episodes.types():
+        qt_rules = replace(rules, question_type=qt)
+        side = split_classes(build_classes(samples, qt, qt_rules), qt_rules)["meta-test"]
+        kept.update(sample_identity(s) for groups in side.values() for g in groups.values() for s in g)
+    held = [s for s in samples if sample_identity(s) in kept]
+    return held, replace(episodes, meta_train_fraction=0.0, meta_val_fraction=0.0)
