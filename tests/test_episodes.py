@@ -643,3 +643,52 @@ def test_split_keys_are_checked_naming_the_keys():
         EpisodeError, match=r"data: the data splits differently .*single-verify meta-(train|val|test)"
     ):
         check_split_keys(stored, moved, "data")
+
+
+# ----------------------------------------------------------------------------- the shortcut, measured
+
+
+def text_lookup_accuracy(episodes) -> float:
+    from ecgray.eval.baselines import text_lookup_answers
+
+    right = [
+        sorted(pred) == sorted(item["answer"])
+        for ep in episodes
+        for pred, item in zip(text_lookup_answers(ep), ep["query"], strict=True)
+    ]
+    return sum(right) / len(right)
+
+
+def test_text_lookup_reads_the_paper_protocol_not_the_grounded_one(shard):
+    """On the real shard (template 27, 4 questions with yes and no), the question text names the answer of
+    a paper-protocol episode, and cannot in a grounded one."""
+    common = {"n_way": 2, "meta_train_fraction": 1.0, "meta_val_fraction": 0.0}
+    paper = EpisodeSampler(shard, EpisodeConfig(**common), "meta-train", seed=0).episodes(20)
+    assert text_lookup_accuracy(paper) == 1.0
+    grounded_cfg_ = EpisodeConfig(protocol="grounded", **common)
+    grounded = EpisodeSampler(shard, grounded_cfg_, "meta-train", seed=0).episodes(20)
+    assert all(len({it["answer"][0] for it in ep["support"]}) == 2 for ep in grounded)
+    assert text_lookup_accuracy(grounded) <= 0.6
+
+
+@pytest.mark.slow
+def test_text_lookup_on_grounded_episodes_of_the_synthetic_world(tmp_path_factory):
+    from ecgray.data.ecgqa import read_split
+    from ecgray.synth.world import generate_world
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_world(out, 120, seed=0, progress=False)
+    rows = [
+        {**s, "split": split}
+        for split in ("train", "valid", "test")
+        for s in read_split(out / "ecgqa", "ptbxl", "template", split)
+    ]
+    for qt in (VERIFY, CHOOSE):
+        cfg = EpisodeConfig(question_type=qt, protocol="grounded", n_way=2, k_shot=3, n_query=3)
+        episodes = EpisodeSampler(rows, cfg, "meta-test", seed=0).episodes(20)
+        for ep in episodes:
+            answers_by_question: dict[str, set] = {}
+            for it in ep["support"] + ep["query"]:
+                answers_by_question.setdefault(it["question"], set()).add(tuple(it["answer"]))
+            assert all(len(a) >= 2 for a in answers_by_question.values())
+        assert text_lookup_accuracy(episodes) <= 0.6, qt

@@ -657,3 +657,23 @@ def test_cli_names_bad_data(tmp_path, capsys):
     assert "no Parquet shards" in capsys.readouterr().err
     assert main([*argv, "--set", "eval.baselines=[oracle]"]) == 2
     assert "eval.baselines.0" in capsys.readouterr().err
+
+
+def test_eval_refuses_data_that_splits_unlike_the_checkpoint_and_reads_only_held_out_samples():
+    from ecgray.data.episodes import EpisodeError, build_classes, sample_identity, split_classes, split_keys
+    from ecgray.eval.cli import held_out
+
+    rows = qa_rows()
+    trained = dataclasses.replace(tiny_cfg().episodes, protocol="paper", meta_val_fraction=0.0)
+    stored = split_keys(rows, trained)
+    samples, cfg = held_out(rows, trained, trained, stored, "prepared")  # the checkpoint's own split
+    assert samples == rows and cfg == trained
+    with pytest.raises(EpisodeError, match=r"prepared: the data splits differently .*single-verify meta-"):
+        held_out(rows, dataclasses.replace(trained, split_seed=7), trained, stored, "prepared")
+    # another protocol: only the samples of the checkpoint's meta-test side, all on the meta-test side
+    other = dataclasses.replace(trained, protocol="grounded")
+    samples, cfg = held_out(rows, other, trained, stored, "prepared")
+    test_side = split_classes(build_classes(rows, "single-verify", trained), trained)["meta-test"]
+    expected = {sample_identity(s) for groups in test_side.values() for g in groups.values() for s in g}
+    assert {sample_identity(s) for s in samples} == expected and expected
+    assert (cfg.meta_train_fraction, cfg.meta_val_fraction, cfg.protocol) == (0.0, 0.0, "grounded")
