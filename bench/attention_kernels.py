@@ -1,6 +1,6 @@
 """What `model.attention` buys on CPU: the same work with the frozen LLM's attention as torch's
 scaled_dot_product_attention (its CPU flash kernel) and as eager (matmul + softmax). Prints JSON: seconds
-for (1) the meta-test inner loop on meta-test support sets in lockstep (adaptation only, as
+for (1) the meta-test inner loop on meta-val support sets in lockstep (adaptation only, as
 `eval.episodes_per_pass` runs it), (2) one meta-training step (`meta_gradient` on `meta.tasks_per_step`
 episodes), and the largest support-loss difference between the kernels (the same computation up to
 floating point).
@@ -42,7 +42,7 @@ def main() -> None:
     base = replace(base, episodes=replace(base.episodes, question_type=args.question_type))
     state = load_checkpoint(run / "checkpoint")[0]
     samples = read_qa(base.data.prepared_dir, base.data.source, base.data.variant, [args.question_type])
-    test = EpisodeSampler(samples, base.episodes, "meta-test", seed=base.eval.seed).episodes(args.episodes)
+    test = EpisodeSampler(samples, base.episodes, "meta-val", seed=base.eval.seed).episodes(args.episodes)
     train = EpisodeSampler(samples, base.episodes, "meta-train", seed=base.seed).episodes(
         base.meta.tasks_per_step
     )

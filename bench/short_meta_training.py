@@ -1,5 +1,6 @@
-"""A short meta-training run in one process (the library's loop, no Ray), then meta-test against the
-baselines on the same episodes: the quick way to try a demo setting (meta_lr, question type, outer steps,
+"""A short meta-training run in one process (the library's loop, no Ray), then evaluation on meta-val
+episodes (never meta-test: settings are chosen here) against the baselines on the same episodes: the quick
+way to try a demo setting (meta_lr, question type, outer steps,
 layout) before a full `make demo`. Prints one line per outer step and, per question type, exact match per
 inner step with the 95 % CI half-width at the last step.
 
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="outer steps (0: evaluate --init as it is)")
     p.add_argument("--init", default=None, help="checkpoint dir or .safetensors to start from")
     p.add_argument("--eval-types", default="single-verify", help="comma-separated question types")
-    p.add_argument("--episodes", type=int, default=10, help="meta-test episodes per question type")
+    p.add_argument("--episodes", type=int, default=10, help="meta-val episodes per question type")
     p.add_argument("--baselines", default="finetune_scratch,blind_llm")
     p.add_argument("--save", default=None, help="write the meta-trained mapper here (.safetensors)")
     p.add_argument("--threads", type=int, default=2)
@@ -83,7 +84,7 @@ def main() -> None:
     for qt in a.eval_types.split(","):
         qcfg = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, question_type=qt))
         qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, [qt])
-        eps = EpisodeSampler(qa, qcfg.episodes, "meta-test", seed=cfg.eval.seed).episodes(a.episodes)
+        eps = EpisodeSampler(qa, qcfg.episodes, "meta-val", seed=cfg.eval.seed).episodes(a.episodes)
         common = {"template_answers": load_template_answers(qcfg), "feature_cache": {}}
         t1 = time.time()
         res = {"meta_test": meta_test(lm, theta, eps, store, qcfg, **common)}

@@ -1,4 +1,4 @@
-"""Can the inner loop fit a support set? Adapts a mapper (a checkpoint's, or a fresh one) on meta-test
+"""Can the inner loop fit a support set? Adapts a mapper (a checkpoint's, or a fresh one) on meta-val
 episodes' support sets with plain SGD and prints, per inner step, the support loss and the exact match on the
 support set itself and on the query set (JSON).
 
@@ -60,7 +60,7 @@ def main() -> None:
     start = fresh_mapper_params(model, cfg.eval.seed) if args.fresh else model.mapper_params()
     store = ECGStore.open(cfg.data.prepared_dir)
     samples = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, [args.question_type])
-    episodes = EpisodeSampler(samples, cfg.episodes, "meta-test", seed=cfg.eval.seed).episodes(args.episodes)
+    episodes = EpisodeSampler(samples, cfg.episodes, "meta-val", seed=cfg.eval.seed).episodes(args.episodes)
     answers = load_template_answers(cfg)
     cache, loss = FeatureCache(model, store), model.loss_fn()
     out = []
