@@ -30,6 +30,12 @@ def main() -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[1, 2], help="meta-training seeds besides the run's"
     )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="eval-only overrides for the extra seeds, e.g. a shorter eval.baselines",
+    )
     args = parser.parse_args()
 
     import ray
@@ -41,6 +47,9 @@ def main() -> int:
 
     run = Path(args.run).resolve()
     base = load_config(run / "config.yaml")
+    bad = [o for o in args.set if not o.startswith("eval.")]
+    if bad:
+        raise SystemExit(f"--set {bad}: only eval.* keys (the meta-training must stay the demo's)")
     protocol = protocols(base)[0]
     prepared = Path(base.data.prepared_dir)
     evals: dict[int, dict[str, dict]] = {base.seed: {}}
@@ -70,7 +79,8 @@ def main() -> int:
             if (eval_dir / "results.json").is_file():
                 evals[seed][qt] = json.loads((eval_dir / "results.json").read_text())
                 continue
-            qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
+            qcfg = load_config(None, args.set, base=cfg)
+            qcfg = replace(qcfg, episodes=replace(qcfg.episodes, question_type=qt, protocol=protocol))
             payload = evaluate(qcfg, checkpoint, prepared, eval_dir, progress=False)
             payload.pop("curves")
             evals[seed][qt] = payload
@@ -85,7 +95,10 @@ def main() -> int:
         + "   mean +- sd"
     )
     for qt in eval_types(base):
-        for method in evals[seeds[0]][qt]["results"]:
+        methods = [
+            m for m in evals[seeds[0]][qt]["results"] if all(m in evals[s][qt]["results"] for s in seeds)
+        ]
+        for method in methods:
             values = [
                 evals[s][qt]["results"][method]["summary"][qt]["exact_match"][-1]["mean"] for s in seeds
             ]

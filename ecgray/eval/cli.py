@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     print(summary_table(payload["curves"], payload["comparisons"]))
+    if payload["protocol"] == "paper":
+        print(
+            "note: paper protocol: inside an episode the question text names the answer (see text_lookup); "
+            "--set episodes.protocol=grounded gives episodes the text cannot decide"
+        )
     print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_step.png'}, {out / 'per_class.png'}")
     return 0
 
