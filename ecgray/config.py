@@ -116,7 +116,7 @@ class EpisodeConfig:
     meta_val_fraction: float = 0.1
     """Share of the meta-train side's items (class keys, question ids or templates) carved out as meta-val:
     what in-training evaluation, `ecgray tune` and every settings choice read (meta-test is read once per
-    reported run). 0: no meta-val side."""
+    reported run). 0: no meta-val side (evaluation-only use; `ecgray train` needs one)."""
     meta_val_seed: int = 223
     """Seed of the meta-val carve-out."""
 

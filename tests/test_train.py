@@ -197,3 +197,12 @@ def test_killed_worker_resumes_from_checkpoint_ddp(toy, tmp_path, single_worker,
     assert len(train_state["restarts"]) == 1
     assert train_state["restarts"][0] >= killed_after - cfg.meta.checkpoint_every > 0
     assert_same_run((metrics, state, train_state), single_worker)
+
+
+def test_meta_training_needs_a_meta_val_side(toy):
+    from ecgray.train.meta_train import check_config
+
+    cfg = load_config(None, [*toy_overrides(toy), "episodes.meta_val_fraction=0.0"])
+    with pytest.raises(ValueError, match="episodes.meta_val_fraction=0: meta-training evaluates on meta-val"):
+        check_config(cfg)
+    check_config(load_config(None, toy_overrides(toy)))  # the toy's own 0.25 is fine

@@ -47,6 +47,11 @@ def check_config(cfg: Config) -> None:
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
     check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
+    if cfg.episodes.meta_val_fraction <= 0:
+        raise ValueError(
+            "episodes.meta_val_fraction=0: meta-training evaluates on meta-val episodes (never meta-test); "
+            "give it a meta-val side, e.g. episodes.meta_val_fraction=0.1"
+        )
     for key in ("outer_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         if getattr(cfg.meta, key) < 1:
             raise ValueError(f"meta.{key} must be >= 1, got {getattr(cfg.meta, key)}")
@@ -168,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     store = ECGStore.open(cfg.data.prepared_dir)
     cache = FeatureCache(lm, store)
     qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
-    splits = split_keys(qa, cfg.episodes)  # stored with every checkpoint
+    splits = split_keys(qa, cfg.episodes) if rank == 0 else None  # rank 0 writes the checkpoints
     val_sampler = EpisodeSampler(qa, cfg.episodes, "meta-val", seed=cfg.seed + 1)
     my_eval = eval_indices(cfg.meta.eval_episodes, rank, world)
 
