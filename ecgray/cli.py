@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ecgray.data.prepare", "read WFDB records + ECG-QA once into Parquet shards (Ray Data)"),
     "episodes": ("ecgray.data.episodes_cli", "print N-way K-shot episodes as JSON lines"),
     "pretrain-encoder": ("ecgray.train.pretrain_encoder", "pretrain the built-in ECG encoder"),
+    "convert-encoder": (
+        "ecgray.models.convert",
+        "convert a fairseq-signals ECG encoder (.pt, e.g. ECG-FM) to safetensors",
+    ),
     "train": ("ecgray.train.meta_train", "meta-train the fusion module with Ray Train"),
     "tune": ("ecgray.train.tune", "sweep inner-loop hyperparameters with Ray Tune"),
     "eval": ("ecgray.eval.cli", "meta-test on unseen classes against the baselines"),

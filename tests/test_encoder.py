@@ -241,7 +241,10 @@ def test_pretraining_is_reproducible_for_a_seed(tmp_path):
 
 def test_sampling_rate_mismatch_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, fs=250)
-    with pytest.raises(ValueError, match="sampled at 500 Hz but encoder.fs=250"):
+    with pytest.raises(
+        ValueError,
+        match=r"encoder expects 250 Hz, any window length \(encoder.fs, encoder.window_s\); the ECGs are 500 Hz, 0.4 s",
+    ):
         pe.pretrain(cfg, array_source(), tmp_path / "out", progress=False)
 
 

@@ -1,16 +1,23 @@
 """The ECG encoder: 12-lead window (B, 12, T) -> tokens (B, N, D_enc) and a pooled vector (B, D_enc).
 
-A small stand-in for the paper's fairseq-signals encoder, whose weights cannot be downloaded here:
-  1. per-record normalisation (`cfg.normalize`, see `normalize_record`) over the present leads only;
-  2. missing leads (lead_mask False) zero-filled, and the mask itself embedded and added to every token,
-     so the model knows "lead absent" from "flat lead";
+`build_encoder(cfg)` chooses the class by `cfg.kind`: `ECGEncoder` below (conv_transformer, ecgray's own,
+trained by `ecgray pretrain-encoder`) or `Wav2Vec2ECGEncoder` (wav2vec2_ecg, the fairseq-signals ECG
+transformer of the paper and of ECG-FM, in ecgray/models/wav2vec2_ecg.py). Both take the same input and
+give the same outputs, so the mapper, training, eval and serving do not know which one runs.
+
+The built-in conv_transformer, a small stand-in for the paper's encoder:
+  1. missing leads (lead_mask False) zero-filled, then normalisation (`cfg.normalize`, see
+     `prepare_input`) over the present leads only;
+  2. the mask itself embedded and added to every token, so the model knows "lead absent" from "flat lead";
   3. conv stem: Conv1d(12 -> stem_channels, k=7) + GELU, then a patchifying Conv1d(kernel = stride =
      cfg.patch) -> N = T / patch tokens of width D_enc;
   4. fixed sinusoidal positions (any N works), cfg.n_layers pre-norm transformer layers, final LayerNorm;
   5. pooled = mean over tokens (the paper mean-pools its encoder's tokens too).
 
-Checkpoints are safetensors whose metadata holds the architecture fields of the `EncoderConfig` they were
-trained with (`save_encoder` / `load_encoder`); a mismatch with the run's config is an error.
+Checkpoints are safetensors whose metadata holds the architecture and input fields of the `EncoderConfig`
+they were trained with (`save_encoder` / `load_encoder`); a mismatch with the run's config is an error.
+fairseq .pt checkpoints are never read here: `ecgray convert-encoder` (ecgray/models/convert.py) turns them
+into such a safetensors file once.
 """
 
 from __future__ import annotations
@@ -27,18 +34,18 @@ from torch import nn
 from ecgray.config import EncoderConfig
 
 N_LEADS = 12
-# The EncoderConfig fields that define the weights' shapes and meaning; they must match on load.
-ARCH_FIELDS = (
-    "kind",
-    "d_enc",
-    "n_layers",
-    "n_heads",
-    "patch",
-    "stem_channels",
-    "ffn_mult",
-    "normalize",
-    "fs",
-)
+# Per kind, the EncoderConfig fields that define the weights' shapes and meaning and the input they were
+# trained on; they must match on load.
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "conv_transformer": (
+        "kind", "d_enc", "n_layers", "n_heads", "patch", "stem_channels", "ffn_mult",
+        "normalize", "fs", "window_s",
+    ),
+    "wav2vec2_ecg": (
+        "kind", "d_enc", "n_layers", "n_heads", "ffn_mult", "conv_layers", "extractor_mode", "conv_bias",
+        "pos_conv_kernel", "pos_conv_groups", "layer_norm_first", "normalize", "fs", "window_s",
+    ),
+}  # fmt: skip
 METADATA_KEY = "ecgray.encoder_config"
 
 
@@ -52,6 +59,39 @@ def normalize_record(x: torch.Tensor, lead_mask: torch.Tensor, eps: float = 1e-3
     std = torch.sqrt(x.pow(2).sum(dim=(1, 2)) / n_present)  # (B,)
     # eps (mV) keeps an all-flat record finite instead of amplifying float noise.
     return x / (std + eps)[:, None, None]
+
+
+def normalize_lead(x: torch.Tensor, lead_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-lead z-score over time (ECG-FM's input): subtract each lead's mean, divide by its (population)
+    standard deviation. Constant leads (std <= eps mV) and masked leads come out as zeros, as ECG-FM's
+    preprocessing zeroes constant leads. x (B, 12, T), lead_mask (B, 12)."""
+    x = x - x.mean(dim=-1, keepdim=True)
+    std = x.pow(2).mean(dim=-1, keepdim=True).sqrt()  # (B, 12, 1)
+    keep = lead_mask.unsqueeze(-1) & (std > eps)
+    return torch.where(keep, x / std.clamp_min(eps), torch.zeros_like(x))
+
+
+def prepare_input(x: torch.Tensor, lead_mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    """The encoder's input step: missing leads zero-filled first (so their values, whatever they are, never
+    reach the statistics or the output), then `normalize` (record / lead / none). x (B, 12, T) mV."""
+    x = torch.where(lead_mask.unsqueeze(-1), x, torch.zeros_like(x))
+    if normalize == "record":
+        return normalize_record(x, lead_mask)
+    if normalize == "lead":
+        return normalize_lead(x, lead_mask)
+    return x
+
+
+def check_batch(x: torch.Tensor, lead_mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate an ECG batch x (B, 12, T) and its lead_mask (B, 12); returns the mask as bool on x's device
+    (all leads present when None)."""
+    if x.dim() != 3 or x.shape[1] != N_LEADS:
+        raise ValueError(f"ECG batch must have shape (B, {N_LEADS}, T), got {tuple(x.shape)}")
+    if lead_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if lead_mask.shape != x.shape[:2]:
+        raise ValueError(f"lead_mask must have shape {tuple(x.shape[:2])}, got {tuple(lead_mask.shape)}")
+    return lead_mask.to(device=x.device, dtype=torch.bool)
 
 
 def sinusoidal_positions(n: int, d: int, device=None, dtype=None) -> torch.Tensor:
@@ -70,7 +110,7 @@ class ECGEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         if cfg.kind != "conv_transformer":
-            raise ValueError(f"encoder.kind={cfg.kind!r}: only 'conv_transformer' is implemented")
+            raise ValueError(f"ECGEncoder is the conv_transformer kind, got encoder.kind={cfg.kind!r}")
         if cfg.d_enc % cfg.n_heads != 0:
             raise ValueError(f"encoder.d_enc={cfg.d_enc} must be divisible by encoder.n_heads={cfg.n_heads}")
         if cfg.d_enc % 2 != 0:
@@ -118,20 +158,10 @@ class ECGEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 12, T) in mV, lead_mask (B, 12) bool or None (all present) -> (tokens (B, N, D_enc),
         pooled (B, D_enc)). Leads whose mask is False are zero-filled: their values never reach the output."""
-        if x.dim() != 3 or x.shape[1] != N_LEADS:
-            raise ValueError(f"ECG batch must have shape (B, {N_LEADS}, T), got {tuple(x.shape)}")
+        lead_mask = check_batch(x, lead_mask)
         self._check_length(x.shape[-1])
-        if lead_mask is None:
-            lead_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        elif lead_mask.shape != x.shape[:2]:
-            raise ValueError(f"lead_mask must have shape {tuple(x.shape[:2])}, got {tuple(lead_mask.shape)}")
-        lead_mask = lead_mask.to(device=x.device, dtype=torch.bool)
         dtype = self.stem[0].weight.dtype
-        x = x.to(dtype)
-        if self.cfg.normalize == "record":
-            x = normalize_record(x, lead_mask)
-        else:
-            x = x * lead_mask.unsqueeze(-1).to(dtype)  # zero-fill missing leads
+        x = prepare_input(x.to(dtype), lead_mask, self.cfg.normalize)
         tokens = self.stem(x).transpose(1, 2)  # (B, D_enc, N) -> (B, N, D_enc)
         n = tokens.shape[1]
         tokens = tokens + sinusoidal_positions(n, self.cfg.d_enc, tokens.device, dtype)[None]
@@ -140,13 +170,37 @@ class ECGEncoder(nn.Module):
         return tokens, tokens.mean(dim=1)
 
 
+def build_encoder(cfg: EncoderConfig) -> nn.Module:
+    """A randomly initialised encoder of `cfg.kind` (ECGEncoder or Wav2Vec2ECGEncoder)."""
+    if cfg.kind == "conv_transformer":
+        return ECGEncoder(cfg)
+    if cfg.kind == "wav2vec2_ecg":
+        from ecgray.models.wav2vec2_ecg import Wav2Vec2ECGEncoder
+
+        return Wav2Vec2ECGEncoder(cfg)
+    raise ValueError(f"encoder.kind={cfg.kind!r}: expected one of {sorted(ARCH_FIELDS)}")
+
+
 def arch_dict(cfg: EncoderConfig) -> dict:
-    """The architecture fields of an EncoderConfig (what a checkpoint must agree on)."""
+    """The architecture and input fields of an EncoderConfig's kind (what a checkpoint must agree on)."""
     full = asdict(cfg)
-    return {k: full[k] for k in ARCH_FIELDS}
+    return {k: full[k] for k in ARCH_FIELDS[cfg.kind]}
 
 
-def save_encoder(encoder: ECGEncoder, path: str | Path, extra_metadata: dict | None = None) -> Path:
+def input_spec(cfg: EncoderConfig) -> str:
+    """The input an encoder was trained on, in words: "500 Hz, 5.0 s windows"."""
+    window = "any window length" if cfg.window_s is None else f"{float(cfg.window_s)} s windows"
+    return f"{cfg.fs} Hz, {window}"
+
+
+def input_fits(cfg: EncoderConfig, fs: int | float, window_s: float) -> bool:
+    """Whether signals at fs Hz in windows of window_s seconds are the input the encoder was trained on."""
+    if fs != cfg.fs:
+        return False
+    return cfg.window_s is None or round(cfg.window_s * cfg.fs) == round(window_s * fs)
+
+
+def save_encoder(encoder: nn.Module, path: str | Path, extra_metadata: dict | None = None) -> Path:
     """Write the encoder's weights as safetensors, its architecture config in the file's metadata."""
     from safetensors.torch import save_file
 
@@ -166,8 +220,11 @@ def read_encoder_config(path: str | Path) -> dict:
     """The architecture config stored in an encoder checkpoint's metadata."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors' own error type
+        raise ValueError(f"encoder checkpoint {path}: not a safetensors file ({err})") from err
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"encoder checkpoint {path}: no '{METADATA_KEY}' metadata (not written by save_encoder)"
@@ -183,53 +240,75 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def _where_weights_come_from(cfg: EncoderConfig) -> str:
+    if cfg.kind == "wav2vec2_ecg":
+        return "the safetensors file `ecgray convert-encoder IN.pt OUT.safetensors` wrote from a fairseq checkpoint"
+    return "the safetensors file `ecgray pretrain-encoder` wrote"
+
+
 def check_encoder_checkpoint(cfg: EncoderConfig) -> None:
     """Train and eval need the frozen encoder's weights: no `checkpoint` is an error unless `random_init`
     says a random encoder is meant (tests, smoke runs); a named file must exist."""
     if cfg.checkpoint is None:
         if not cfg.random_init:
             raise ValueError(
-                "encoder.checkpoint is not set: the frozen encoder would be random. Point it at the "
-                "safetensors file `ecgray pretrain-encoder` wrote, or set encoder.random_init=true (tests only)"
+                f"encoder.checkpoint is not set: the frozen encoder would be random. Point it at "
+                f"{_where_weights_come_from(cfg)}, or set encoder.random_init=true (tests only)"
             )
     elif not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"encoder.checkpoint={cfg.checkpoint}: no such file")
 
 
-def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: int = 0) -> ECGEncoder:
-    """Build the encoder, load `cfg.checkpoint` and freeze it (eval, requires_grad False).
+def _check_is_safetensors(path: Path) -> None:
+    """A torch pickle given as encoder.checkpoint is refused (loading it would unpickle), with the way out."""
+    import zipfile
 
-    A checkpoint trained with other architecture fields is an error naming both values.
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
+        raise ValueError(
+            f"encoder checkpoint {path} (encoder.checkpoint) is a torch pickle, not safetensors: convert it "
+            f"once with `ecgray convert-encoder {path} OUT.safetensors` and point encoder.checkpoint at OUT"
+        )
+
+
+def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """Build the encoder of `cfg.kind`, load `cfg.checkpoint` (safetensors only) and freeze it (eval,
+    requires_grad False).
+
+    A checkpoint written with other architecture or input fields is an error naming both values.
     `cfg.checkpoint=None` gives a random-init encoder (seeded; tests and ablations only) with a warning."""
     if cfg.checkpoint is None:
         warnings.warn(
-            "encoder.checkpoint is None: using a RANDOM-INIT encoder (tests only; run "
-            "`ecgray pretrain-encoder` and set encoder.checkpoint)",
+            f"encoder.checkpoint is None: using a RANDOM-INIT encoder (tests only; point encoder.checkpoint "
+            f"at {_where_weights_come_from(cfg)})",
             stacklevel=2,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = ECGEncoder(cfg)
+            encoder = build_encoder(cfg)
         return freeze(encoder.to(device))
     path = Path(cfg.checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"encoder checkpoint {path} (encoder.checkpoint) not found: train one with "
-            f"`ecgray pretrain-encoder --data PREPARED_DIR --out DIR` and point encoder.checkpoint at "
-            f"DIR/encoder.safetensors"
+        how = (
+            "convert a fairseq checkpoint with `ecgray convert-encoder IN.pt OUT.safetensors` and point "
+            "encoder.checkpoint at OUT.safetensors"
+            if cfg.kind == "wav2vec2_ecg"
+            else "train one with `ecgray pretrain-encoder --data PREPARED_DIR --out DIR` and point "
+            "encoder.checkpoint at DIR/encoder.safetensors"
         )
+        raise FileNotFoundError(f"encoder checkpoint {path} (encoder.checkpoint) not found: {how}")
+    _check_is_safetensors(path)
     stored = read_encoder_config(path)
     wanted = arch_dict(cfg)
     diffs = [
         f"encoder.{k}: checkpoint has {stored.get(k)!r}, config has {wanted[k]!r}"
-        for k in ARCH_FIELDS
+        for k in ARCH_FIELDS[cfg.kind]
         if stored.get(k) != wanted[k]
     ]
     if diffs:
         raise ValueError(f"encoder checkpoint {path} does not match the config:\n  " + "\n  ".join(diffs))
     from safetensors.torch import load_file
 
-    encoder = ECGEncoder(cfg)
+    encoder = build_encoder(cfg)
     state = load_file(str(path))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecgray.config import Config, EncoderConfig
-from ecgray.models.encoder import ECGEncoder, freeze, save_encoder
+from ecgray.models.encoder import ECGEncoder, freeze, input_fits, input_spec, save_encoder
 
 
 @dataclass
@@ -178,11 +178,21 @@ def pretrain(
     enc_cfg = cfg.encoder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if data.fs != enc_cfg.fs:
-        raise ValueError(f"ECGs are sampled at {data.fs} Hz but encoder.fs={enc_cfg.fs} Hz")
+    if enc_cfg.kind != "conv_transformer":
+        raise ValueError(
+            f"encoder.kind={enc_cfg.kind}: `ecgray pretrain-encoder` trains the built-in conv_transformer; a "
+            f"wav2vec2_ecg encoder is loaded from external weights (e.g. ECG-FM's): convert a fairseq "
+            f"checkpoint once with `ecgray convert-encoder IN.pt OUT.safetensors`"
+        )
     train_ids = data.ids_of("train")
     if len(train_ids) < 2:
         raise ValueError(f"pretraining needs >= 2 train-split ECGs, found {len(train_ids)}")
+    window_s = np.asarray(data.signals(train_ids[:1])).shape[-1] / data.fs
+    if not input_fits(enc_cfg, data.fs, window_s):
+        raise ValueError(
+            f"encoder expects {input_spec(enc_cfg)} (encoder.fs, encoder.window_s); the ECGs are "
+            f"{data.fs} Hz, {float(window_s)} s windows"
+        )
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -66,8 +66,8 @@ def toy_overrides(prepared_dir: str | Path) -> list[str]:
     """Dotted overrides that fit a tiny model to `write_toy_prepared`'s data (2-way 2-shot, 3 inner steps)."""
     return [
         f"data.prepared_dir={prepared_dir}", "data.fs=100", "data.window_s=1.0",
-        "encoder.fs=100", "encoder.d_enc=16", "encoder.n_layers=1", "encoder.n_heads=2", "encoder.patch=25",
-        "encoder.stem_channels=8", "encoder.random_init=true",
+        "encoder.fs=100", "encoder.window_s=1.0", "encoder.d_enc=16", "encoder.n_layers=1", "encoder.n_heads=2",
+        "encoder.patch=25", "encoder.stem_channels=8", "encoder.random_init=true",
         "model.llm=tiny-llama", "model.dropout=0.0", "model.n_heads=2", "model.max_answer_tokens=4",
         "episodes.n_way=2", "episodes.k_shot=2", "episodes.n_query=2",
         "episodes.meta_val_fraction=0.25",  # 8 meta-train-side classes -> 6 meta-train, 2 meta-val
