@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 LEAD_NAMES = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-QUESTION_TYPES = ["single-verify", "single-choose", "single-query"]
+SINGLE_TYPES = ["single-verify", "single-choose", "single-query"]
+"""The paper's question types: one ECG per sample (method.md section 1)."""
+COMPARISON_TYPES = [
+    "comparison_consecutive-verify",
+    "comparison_consecutive-query",
+    "comparison_irrelevant-verify",
+    "comparison_irrelevant-query",
+]
+"""ECG-QA's comparison types: two ECGs per sample (first, second), asked how they differ."""
+QUESTION_TYPES = SINGLE_TYPES + COMPARISON_TYPES
 
 
 class ConfigError(ValueError):
@@ -75,12 +84,18 @@ class DataConfig:
 class EpisodeConfig:
     """Classes and N-way K-shot episodes (method.md section 1)."""
 
-    question_type: Literal["single-verify", "single-choose", "single-query", "mixed"] = "single-verify"
+    question_type: Literal[
+        "single-verify", "single-choose", "single-query", "comparison_consecutive-verify",
+        "comparison_consecutive-query", "comparison_irrelevant-verify", "comparison_irrelevant-query", "mixed",
+    ] = "single-verify"  # fmt: skip
     """Question type the episodes are drawn from; mixed: each episode from one of `mixed_types`, chosen at
-    random."""
-    mixed_types: list[Literal["single-verify", "single-choose", "single-query"]] = field(
-        default_factory=lambda: list(QUESTION_TYPES)
-    )
+    random. The comparison types carry two ECGs per sample (ecgray.data.episodes: class rules)."""
+    mixed_types: list[
+        Literal[
+            "single-verify", "single-choose", "single-query", "comparison_consecutive-verify",
+            "comparison_consecutive-query", "comparison_irrelevant-verify", "comparison_irrelevant-query",
+        ]
+    ] = field(default_factory=lambda: list(SINGLE_TYPES))  # fmt: skip
     """With question_type `mixed`: the question types an episode's type is drawn from (uniformly)."""
     n_way: int = 5
     """Classes per episode."""
@@ -91,9 +106,14 @@ class EpisodeConfig:
     excluded_templates: list[int] = field(default_factory=lambda: [4, 14, 17, 26, 28, 31, 40])
     """Templates the paper drops as conflicting classes."""
     min_class_size: dict[str, int] = field(
-        default_factory=lambda: {"single-verify": 140, "single-choose": 14, "single-query": 50}
-    )
-    """A class is kept when it has at least this many samples."""
+        default_factory=lambda: {
+            "single-verify": 140, "single-choose": 14, "single-query": 50,
+            "comparison_consecutive-verify": 140, "comparison_consecutive-query": 50,
+            "comparison_irrelevant-verify": 140, "comparison_irrelevant-query": 50,
+        }
+    )  # fmt: skip
+    """A class is kept when it has at least this many samples (paper protocol). The paper has no comparison
+    types; theirs are the sizes of the single type of the same kind (verify 140, query 50)."""
     min_group_size: int = 10
     """question_id groups with fewer samples are dropped."""
     split_mode: Literal["class", "patient", "template"] = "class"
@@ -136,31 +156,57 @@ class EpisodeConfig:
 class EncoderConfig:
     """The frozen ECG encoder: (B, 12, T) -> (B, n_tokens, d_enc) tokens and a pooled (B, d_enc) vector.
 
-    The official encoder (fairseq-signals W2V+CMSC+RLM, 768-d, 12 layers) cannot be downloaded here, so
-    ecgray pretrains its own conv-stem + pre-norm transformer with `ecgray pretrain-encoder`. The
-    architecture fields (kind .. normalize) are stored in the checkpoint and must match on load."""
+    Two kinds behind one interface. conv_transformer: ecgray's own conv-stem + pre-norm transformer, trained
+    with `ecgray pretrain-encoder`. wav2vec2_ecg: the paper's kind of encoder, the fairseq-signals ECG
+    transformer (wav2vec 2.0 / W2V+CMSC+RLM; ECG-FM's public weights), read from a fairseq checkpoint
+    converted once with `ecgray convert-encoder`. Fields left at None take the kind's default. The
+    architecture and input fields (kind .. window_s) are stored in the checkpoint and must match on load."""
 
-    kind: Literal["conv_transformer"] = "conv_transformer"
-    """Encoder family: a conv stem patchifying the 12 leads into tokens + pre-norm transformer layers."""
+    kind: Literal["conv_transformer", "wav2vec2_ecg"] = "conv_transformer"
+    """conv_transformer: a conv stem patchifying the 12 leads into tokens + pre-norm transformer layers;
+    wav2vec2_ecg: a strided conv feature extractor + convolutional positions + post-LN transformer layers
+    (fairseq-signals' ECG transformer, defaults = ECG-FM's)."""
     d_enc: int = 768
     """Token / pooled width (the paper's encoder interface is 768-d)."""
-    n_layers: int = 4
-    """Transformer layers after the stem."""
-    n_heads: int = 8
-    """Attention heads per transformer layer (d_enc must be divisible by it)."""
+    n_layers: int | None = None
+    """Transformer layers. None: the kind's default (conv_transformer 4, wav2vec2_ecg 12)."""
+    n_heads: int | None = None
+    """Attention heads per transformer layer (d_enc must be divisible by it). None: the kind's default
+    (conv_transformer 8, wav2vec2_ecg 12)."""
     patch: int = 25
-    """Samples per token at the input rate (2,500 / 25 = 100 tokens)."""
+    """conv_transformer: samples per token at the input rate (2,500 / 25 = 100 tokens)."""
     stem_channels: int = 128
-    """Channels of the stride-1 conv layer in front of the patchifying conv."""
+    """conv_transformer: channels of the stride-1 conv layer in front of the patchifying conv."""
     ffn_mult: int = 4
     """Transformer feed-forward width = ffn_mult * d_enc."""
+    conv_layers: list[list[int]] = field(default_factory=lambda: [[256, 2, 2] for _ in range(4)])
+    """wav2vec2_ecg: [channels, kernel, stride] of each conv layer of the feature extractor (fairseq's
+    conv_feature_layers); 4 x [256, 2, 2] turns 2,500 samples into 156 tokens."""
+    extractor_mode: Literal["default", "layer_norm"] = "default"
+    """wav2vec2_ecg: default = a GroupNorm (one group per channel) in the first conv layer only, as the
+    fairseq-signals ECG models use; layer_norm = a LayerNorm over channels in every conv layer."""
+    conv_bias: bool = False
+    """wav2vec2_ecg: the feature extractor's convolutions have a bias."""
+    pos_conv_kernel: int = 128
+    """wav2vec2_ecg: kernel of the convolutional positional encoding (fairseq's conv_pos)."""
+    pos_conv_groups: int = 16
+    """wav2vec2_ecg: groups of the convolutional positional encoding (d_enc must be divisible by it)."""
+    layer_norm_first: bool = False
+    """wav2vec2_ecg: pre-LN transformer layers (LayerNorm before attention / FFN, encoder.layer_norm at the
+    end); False = post-LN (fairseq-signals' default: encoder.layer_norm on the input, LayerNorm after each
+    residual). `ecgray convert-encoder` takes it from the checkpoint's cfg."""
     dropout: float = 0.1
     """Dropout inside the transformer layers while pretraining (off once frozen)."""
-    normalize: Literal["record", "none"] = "record"
+    normalize: Literal["record", "lead", "none"] | None = None
     """record: subtract each lead's mean and divide by one std over all present leads of the record
-    (keeps relative lead amplitudes, which the heart axis depends on); none: raw mV (the official input)."""
+    (keeps relative lead amplitudes, which the heart axis depends on); lead: per-lead z-score over time
+    (constant leads become zeros; ECG-FM's input); none: raw mV. Applied inside the encoder's forward.
+    None: the kind's default (conv_transformer record, wav2vec2_ecg lead)."""
     fs: int = 500
-    """Sampling rate (Hz) the encoder is trained for; callers check it against data.fs."""
+    """Sampling rate (Hz) the encoder is trained for; train / eval / serve check it against data.fs."""
+    window_s: float | None = None
+    """Window length (s) the encoder is trained for; checked against data.window_s. None: the kind's
+    default (conv_transformer: any length, its positions are sinusoidal; wav2vec2_ecg: 5.0, ECG-FM's)."""
     checkpoint: str | None = None
     """safetensors file written by `ecgray pretrain-encoder`. None is an error in train / eval unless
     `random_init` is set."""
@@ -191,6 +237,25 @@ class EncoderConfig:
     )
     """Linear-probe targets after pretraining: scp codes (binary) and/or `heart_axis` (multi-class)."""
 
+    def __post_init__(self):
+        defaults = ENCODER_KIND_DEFAULTS[self.kind]
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        bad = [layer for layer in self.conv_layers if len(layer) != 3 or min(layer) < 1]
+        if not self.conv_layers or bad:
+            raise ValueError(
+                f"encoder.conv_layers must be a non-empty list of [channels, kernel, stride] with positive "
+                f"ints, got {self.conv_layers}"
+            )
+
+
+# The fields an EncoderConfig leaves at None take these per-kind values (ECG-FM's for wav2vec2_ecg).
+ENCODER_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "conv_transformer": {"n_layers": 4, "n_heads": 8, "normalize": "record", "window_s": None},
+    "wav2vec2_ecg": {"n_layers": 12, "n_heads": 12, "normalize": "lead", "window_s": 5.0},
+}
+
 
 @_forbid_extra
 @dataclass
@@ -213,7 +278,8 @@ class ModelConfig:
     prompt_layout: Literal["prefix_first", "question_first"] = "prefix_first"
     max_question_tokens: int = 64
     paper_compat: bool = False
-    """Reproduce the official answer-position quirk and BOS-in-target (method.md section 2)."""
+    """Reproduce the official answer-position quirk and BOS-in-target (method.md section 2). Single-ECG
+    questions only (the official code has no comparison types): comparison samples are refused."""
     decoding: Literal["greedy", "constrained"] = "constrained"
     max_answer_tokens: int = 16
     """Greedy decoding stops after this many tokens (or at EOS)."""
@@ -300,11 +366,16 @@ class EvalConfig:
 
     episodes: int = 1000
     """Meta-test episodes (the paper evaluates on 1,000)."""
-    episodes_by_type: dict[Literal["single-verify", "single-choose", "single-query"], int] = field(
-        default_factory=dict
-    )
+    episodes_by_type: dict[
+        Literal[
+            "single-verify", "single-choose", "single-query", "comparison_consecutive-verify",
+            "comparison_consecutive-query", "comparison_irrelevant-verify", "comparison_irrelevant-query",
+        ],
+        int,
+    ] = field(default_factory=dict)  # fmt: skip
     """Per question type, overrides `episodes` (e.g. more episodes where answering is cheap); 0 leaves the type
-    out of `ecgray demo`."""
+    out of `ecgray demo`, which evaluates the single types by default and a comparison type only when it is
+    named here with a positive count."""
     seed: int = 0
     """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
     baselines: list[
@@ -411,6 +482,43 @@ class ServeConfig:
     template_answers: str | None = None
     """answers_for_each_template.csv giving each template's admissible options; None: the PTB-XL table
     shipped in ecgray/synth/assets."""
+    adapter_store: str = "runs/serve/adapters"
+    """Directory or URI (s3://, gs://, file://) where /v1/adapt writes each adapter's fast weights
+    (safetensors, named by the adapter id) and any answer replica reads them. Relative paths resolve where
+    the service is started; replicas on other nodes need a URI or a shared filesystem."""
+    min_replicas: int = 1
+    """Answer replicas the autoscaler keeps at least (`ecgray serve --replicas N` sets min = max = N)."""
+    max_replicas: int = 1
+    """Answer replicas the autoscaler may add under load (equal to min_replicas: a fixed count)."""
+    target_ongoing_requests: float = 1.0
+    """Batches in flight per answer replica the autoscaler aims at (each call to a replica is one batch)."""
+    adapter_min_replicas: int = 1
+    """Adaptation replicas kept at least (the inner loop runs there, apart from answering)."""
+    adapter_max_replicas: int = 1
+    """Adaptation replicas the autoscaler may add."""
+    adapter_max_ongoing_requests: int = 2
+    """Support sets sent to one adaptation replica at once (they run one after another on its thread)."""
+    adapter_max_queued_requests: int = 16
+    """Support sets waiting for a busy adaptation deployment beyond which /v1/adapt gets 503 with
+    Retry-After at once (each waits seconds: a short queue)."""
+    upscale_delay_s: float = 10.0
+    """Load must last this long before the autoscaler adds a replica."""
+    downscale_delay_s: float = 300.0
+    """Idleness must last this long before the autoscaler removes a replica."""
+    look_back_period_s: float = 30.0
+    """Window over which the autoscaler averages each replica's ongoing requests."""
+    max_queued_requests: int = 256
+    """Requests waiting for a busy ingress or answer deployment beyond which callers get 503 with
+    Retry-After at once."""
+    retry_after_s: float = 5.0
+    """Retry-After (seconds) sent with a 503 for overload."""
+    replica_cpus: float = 1.0
+    """CPUs each answer and adaptation replica reserves; torch uses that many threads (at least 1)."""
+    use_gpu: bool = False
+    """Answer and adaptation replicas reserve one GPU each and run on the device Ray assigns; False: CPU
+    only, even where a GPU is visible."""
+    health_check_period_s: float = 10.0
+    """How often Serve runs each replica's health check (a real forward of a tiny probe ECG)."""
 
 
 @_forbid_extra

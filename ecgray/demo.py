@@ -6,7 +6,8 @@ Recipe (each stage is skipped when its output is already in --out, so a re-run r
   3. encoder    self-supervised pretraining of the built-in ECG encoder (`ecgray pretrain-encoder`)
   4. meta-train the fusion module with Ray Train over `train.num_workers` workers (`ecgray train`)
   5. eval       N-way K-shot meta-test on unseen questions for the single question types (those of
-                `eval.episodes_by_type` set to 0 are left out), with the shortcut controls and baselines on
+                `eval.episodes_by_type` set to 0 are left out) and the comparison types it names with a
+                positive count (two ECGs per sample), with the shortcut controls and baselines on
                 the same episodes and paired comparisons (`ecgray eval`): first under the run's protocol
                 (`episodes.protocol`, grounded in configs/demo.yaml: the headline), then under the other one
                 on the same held-out questions (the paper's protocol: where the question text names the
@@ -28,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ecgray.config import QUESTION_TYPES, Config, save_config, to_dict, versions
+from ecgray.config import COMPARISON_TYPES, SINGLE_TYPES, Config, save_config, to_dict, versions
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -177,8 +178,10 @@ def protocols(cfg: Config) -> list[str]:
 
 
 def eval_types(cfg: Config) -> list[str]:
-    """The question types the demo evaluates: all single types but those given 0 episodes."""
-    return [qt for qt in QUESTION_TYPES if cfg.eval.episodes_for(qt) > 0]
+    """The question types the demo evaluates: all single types but those given 0 episodes, then the
+    comparison types (two ECGs per sample) that `eval.episodes_by_type` names with a positive count."""
+    single = [qt for qt in SINGLE_TYPES if cfg.eval.episodes_for(qt) > 0]
+    return single + [qt for qt in COMPARISON_TYPES if cfg.eval.episodes_by_type.get(qt, 0) > 0]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -243,7 +246,8 @@ def serve_episode(cfg: Config, checkpoint_dir: Path, synth_dir: Path, out: Path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    scfg = replace(cfg.serve, checkpoint=str(checkpoint_dir), port=port, host="127.0.0.1")
+    scfg = replace(cfg.serve, checkpoint=str(checkpoint_dir), port=port, host="127.0.0.1",
+                   adapter_store=str(out / "adapters"))  # fmt: skip
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -213,3 +213,77 @@ def test_controls_return_the_meta_test_structure(world):
         B.text_lookup(model, episodes, store, other)["episodes"]
         == B.text_lookup(model, episodes, store, cfg)["episodes"]
     )
+
+
+# --------------------------------------------------------------------------- two ECGs per item
+
+CIV = "comparison_irrelevant-verify"
+COMPARE = "Does the second ECG no longer show symptoms of {} as compared to the first ECG?"
+
+
+def test_prototype_answers_of_two_ecgs_are_the_concatenation_of_both():
+    """A comparison item's feature is [pooled(first) ; pooled(second)] (module docstring of baselines):
+    neither ECG alone, nor their difference, decides these queries."""
+    q = COMPARE.format("x")
+    support = [item(1, q, ["no"], "57_q1_no"), item(2, q, ["yes"], "57_q1_yes")]
+    s = torch.tensor([[[0.0], [0.0]], [[0.0], [4.0]]])  # (S, 2, 1): no = (0, 0), yes = (0, 4)
+    queries = [
+        item(10, q, ["yes"], "57_q1_yes"),
+        item(11, q, ["no"], "57_q1_no"),
+        item(12, q, ["yes"], "57_q1_yes"),
+    ]
+    # query 0: the first ECG ties (0 vs 0), the second and the concatenation say yes; query 1: the
+    # concatenation says no (1 vs 9); query 2 = (5, 9): the difference (4) equals yes's exactly, the
+    # concatenation's squared distances are 25 + 81 = 106 (no) vs 25 + 25 = 50 (yes)
+    qs = torch.tensor([[[0.0], [3.5]], [[0.0], [1.0]], [[5.0], [9.0]]])
+    assert B.prototype_answers(s, support, qs, queries) == [["yes"], ["no"], ["yes"]]
+    flat = B.prototype_answers(s.flatten(1), support, qs.flatten(1), queries)
+    assert flat == B.prototype_answers(s, support, qs, queries)
+    # by the first ECG alone the first query ties and goes to the first class in sort order, "no"
+    assert B.prototype_answers(s[:, 0], support, qs[:, 0], queries)[0] == ["no"]
+
+
+def comparison_episode(first_ecg: int = 1) -> dict:
+    """A grounded comparison_irrelevant-verify episode: two questions x yes / no, two ECG ids per item."""
+    support, query, classes, ecg = [], [], [], first_ecg
+    for qid, subject in enumerate(("abnormal qrs", "sinus rhythm")):
+        question = COMPARE.format(subject)
+        for answer in (["yes"], ["no"]):
+            cls = f"57_q{qid}_{answer[0]}"
+            classes.append(cls)
+            for j in range(4):
+                it = item(ecg, question, answer, cls) | {"ecg_id": [ecg, ecg + 1], "template_id": 57,
+                                                         "question_type": CIV}  # fmt: skip
+                (support if j < 2 else query).append(it)
+                ecg += 2
+    return {"classes": classes, "support": support, "query": query}
+
+
+def test_controls_on_two_ecg_episodes_read_both_ecgs(world):
+    cfg, model, store = world
+    episodes = [comparison_episode()]
+    cache: dict = {}
+    res = {name: getattr(B, name)(model, episodes, store, cfg, feature_cache=cache) for name in B.CONTROLS}
+    assert len(cache) == 32  # both ECGs of each of the 16 items, once
+    for name, r in res.items():
+        assert set(r["summary"]) == {CIV} and r["steps"] == [0], name
+    assert res["text_lookup"]["episodes"][0]["exact_match"] == [0.5]  # grounded: the text cannot decide
+    # encoder_prototype: nearest class mean of the concatenated pooled vectors, by hand
+    ep = episodes[0]
+    ids = [e for i in ep["support"] + ep["query"] for e in i["ecg_id"]]
+    pooled = encode_ecgs(model, store, ids, None)[0].reshape(16, -1).double()  # (items, 2 D_enc)
+    support, query = pooled[:8], pooled[8:]
+    expected = []
+    for q_vec, q in zip(query, ep["query"], strict=True):
+        classes = sorted({s["class"] for s in ep["support"] if s["question"] == q["question"]})
+        means = {
+            c: support[[j for j, s in enumerate(ep["support"]) if s["class"] == c]].mean(0) for c in classes
+        }
+        best = min(classes, key=lambda c: float(((q_vec - means[c]) ** 2).sum()))
+        expected.append(next(s["answer"] for s in ep["support"] if s["class"] == best))
+    assert res["encoder_prototype"]["episodes"][0]["predictions"] == expected
+    # swapping the two ECGs of every item changes the features the prototype reads
+    swapped = [{**ep, "support": [{**i, "ecg_id": i["ecg_id"][::-1]} for i in ep["support"]],
+                "query": [{**i, "ecg_id": i["ecg_id"][::-1]} for i in ep["query"]]}]  # fmt: skip
+    again = encode_ecgs(model, store, [e for i in swapped[0]["support"] for e in i["ecg_id"]], None)[0]
+    assert not torch.equal(again.reshape(8, -1), pooled[:8].float())

@@ -25,10 +25,19 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_demo_pipeline_end_to_end(tmp_path, ray_session):
-    from ecgray.demo import run_demo
+CIV = "comparison_irrelevant-verify"
+COMPARISON = [  # meta-training mixes in a comparison type (two ECGs per sample); the demo evaluates it too
+    "episodes.question_type=mixed", f"episodes.mixed_types=[single-verify, {CIV}]",
+    f"eval.episodes_by_type={{single-verify: 3, {CIV}: 2}}",
+]  # fmt: skip
 
-    cfg = load_config(None, TINY)
+
+def test_demo_pipeline_end_to_end(tmp_path, ray_session):
+    from ecgray.demo import eval_types, run_demo
+
+    cfg = load_config(None, [*TINY, *COMPARISON])
+    assert eval_types(cfg) == ["single-verify", "single-choose", "single-query", CIV]
+    assert CIV not in eval_types(load_config(None, TINY))  # comparison types only when named
     out = tmp_path / "demo"
     report = run_demo(cfg, out)
 
@@ -49,7 +58,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         "ecg_free",
         "finetune_scratch",
     )
-    for qt in ("single-verify", "single-choose", "single-query"):
+    for qt in ("single-verify", "single-choose", "single-query", CIV):
         for protocol, suffix in (("grounded", qt), ("paper", f"paper_{qt}")):
             assert (out / "figures" / f"accuracy_vs_step_{suffix}.png").stat().st_size > 10_000
             assert (out / "figures" / f"per_class_{suffix}.png").is_file()
@@ -80,6 +89,8 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     assert len(served["answers"]) == 2 * 2  # n_way x n_query answered over HTTP
     assert all(a["predicted"]["answer"] in ("yes", "no") for a in served["answers"])
     assert "| single-verify | meta_test | 3 |" in report_md
+    for method in ("meta_test", *controls):  # the comparison row, with every control
+        assert f"| {CIV} | {method} | 2 |" in report_md
 
     # a second run reuses every cached stage and gives the same results
     again = run_demo(cfg, out)

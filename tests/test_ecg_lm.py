@@ -335,3 +335,227 @@ def test_mismatches_are_named(tmp_path):
     (tmp_path / "c" / "mapper.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="mapper.safetensors is missing"):
         load_checkpoint(tmp_path / "c")
+
+
+# ------------------------------------------------------------------------ two ECGs (comparison questions)
+
+# Single-ECG outputs of the code before two-ECG samples existed (the same tiny models, mapper seed 0,
+# inputs from torch.Generator seed 1): prompt-row hash, the two task losses of `test_...pinned...`, option
+# scores, greedy ids. Two-ECG support must leave every one of them as it was.
+PINNED = {
+    "tiny-llama/prefix_first/attention": ("29773f66f13cddca", [6.27785, 6.23619], [[-12.4625, -12.7529], [-18.4366, -37.5668, -18.7762, -18.5949], [-12.4555, -12.7492, -18.7073]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-llama/prefix_first/mlp": ("29773f66f13cddca", [6.27798, 6.23402], [[-12.4462, -12.7414], [-18.4383, -37.5747, -18.798, -18.6067], [-12.4727, -12.7589, -18.733]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-llama/prefix_first/qformer": ("29773f66f13cddca", [6.28542, 6.24204], [[-12.4955, -12.7754], [-18.3986, -37.5614, -18.8112, -18.6149], [-12.5273, -12.7973, -18.7544]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-llama/question_first/attention": ("e6eaa2650ac315df", [6.27506, 6.23407], [[-12.4542, -12.751], [-18.4296, -37.5493, -18.775, -18.591], [-12.4478, -12.7472, -18.7087]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-llama/question_first/mlp": ("e6eaa2650ac315df", [6.27494, 6.23124], [[-12.4449, -12.7425], [-18.4292, -37.5588, -18.7913, -18.6053], [-12.4643, -12.7456, -18.724]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-llama/question_first/qformer": ("e6eaa2650ac315df", [6.28422, 6.23803], [[-12.4861, -12.7653], [-18.4041, -37.5747, -18.8055, -18.6193], [-12.5079, -12.7814, -18.7497]], [[28, 28, 28], [28, 28, 28], [28, 28, 28]]),
+    "tiny-gemma/prefix_first/attention": ("29773f66f13cddca", [6.36087, 6.37837], [[-12.9197, -12.8211], [-19.0762, -37.8542, -19.2368, -19.0941], [-12.9667, -12.8349, -18.7707]], [[83, 50, 50], [7, 7, 7], [324, 324, 324]]),
+    "tiny-gemma/prefix_first/mlp": ("29773f66f13cddca", [6.31506, 6.41191], [[-12.945, -13.1201], [-18.8359, -37.4668, -18.9458, -18.6896], [-12.8072, -12.7388, -18.7182]], [[268, 268, 268], [10, 10, 10], [83, 83, 83]]),
+    "tiny-gemma/prefix_first/qformer": ("29773f66f13cddca", [6.277, 6.31246], [[-12.6953, -12.7554], [-18.6713, -37.2954, -18.6722, -18.7279], [-12.6109, -12.7793, -18.5768]], [[9, 9, 9], [196, 196, 196], [148, 148, 148]]),
+    "tiny-gemma/question_first/attention": ("e6eaa2650ac315df", [6.36625, 6.39771], [[-12.9872, -12.9099], [-19.0794, -37.7878, -19.1949, -19.0469], [-13.0058, -12.8875, -18.7847]], [[268, 268, 268], [7, 7, 10], [189, 189, 189]]),
+    "tiny-gemma/question_first/mlp": ("e6eaa2650ac315df", [6.3066, 6.3807], [[-12.8531, -12.9552], [-18.8912, -37.4435, -18.8902, -18.7217], [-12.8431, -12.7694, -18.7198]], [[83, 83, 83], [107, 190, 452], [83, 83, 83]]),
+    "tiny-gemma/question_first/qformer": ("e6eaa2650ac315df", [6.2966, 6.36889], [[-12.8102, -12.939], [-18.8356, -37.2921, -18.8255, -18.8883], [-12.7844, -12.8638, -18.7003]], [[83, 83, 83], [83, 83, 83], [83, 83, 83]]),
+}  # fmt: skip
+PINNED_PAPER_ROWS = "92ad9805ba304213"
+OPTIONS = [["yes", "no"], ["v1", "lead i, v1", "none", "lead i"], ["yes", "no", "not sure"]]
+MAPPER_KW = {"mlp_hidden": 32, "qformer_width": 32, "qformer_layers": 1}
+
+
+def rows_hash(rows) -> str:
+    import hashlib
+
+    payload = json.dumps([rows.before, rows.after, rows.target_start, rows.targets]).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def mapped_model(llm, layout="prefix_first", mapper="attention", **overrides) -> ECGLanguageModel:
+    name, model, tokenizer = llm
+    cfg = ModelConfig(llm=name, prompt_layout=layout, mapper=mapper, **MAPPER_KW, **overrides)
+    torch.manual_seed(0)
+    return ECGLanguageModel(
+        None, build_mapper(cfg, D_ENC, llm_hidden_size(model)).eval(), model, tokenizer, cfg
+    )
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("mapper", ["attention", "mlp", "qformer"])
+def test_single_ecg_outputs_are_pinned_from_before_two_ecg_support(llm, layout, mapper):
+    m = mapped_model(llm, layout, mapper)
+    rows_key, losses_0, scores_0, greedy_0 = PINNED[f"{llm[0]}/{layout}/{mapper}"]
+    g = torch.Generator().manual_seed(1)
+    pooled = torch.randn(3, D_ENC, generator=g)
+    tokens = torch.randn(3, 5, D_ENC, generator=g) if mapper == "qformer" else None
+    assert rows_hash(m.prompt_rows(QUESTIONS, ANSWERS)) == rows_key
+    t1 = m.task_data(pooled, tokens, QUESTIONS, ANSWERS)
+    t2 = m.task_data(
+        pooled[:2] * 0.5, None if tokens is None else tokens[:2], QUESTIONS[:2], [["no"], ["v2"]]
+    )
+    w = m.mapper_params()
+    w2 = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in w.items()}
+    with torch.no_grad():
+        losses = m.task_losses([w, w2], [t1, t2])
+        prefix = m.fuse(pooled, tokens)
+        scores = m.score_options(prefix, QUESTIONS, OPTIONS)
+        greedy = m.greedy_ids(prefix, QUESTIONS, max_new_tokens=3)
+    assert losses.tolist() == pytest.approx(losses_0, abs=2e-5)
+    for s, s0 in zip(scores, scores_0, strict=True):
+        assert s.tolist() == pytest.approx(s0, abs=2e-4)
+    assert greedy == greedy_0
+    paper = mapped_model(llm, paper_compat=True)
+    assert rows_hash(paper.prompt_rows(QUESTIONS, ANSWERS)) == PINNED_PAPER_ROWS
+
+
+def two_ecg_prefix_by_hand(m: ECGLanguageModel, pooled, tokens=None, params=None) -> torch.Tensor:
+    """[emb("First ECG:") ; mapper(ECG 1) ; emb("Second ECG:") ; mapper(ECG 2)] for (B, 2, D_enc) inputs."""
+    from ecgray.models.ecg_lm import ECG_MARKERS
+
+    emb = m.llm.get_input_embeddings()
+    parts = []
+    for j, marker in enumerate(ECG_MARKERS):
+        ids = torch.tensor(m.tokenizer(marker, add_special_tokens=False)["input_ids"])
+        one = m.fuse(pooled[:, j], None if tokens is None else tokens[:, j], params)  # (B, n_prefix, D_llm)
+        parts += [emb(ids)[None].expand(pooled.shape[0], -1, -1), one]
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("mapper", ["attention", "mlp", "qformer"])
+def test_two_ecg_prefix_is_both_ecgs_in_order_after_their_markers(llm, mapper):
+    m = mapped_model(llm, mapper=mapper)
+    pooled = torch.randn(3, 2, D_ENC)
+    tokens = torch.randn(3, 2, 5, D_ENC) if mapper == "qformer" else None
+    prefix = m.fuse(pooled, tokens)
+    width = 2 * m.cfg.n_prefix + sum(
+        len(m.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in ("First ECG:", "Second ECG:")
+    )
+    assert prefix.shape == (3, width, m.d_llm) and m.prefix_width(2) == width and m.n_ecg_of(prefix) == 2
+    by_hand = two_ecg_prefix_by_hand(m, pooled, tokens)
+    # the two ECGs run as one batch of 2B rows: equal up to the rounding of another batch size
+    assert_same_math(prefix, by_hand, reduction=max(D_ENC, MAPPER_KW["mlp_hidden"], m.d_llm))
+    marker_rows = torch.ones(width, dtype=torch.bool)
+    n, first = m.cfg.n_prefix, len(m.tokenizer("First ECG:", add_special_tokens=False)["input_ids"])
+    marker_rows[first : first + n] = False
+    marker_rows[-n:] = False
+    assert torch.equal(prefix[:, marker_rows], by_hand[:, marker_rows])  # the markers: the LLM's embeddings
+    assert m.n_ecg_of(m.fuse(pooled[:, 0], None if tokens is None else tokens[:, 0])) == 1
+    with pytest.raises(ValueError, match="one or two ECGs per sample, got 3"):
+        m.fuse(torch.randn(3, 3, D_ENC), None)
+    with pytest.raises(ValueError, match="neither one ECG's"):
+        m.n_ecg_of(torch.randn(3, 5, m.d_llm))
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_two_ecg_rows_keep_the_text_and_move_the_target_past_the_wider_slot(llm, layout):
+    m = make_model(llm, layout)
+    one, two = m.prompt_rows(QUESTIONS, ANSWERS), m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)
+    assert (two.before, two.after, two.targets) == (one.before, one.after, one.targets)
+    assert two.n_ecg == [2, 2, 2] and one.n_ecg == [1, 1, 1]
+    shift = m.prefix_width(2) - m.cfg.n_prefix
+    assert two.target_start == [t + shift for t in one.target_start]
+    assert m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=[1, 2, 1]).n_ecg == [1, 2, 1]
+    with pytest.raises(ValueError, match=r"rows of \[1, 2\] ECGs in one batch"):
+        m.collate(one + two)
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_two_ecg_teacher_forcing_equals_hand_built_forward(llm, layout):
+    """The markers and both prefixes spliced by hand into the plain HF forward, in both layouts; with
+    question_first the question's KV cache gives the same as running it."""
+    m = make_model(llm, layout)
+    pooled = torch.randn(3, 2, D_ENC)
+    prefix, by_hand = m.fuse(pooled, None), two_ecg_prefix_by_hand(m, pooled)
+    rows = m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)
+    batch = m.collate(rows)
+    assert (batch.cache is not None) == (layout == "question_first") and batch.n_ecg == 2
+    nll = m.token_nll(prefix, batch)
+    for i in range(3):
+        ref = hand_built_nll(m, by_hand[i], QUESTIONS[i], ANSWERS[i], layout)
+        assert int(batch.target_mask[i].sum()) == len(ref)
+        assert_same_math(nll[i, : len(ref)], ref)
+    assert_same_math(m.token_nll(prefix, m.collate(rows, use_cache=False)), nll)
+    with pytest.raises(ValueError, match="prefix has 4 positions"):
+        m.token_nll(prefix[:, :4], batch)
+
+
+@pytest.mark.parametrize("mapper", ["attention", "mlp", "qformer"])
+def test_gradient_reaches_the_mapper_through_both_prefixes(llm, mapper):
+    """The loss of a two-ECG task moves with the second ECG as with the first, and the mapper's
+    parameters get gradient through the second ECG's prefix alone (the first one's mapping detached)."""
+    m = mapped_model(llm, "question_first", mapper)
+    g = torch.Generator().manual_seed(2)
+    pooled = torch.randn(3, 2, D_ENC, generator=g)
+    tokens = torch.randn(3, 2, 5, D_ENC, generator=g) if mapper == "qformer" else None
+    w = {k: v.clone().requires_grad_() for k, v in m.mapper_params().items()}
+    task = m.task_data(pooled, tokens, QUESTIONS, ANSWERS)
+    loss = m.task_losses([w], [task])[0]
+    for j in (0, 1):  # perturbing either ECG changes the loss
+        moved = pooled.clone()
+        moved[:, j] += torch.randn(3, D_ENC, generator=g)
+        with torch.no_grad():
+            assert (
+                abs(float(m.task_losses([w], [m.task_data(moved, tokens, QUESTIONS, ANSWERS)])[0] - loss))
+                > 1e-6
+            )
+    grads = torch.autograd.grad(loss, list(w.values()))
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    # through the second prefix only: ECG 1 mapped with detached weights, ECG 2 with the live ones
+    frozen = {k: v.detach() for k, v in w.items()}
+    first = m.fuse(pooled[:, 0], None if tokens is None else tokens[:, 0], frozen)
+    second = m.fuse(pooled[:, 1], None if tokens is None else tokens[:, 1], w)
+    prefix = m.splice_ecgs(torch.stack([first, second], 1))
+    nll = m.token_nll(prefix, m.collate(m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)))
+    via_second = torch.autograd.grad(nll.sum(), list(w.values()))
+    assert all(gr.abs().sum() > 0 for gr in via_second)
+    assert all(p.grad is None for p in m.llm.parameters())
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_one_and_two_ecg_tasks_in_one_pass_give_their_own_losses(llm, layout):
+    m = make_model(llm, layout)
+    single = m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, ANSWERS)
+    pair = m.task_data(torch.randn(2, 2, D_ENC), None, QUESTIONS[:2], [["no"], ["v2"]])
+    assert pair.rows.n_ecg == [2, 2]
+    task_set = m.task_set([single, pair])
+    assert {b.n_ecg for _, b in task_set.batches} == {1, 2}
+    assert all(len({[1, 1, 1, 2, 2][i] for i in index}) == 1 for index, _ in task_set.batches)
+    w = m.mapper_params()
+    w2 = {k: v + 0.01 * torch.randn_like(v) for k, v in w.items()}
+    both = m.task_losses([w, w2], [single, pair], task_set.batches)
+    assert_same_math(both[0], m.task_losses([w], [single])[0])
+    assert_same_math(both[1], m.task_losses([w2], [pair])[0])
+    assert torch.equal(
+        m.task_losses([w], [single])[0], m.task_losses([w], [single], m.task_set([single]).batches)[0]
+    )
+
+
+@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_two_ecg_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
+    m = make_model(llm, layout)
+    prefix = m.fuse(torch.randn(3, 2, D_ENC), None)
+    generated = m.greedy_ids(prefix, QUESTIONS, max_new_tokens=3)
+    for i, ids in enumerate(generated):
+        rows = m.prompt_rows([QUESTIONS[i]], [ids + [m.eos_id]], eos=False, n_ecg=2)
+        pred = m.target_predictions(prefix[i : i + 1], m.collate(rows))[0].tolist()
+        if ids:
+            assert pred[: len(ids)] == ids
+        if len(ids) < 3:
+            assert pred[len(ids)] == m.eos_id
+    scores = m.score_options(prefix, QUESTIONS, OPTIONS)
+    for i, opts in enumerate(OPTIONS):
+        for j, option in enumerate(opts):
+            nll = m.token_nll(prefix[[i]], m.collate(m.prompt_rows([QUESTIONS[i]], [option], n_ecg=2)))
+            assert_same_math(scores[i][j], -nll.sum())
+
+
+def test_paper_compat_refuses_two_ecg_samples(llm):
+    from ecgray.models.ecg_lm import check_question_types_fit_model
+
+    m = make_model(llm, paper_compat=True)
+    with pytest.raises(ValueError, match="paper_compat reproduces the official single-ECG prompt"):
+        m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)
+    with pytest.raises(ValueError, match="paper_compat reproduces the official single-ECG prompt"):
+        m.task_data(torch.randn(3, 2, D_ENC), None, QUESTIONS, ANSWERS)
+    cfg = Config(model=ModelConfig(paper_compat=True))
+    check_question_types_fit_model(cfg)  # single-verify: fine
+    cfg.episodes.question_type = "comparison_irrelevant-query"
+    with pytest.raises(ValueError, match=r"paper_compat=True .* \['comparison_irrelevant-query'\]"):
+        check_question_types_fit_model(cfg)

@@ -18,10 +18,14 @@ from ecgray.data.episodes import (
     check_split_keys,
     class_answer,
     class_keys,
+    ecgs_per_sample,
+    item_ecg_ids,
     sample_identity,
     seeded_split,
     split_classes,
     split_keys,
+    straddles,
+    straddling_samples,
 )
 
 VERIFY, CHOOSE, QUERY = "single-verify", "single-choose", "single-query"
@@ -697,3 +701,211 @@ def test_text_lookup_on_grounded_episodes_of_the_synthetic_world(tmp_path_factor
                 answers_by_question.setdefault(it["question"], set()).add(tuple(it["answer"]))
             assert all(len(a) >= 2 for a in answers_by_question.values())
         assert text_lookup_accuracy(episodes) <= 0.6, qt
+
+
+# ----------------------------------------------------------------------- comparison questions (two ECGs)
+
+CIQ, CIV, CCV = "comparison_irrelevant-query", "comparison_irrelevant-verify", "comparison_consecutive-verify"
+
+
+def pair(tid, answer, qtype=CIV, qid=1, sid=0, ecgs=(1, 2), split=None, ecg_split=None):
+    """A comparison sample: two ECG ids (first, second), no attributes (as ECG-QA writes them)."""
+    sample = qa(tid, answer, None, qtype, qid, sid, split=split) | {"ecg_id": list(ecgs)}
+    if ecg_split is not None:
+        sample["ecg_split"] = list(ecg_split)
+    return sample
+
+
+def test_comparison_types_are_chosen_by_config_and_the_defaults_stay_single():
+    from ecgray.config import COMPARISON_TYPES, SINGLE_TYPES, load_config
+
+    assert EpisodeConfig().mixed_types == SINGLE_TYPES == [VERIFY, CHOOSE, QUERY]
+    assert EpisodeConfig().types() == [VERIFY]
+    cfg = load_config(None, [f"episodes.question_type={CIQ}", f"eval.episodes_by_type={{{CIQ}: 3}}"])
+    assert cfg.episodes.types() == [CIQ] and cfg.eval.episodes_for(CIQ) == 3
+    mixed = load_config(None, ["episodes.question_type=mixed", f"episodes.mixed_types=[{VERIFY}, {CCV}]"])
+    assert mixed.episodes.types() == [VERIFY, CCV]
+    assert set(COMPARISON_TYPES) <= set(EpisodeConfig().min_class_size)
+    assert [ecgs_per_sample(qt) for qt in [*SINGLE_TYPES, *COMPARISON_TYPES]] == [1, 1, 1, 2, 2, 2, 2]
+
+
+def test_comparison_keys_verify_yes_no_and_query_answer_sets():
+    # verify: yes / no under the question (its subject lives in the text: one question_id per subject)
+    assert class_keys(pair(57, ["yes"], qid=511), CIV) == ["57_q511_yes"]
+    assert class_keys(pair(43, ["no"], CCV, qid=7), CCV) == ["43_q7_no"]
+    assert class_keys(pair(57, ["not sure"]), CIV) == []
+    with pytest.raises(EpisodeError, match="comparison_irrelevant-verify answer must be one of yes / no"):
+        class_keys(pair(57, ["both"]), CIV)
+    # query: the answer set, order-free; none (ECG-QA's empty set) is its own class
+    a, b = (
+        pair(69, ["rr interval", "qrs duration"], CIQ, qid=2471),
+        pair(69, ["qrs duration", "rr interval"], CIQ, qid=2471),
+    )
+    assert class_keys(a, CIQ) == class_keys(b, CIQ) == ["69_q2471_qrs duration, rr interval"]
+    assert class_answer(a, CIQ) == ["qrs duration", "rr interval"]
+    assert class_keys(pair(70, ["none"], CIQ, qid=2472), CIQ) == ["70_q2472_none"]
+    assert class_keys(pair(70, ["none"], CIQ, qid=2472), CIQ, protocol="grounded") == ["70_q2472_none"]
+
+
+@pytest.mark.parametrize(
+    "path, n, keys_per_template, paper, grounded",
+    [
+        # PTB-XL test shard: 2 questions; ECG-QA balances it, 25 samples per answer set, `none` 50
+        ("ptbxl/template/test/80000.json", 2146, {"69": 22, "70": 64}, ["70_q2472_none"], {2471: 21, 2472: 64}),
+        ("mimic-iv-ecg/template/test/270000.json", 4364, {"68": 55, "69": 64, "70": 53},
+         ["69_q5342_none", "70_q5343_none"], {5341: 55, 5342: 64, 5343: 53}),
+    ],
+)  # fmt: skip
+def test_comparison_keys_of_the_real_samples(shared_data, path, n, keys_per_template, paper, grounded):
+    """The real comparison_irrelevant-query samples (PTB-XL and MIMIC-IV-ECG): one key per answer set of
+    each question, whatever order ECG-QA lists the answers in; the paper's size filter (>= 50) keeps the
+    `none` classes only, the grounded one (>= k_shot + n_query) nearly every answer of every question."""
+    from ecgray.data.episodes import questions_of
+
+    samples = json.loads((shared_data / "ecgqa" / path).read_text())
+    assert len(samples) == n and {s["question_type"] for s in samples} == {CIQ}
+    assert all(len(s["ecg_id"]) == 2 and s["attribute"] is None for s in samples)
+    keys = Counter(k for s in samples for k in class_keys(s, CIQ))
+    assert sum(keys.values()) == n  # every sample has exactly one key
+    assert dict(Counter(k.split("_")[0] for k in keys)) == keys_per_template
+    shuffled = [s for s in samples if s["answer"] != sorted(s["answer"])]
+    assert len(shuffled) > n // 4  # ECG-QA's answer lists are unordered: the rule has work to do
+    for s in shuffled[:50]:
+        assert class_keys(s, CIQ) == class_keys({**s, "answer": sorted(s["answer"])}, CIQ)
+    assert sorted(build_classes(samples, CIQ, EpisodeConfig(question_type=CIQ))) == paper
+    g = EpisodeConfig(question_type=CIQ, protocol="grounded", n_way=4)
+    assert {q: len(a) for q, a in questions_of(build_classes(samples, CIQ, g)).items()} == grounded
+    # grounded episodes on the real pairs: each item carries both ECG ids, in ECG-QA's order
+    by_id = {s["sample_id"]: s for s in samples}
+    episodes = EpisodeSampler(samples, dataclasses.replace(g, meta_train_fraction=1.0, meta_val_fraction=0.0),
+                              "meta-train", seed=0).episodes(5)  # fmt: skip
+    for ep in episodes:
+        for it in ep["support"] + ep["query"]:
+            assert it["ecg_id"] == by_id[it["sample_id"]]["ecg_id"] and item_ecg_ids(it) == it["ecg_id"]
+            assert it["question_type"] == CIQ and it["answer"] == sorted(by_id[it["sample_id"]]["answer"])
+
+
+def _real_pairs(shared_data):
+    """ECG-QA's PTB-XL split of each real ECG id that has a patient in the PTB-XL subset, and the patients."""
+    import csv
+
+    ecgqa = shared_data / "ecgqa/ptbxl"
+    split_of_ecg = {}
+    for split in ("train", "valid", "test"):
+        rows = [line.split("\t") for line in (ecgqa / f"{split}_ecgs.tsv").read_text().splitlines()]
+        split_of_ecg.update({int(ecg): split for _, ecg in rows})
+    with open(shared_data / "ptbxl/ptbxl_database_subset.csv", newline="") as f:
+        patient_of = {int(r["ecg_id"]): int(float(r["patient_id"])) for r in csv.DictReader(f)}
+    ids = {
+        s: sorted(e for e, sp in split_of_ecg.items() if sp == s and e in patient_of)
+        for s in ("train", "valid", "test")
+    }
+    return ids, patient_of
+
+
+@pytest.mark.parametrize("protocol", ["paper", "grounded"])
+def test_patient_split_keeps_both_ecgs_of_a_comparison_sample_on_one_side(shared_data, protocol):
+    """Comparison samples on real PTB-XL ECG ids, both ECGs from the sample's ECG-QA split, plus samples
+    whose second ECG is another split's (straddling): under the patient split no sample and no patient
+    (of either ECG) sits on two sides, and every straddling sample is dropped and counted."""
+    ids, patient_of = _real_pairs(shared_data)
+    split_of = {"train": lambda i: i < 14, "valid": lambda i: 14 <= i < 21}
+    samples, sid, used = [], 0, {s: 0 for s in ids}
+    other = {"train": "test", "valid": "train", "test": "train"}
+    for q in range(16):
+        for answer in (["yes"], ["no"]):
+            for i in range(30):
+                split = next((s for s, f in split_of.items() if f(i)), "test")
+                first, second = ids[split][used[split]], ids[split][used[split] + 1]
+                used[split] += 2
+                ecg_split = [split, split]
+                if i % 10 == 3:  # the second ECG from another split: its patient is on another side
+                    second, ecg_split = ids[other[split]][-1 - sid % 50], [split, other[split]]
+                samples.append(pair(300 + q % 4, answer, CIV, qid=q, sid=sid, ecgs=(first, second),
+                                    split=split, ecg_split=ecg_split))  # fmt: skip
+                sid += 1
+    straddling = [s for s in samples if s["ecg_split"][0] != s["ecg_split"][1]]
+    assert straddling_samples(samples) == straddling and len(straddling) == 96
+    kw = {"protocol": protocol, "n_way": 4 if protocol == "grounded" else 3, "k_shot": 2, "n_query": 2,
+          "split_mode": "patient", "meta_val_fraction": 0.25, "min_group_size": 4}  # fmt: skip
+    cfg = small_cfg(question_type=CIV, **kw, min_class_size={CIV: 8})
+    sides = split_classes(build_classes(samples, CIV, cfg), cfg)
+    members = side_samples(sides)
+    dropped = {sample_identity(s) for s in straddling}
+    patients = {}
+    for side in SPLITS:
+        assert members[side] and not members[side] & dropped
+        sampler = EpisodeSampler(samples, cfg, side, seed=0)
+        assert sampler.straddling == len(straddling)
+        episodes = sampler.episodes(10)
+        ecgs = [e for ep in episodes for it in ep["support"] + ep["query"] for e in item_ecg_ids(it)]
+        assert all(len(it["ecg_id"]) == 2 for ep in episodes for it in ep["support"] + ep["query"])
+        patients[side] = {patient_of[e] for e in ecgs}
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not members[a] & members[b], (a, b)
+                assert not patients[a] & patients[b], (a, b)
+    # without the patient split nothing is dropped (the class split never promised disjoint patients)
+    class_cfg = dataclasses.replace(cfg, split_mode="class")
+    kept = set().union(
+        *side_samples(split_classes(build_classes(samples, CIV, class_cfg), class_cfg)).values()
+    )
+    assert dropped & kept
+    assert EpisodeSampler(samples, class_cfg, "meta-train", seed=0).straddling == 0
+
+
+def test_straddling_needs_one_split_per_ecg_and_is_logged(caplog):
+    assert not straddles(pair(57, ["yes"], split="train"))  # no ecg_split: nothing to check
+    assert not straddles(pair(57, ["yes"], split="train", ecg_split=["train", "train"]))
+    assert straddles(pair(57, ["yes"], split="test", ecg_split=["test", "valid"]))
+    assert straddles(qa(27, ["no"], ["x"], split="train") | {"ecg_split": ["test"]})
+    with pytest.raises(EpisodeError, match=r"ecg_split \['train'\] does not name the split of each of its 2"):
+        straddles(pair(57, ["yes"], split="train", ecg_split=["train"]))
+    samples, sid = [], 0
+    for q in range(10):
+        for i in range(12):
+            split = "train" if i < 6 else "test"
+            ecg_split = [split, "valid" if i == 5 else split]
+            samples.append(pair(57, ["yes"], qid=q, sid=sid, ecgs=(2 * sid, 2 * sid + 1), split=split,
+                                ecg_split=ecg_split))  # fmt: skip
+            sid += 1
+    cfg = small_cfg(question_type=CIV, split_mode="patient", n_way=2, k_shot=2, n_query=2,
+                    min_group_size=4, min_class_size={CIV: 4})  # fmt: skip
+    with caplog.at_level("WARNING", logger="ecgray.data.episodes"):
+        sampler = EpisodeSampler(samples, cfg, "meta-train", seed=0)
+    assert sampler.straddling == 10 and "10 samples dropped from every side" in caplog.text
+    assert all(sample_identity(s) not in {sample_identity(x) for x in straddling_samples(samples)}
+               for ep in sampler.episodes(5) for s in ep["support"] + ep["query"])  # fmt: skip
+
+
+def test_comparison_episodes_of_the_synthetic_world_carry_both_ecgs_in_order(tmp_path_factory):
+    """The synthetic world writes the four comparison types with two ECG ids of one split; grounded and
+    paper episodes of them keep both ids (first, second) and every question with two answers (grounded)."""
+    from ecgray.config import COMPARISON_TYPES
+    from ecgray.data.ecgqa import read_split, read_split_ecgs
+    from ecgray.synth.world import generate_world
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_world(out, 60, seed=0, progress=False)
+    split_of = read_split_ecgs(out / "ecgqa", "ptbxl")
+    for split in ("train", "valid", "test"):  # both ECGs of every comparison sample lie in its split
+        for s in read_split(out / "ecgqa", "ptbxl", "template", split):
+            if s["question_type"] in COMPARISON_TYPES:
+                assert [split_of[e] for e in s["ecg_id"]] == [split, split]
+    rows = read_split(out / "ecgqa", "ptbxl", "template", "train")  # sample ids are unique within a split
+    assert {s["question_type"] for s in rows} >= set(COMPARISON_TYPES)
+    by_id = {s["sample_id"]: s for s in rows}
+    for qt in COMPARISON_TYPES:
+        for protocol in ("grounded", "paper"):
+            cfg = EpisodeConfig(question_type=qt, protocol=protocol, n_way=2, k_shot=2, n_query=2,
+                                min_group_size=4, min_class_size={qt: 4}, meta_train_fraction=1.0,
+                                meta_val_fraction=0.0)  # fmt: skip
+            for ep in EpisodeSampler(rows, cfg, "meta-train", seed=0).episodes(4):
+                for it in ep["support"] + ep["query"]:
+                    assert it["ecg_id"] == by_id[it["sample_id"]]["ecg_id"] and len(set(it["ecg_id"])) == 2
+                if protocol == "grounded":
+                    answers: dict[str, set] = {}
+                    for it in ep["support"]:
+                        answers.setdefault(it["question"], set()).add(tuple(it["answer"]))
+                    assert all(len(a) == 2 for a in answers.values())

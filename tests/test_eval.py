@@ -677,3 +677,207 @@ def test_eval_refuses_data_that_splits_unlike_the_checkpoint_and_reads_only_held
     expected = {sample_identity(s) for groups in test_side.values() for g in groups.values() for s in g}
     assert {sample_identity(s) for s in samples} == expected and expected
     assert (cfg.meta_train_fraction, cfg.meta_val_fraction, cfg.protocol) == (0.0, 0.0, "grounded")
+
+
+# ------------------------------------------------------------------------ two ECGs (comparison types)
+
+CIV, CIQ = "comparison_irrelevant-verify", "comparison_irrelevant-query"
+COMPARE = "Does the second ECG no longer show symptoms of {} as compared to the first ECG?"
+
+
+def comparison_rows() -> list[dict]:
+    """Template 58 (comparison_irrelevant-verify): 4 questions x yes/no, 6 samples each, two ECGs per sample
+    (ECG ids 1..96: sample s has 2s + 1, 2s + 2)."""
+    rows, sid = [], 0
+    for qid, attr in enumerate(ATTRS):
+        for answer in ("yes", "no"):
+            for _ in range(6):
+                rows.append(
+                    {"sample_id": sid, "template_id": 58, "question_id": qid, "question_type": CIV,
+                     "attribute_type": "scp_code", "question": COMPARE.format(attr), "answer": [answer],
+                     "ecg_id": [2 * sid + 1, 2 * sid + 2], "attribute": None, "source": "ptbxl",
+                     "variant": "template", "split": "train"}
+                )  # fmt: skip
+                sid += 1
+    return rows
+
+
+@pytest.fixture(scope="module")
+def comparison_world(world):
+    cfg, _, model, _, _ = world
+    ccfg = dataclasses.replace(
+        cfg, episodes=dataclasses.replace(cfg.episodes, question_type=CIV, min_class_size={CIV: 4})
+    )
+    rows = comparison_rows()
+    episodes = EpisodeSampler(rows, ccfg.episodes, "meta-test", seed=0).episodes(2)
+    return ccfg, rows, model, tiny_store(2 * len(rows)), episodes
+
+
+def test_two_ecg_items_are_encoded_first_then_second(comparison_world):
+    from ecgray.eval.meta_test import ecg_features, encode_items
+
+    cfg, _, model, store, episodes = comparison_world
+    items = episodes[0]["support"]
+    pooled, tokens = encode_items(model, store, items, None)
+    assert pooled.shape == (len(items), 2, model.encoder.d_enc) and tokens is None
+    for j in (0, 1):
+        torch.testing.assert_close(
+            pooled[:, j], encode_ecgs(model, store, [i["ecg_id"][j] for i in items], None)[0]
+        )
+    (sp, _), (qp, _) = ecg_features(model, store)(episodes[0])
+    assert sp.shape[:2] == (len(items), 2) and qp.shape[:2] == (len(episodes[0]["query"]), 2)
+    with pytest.raises(ValueError, match=r"items of \[1, 2\] ECGs together"):
+        encode_items(model, store, [{"ecg_id": 1}, items[0]], None)
+
+
+def test_meta_test_and_every_baseline_on_two_ecg_episodes(comparison_world):
+    cfg, rows, model, store, episodes = comparison_world
+    params = model.mapper_params()
+    before = {k: v.detach().clone() for k, v in params.items()}
+    cache: dict = {}
+    ref = meta_test(model, params, episodes, store, cfg, feature_cache=cache)
+    assert len(cache) == len({e for ep in episodes for i in ep["support"] + ep["query"] for e in i["ecg_id"]})
+    assert ref == meta_test(model, params, episodes, store, cfg)  # deterministic, cache or not
+    assert set(ref["summary"]) == {CIV} and ref["steps"] == [0, 1, 2]
+    items = B.meta_train_items(rows, cfg)
+    assert items and all(len(i["ecg_id"]) == 2 for i in items)
+    sup_params, losses = B.train_supervised(model, items, store, cfg)
+    results = {
+        "blind_llm": B.blind_llm(model, episodes, store, cfg),
+        "ecg_free": B.ecg_free(model, params, episodes, store, cfg),
+        "supervised": B.supervised(model, sup_params, episodes, store, cfg),
+        "finetune_scratch": B.finetune_scratch(model, episodes, store, cfg),
+        "in_context": B.in_context(model, params, episodes, store, cfg),
+        **{name: getattr(B, name)(model, episodes, store, cfg) for name in B.CONTROLS},
+    }
+    for name, res in results.items():
+        assert set(res) == set(ref) and set(res["summary"]) == {CIV}, name
+        assert all(p in (["no"], ["yes"]) for r in res["episodes"] for p in r["predictions"]), name
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # ecg_free: both ECGs zero, so another store answers the same; the meta-learned model reads them
+    other = tiny_store(2 * len(rows), seed=5)
+    assert B.ecg_free(model, params, episodes, store, cfg) == B.ecg_free(model, params, episodes, other, cfg)
+    for k, v in model.mapper_params().items():
+        assert torch.equal(v, before[k])
+
+
+def test_single_and_two_ecg_episodes_in_lockstep_equal_one_at_a_time(world, comparison_world):
+    """eval.episodes_per_pass runs one- and two-ECG episodes in one pass (support sets bucketed apart,
+    query sets decoded per prefix width): each episode's record is its one-at-a-time result."""
+    cfg, _, model, store, single = world
+    _, _, _, pair_store, pairs = comparison_world
+    assert len(pair_store) >= len(store)  # ECG ids 1..96 cover the single episodes' 1..48
+    episodes = [single[0], pairs[0], single[1], pairs[1]]
+    params = model.mapper_params()
+    runs = {}
+    for n in (1, 4):
+        ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes_per_pass=n))
+        runs[n] = meta_test(model, params, episodes, pair_store, ecfg)["episodes"]
+    for a, b in zip(runs[1], runs[4], strict=True):
+        assert a["predictions"] == b["predictions"] and a["exact_match"] == b["exact_match"]
+        assert a["token_acc"] == pytest.approx(b["token_acc"], abs=1e-9)
+    assert {r["question_type"] for r in runs[4]} == {"single-verify", CIV}
+
+
+def test_option_sets_hold_every_answer_of_the_real_comparison_shards(shared_data):
+    """Constrained decoding's options on paper and grounded episodes of the real comparison samples
+    (PTB-XL and MIMIC): the template's admissible answers plus the support's answer sets hold every query's
+    answer (a set of several is reachable through the support items of its class)."""
+    from ecgray.data.ecgqa import read_split, read_template_answers
+
+    for source, n_way in (("ptbxl", 4), ("mimic", 4)):
+        samples = read_split(shared_data / "ecgqa", source, "template", "test")
+        table = read_template_answers(shared_data / "ecgqa", source)
+        for protocol, sizes in (("grounded", {}), ("paper", {"min_class_size": {CIQ: 25}})):
+            ecfg = EpisodeConfig(question_type=CIQ, protocol=protocol, n_way=n_way if protocol == "grounded" else 2,
+                                 meta_train_fraction=1.0, meta_val_fraction=0.0, **sizes)  # fmt: skip
+            for episode in EpisodeSampler(samples, ecfg, "meta-train", seed=0).episodes(10):
+                for item, options in zip(episode["query"], query_options(episode, table), strict=True):
+                    assert canonical_answer(item["answer"]) in options, (source, item["class"])
+
+
+def _prepare_without_ray(world_dir, out, data_cfg) -> None:
+    """`ecgray prepare`'s output for a synthetic world, read with its own per-batch reader (no Ray)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ecgray.data.prepare import collect, read_batch
+    from ecgray.data.shards import ECG_COLUMNS, ecg_schema, qa_schema
+
+    data_cfg = dataclasses.replace(
+        data_cfg, ptbxl_dir=str(world_dir / "ptbxl"), ecgqa_dir=str(world_dir / "ecgqa")
+    )
+    collected = collect(data_cfg)
+    batch = {k: np.array([i[k] for i in collected.items]) for k in collected.items[0]}
+    table = read_batch(batch, dataclasses.asdict(data_cfg))
+    assert table.column("error").null_count == len(table)
+    (out / "ecgs").mkdir(parents=True)
+    (out / "qa").mkdir()
+    ecgs = table.select(ECG_COLUMNS).cast(ecg_schema(data_cfg.n_samples))
+    pq.write_table(ecgs, out / "ecgs" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(collected.samples, schema=qa_schema()), out / "qa" / "part-0.parquet")
+
+
+@pytest.mark.slow
+def test_eval_reports_comparison_types_with_the_controls_on_the_synthetic_world(tmp_path, world, capsys):
+    """`ecgray eval` on the synthetic world (100 patients: ECG-QA's four comparison types, two ECGs per
+    sample): every comparison type, under the grounded protocol and one under the paper's, reported with
+    the meta-test, the controls and the paired comparisons."""
+    from ecgray.cli import main
+    from ecgray.config import COMPARISON_TYPES
+    from ecgray.eval.cli import evaluate
+    from ecgray.models.checkpoint import save_checkpoint
+    from ecgray.synth.world import generate_world
+
+    base, _, model, _, _ = world
+    data = DataConfig(fs=40, window_s=2.5, record_fs=100)
+    generate_world(tmp_path / "synth", 100, seed=0, progress=False)
+    _prepare_without_ray(tmp_path / "synth", tmp_path / "prepared", data)
+    cfg = dataclasses.replace(
+        base,
+        data=data,
+        episodes=EpisodeConfig(
+            protocol="grounded",
+            n_way=2,
+            k_shot=2,
+            n_query=2,
+            question_type="mixed",
+            mixed_types=list(COMPARISON_TYPES),
+        ),  # fmt: skip
+        eval=dataclasses.replace(base.eval, episodes=2, bootstrap_samples=200),
+    )
+    save_checkpoint(tmp_path / "ckpt", model.mapper.state_dict(), cfg, {"step": 1})
+    controls = {
+        "text_lookup",
+        "support_majority",
+        "encoder_prototype",
+        "blind_llm",
+        "ecg_free",
+        "finetune_scratch",
+    }
+    for qt in COMPARISON_TYPES:
+        qcfg = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, question_type=qt))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = evaluate(
+                qcfg, tmp_path / "ckpt", tmp_path / "prepared", tmp_path / "out" / qt, progress=False
+            )
+        assert set(payload["results"]) == {"meta_test", *controls}, qt
+        for name, res in payload["results"].items():
+            assert set(res["summary"]) == {qt} and res["summary"][qt]["episodes"] == 2, (qt, name)
+        assert {c["baseline"] for c in payload["comparisons"]} == set(cfg.eval.compare_against) & controls
+        assert payload["straddling_samples"] == 0 and set(payload["learning_evidence"]) == {qt}
+        text = payload["results"]["text_lookup"]["summary"][qt]["exact_match"][0]["mean"]
+        assert text <= 0.75, qt  # grounded: every question with two answers, the text cannot decide
+        saved = json.loads((tmp_path / "out" / qt / "results.json").read_text())
+        assert set(saved["results"]) == set(payload["results"])
+    # the CLI, paper protocol, one type: the summary table names the type beside the controls
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "prepared"),
+            "--out", str(tmp_path / "paper"), "--no-progress", "--set", "episodes.protocol=paper",
+            f"episodes.question_type={CIV}", f"episodes.min_class_size={{{CIV}: 4}}", "episodes.min_group_size=4"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("meta_test", *controls):
+        assert any(line.startswith(name) and CIV in line for line in printed.splitlines()), name

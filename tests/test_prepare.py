@@ -360,7 +360,9 @@ def test_ecgstore_and_read_qa_on_hand_written_shards(tmp_path):
         )
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=qa_schema()), tmp_path / "qa" / "x.parquet")
-    assert read_qa(tmp_path) == rows
+    assert read_qa(tmp_path, ecg_splits=False) == rows
+    # by default each row also names the ECG-QA split of each of its ECGs (the patient split checks both)
+    assert read_qa(tmp_path) == [{**r, "ecg_split": ["train"] * len(r["ecg_id"])} for r in rows]
     assert [r["sample_id"] for r in read_qa(tmp_path, variant="template", question_types="single-query")] == [
         1
     ]

@@ -13,6 +13,14 @@ Class keys are `{template_id}_{attrs}_{answer}` where `attrs` is the sorted attr
   `{tid}_{answer}_{answer}`, without the attributes; ecgray keeps the attributes as method.md's class
   definition says.)
 - single-query: the answers sorted and joined with ", " (ECG-QA answers are unordered sets).
+- comparison types (two ECGs per sample, first and second): `{tid}_q{question_id}_{answer}`. ECG-QA gives
+  them no attributes; what a single question carries in `attribute` (the finding asked about: "... newly
+  show symptoms of {x} ...") a comparison question carries in its text, one question_id per template and
+  subject, so the question id stands in for the attributes. (Keyed by template alone, a verify type would
+  have 2 classes per template, 16 in all, and 20 % of them could never fill a 5-way meta-test episode.)
+  `*-verify` answers as single-verify (yes / no, `not sure` dropped), `*-query` as single-query (the answer
+  set sorted and joined; `none`, ECG-QA's empty set, is its own class). The paper has no class sizes for
+  them (EpisodeConfig.min_class_size).
 
 Protocols (`cfg.protocol`):
 - `paper`: every way of an episode is one class key inside one question_id group (method.md section 1). All
@@ -35,7 +43,11 @@ meta-val fraction. Meta-val is what in-training evaluation and every settings ch
 - `patient`: the item split, then meta-train keeps only samples of ECG-QA's `train` split, meta-val those of
   `valid`, meta-test those of `test` (ECG-QA's splits are patient-disjoint, so the ECGs and patients of the
   sides are disjoint); question groups that fall below their minimum size and classes left without a group
-  are dropped.
+  are dropped. A sample whose ECGs are not all of its own ECG-QA split (`ecg_split`, the split of each of
+  its ECGs, when the sample carries it: `read_qa` attaches it from the prepared ECGs) would put a patient
+  on two sides; it is dropped from every side (`straddling_samples` counts them; the sampler logs the
+  count). ECG-QA and the synthetic world keep both ECGs of a comparison sample in its split, so this
+  happens only with inconsistent data.
 - `template`: the split is over template ids, so every class of a meta-test template is unseen.
 A sample that sits in classes of several sides (a `paper` single-choose `none`: one key per attribute) stays
 on the side of its first class key (sorted) only, so no sample is on two sides.
@@ -44,6 +56,7 @@ on the side of its first class key (sorted) only, so no sample is on two sides.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -51,8 +64,9 @@ from typing import Any
 
 import numpy as np
 
-from ecgray.config import QUESTION_TYPES, EpisodeConfig
+from ecgray.config import COMPARISON_TYPES, QUESTION_TYPES, EpisodeConfig
 
+log = logging.getLogger(__name__)
 ATTR_SEP = "+"
 """Joins the sorted attributes inside a class key (no ECG-QA attribute contains it)."""
 SPLITS = ("meta-train", "meta-val", "meta-test")
@@ -68,6 +82,20 @@ Classes = dict[str, dict[int, list[Sample]]]
 
 class EpisodeError(ValueError):
     """The samples cannot give the requested classes or episodes; the message names the counts."""
+
+
+def ecgs_per_sample(question_type: str) -> int:
+    """1 for the single types, 2 for the comparison types (first ECG, second ECG)."""
+    if question_type not in QUESTION_TYPES:
+        raise EpisodeError(f"question_type {question_type!r}: expected one of {QUESTION_TYPES}")
+    return 2 if question_type in COMPARISON_TYPES else 1
+
+
+def item_ecg_ids(item: dict) -> list[int]:
+    """An episode item's ECG ids in order: [ecg_id] for a single-ECG item (`ecg_id` an int), [first, second]
+    for a comparison item (`ecg_id` a list of two ints)."""
+    ecg_id = item["ecg_id"]
+    return [int(i) for i in ecg_id] if isinstance(ecg_id, list | tuple) else [int(ecg_id)]
 
 
 def _field(sample: Sample, name: str) -> Any:
@@ -131,11 +159,14 @@ def class_keys(
     answers = _answers(sample)
     attrs = _attributes(sample)
     joined = ATTR_SEP.join(attrs)
+    if question_type in COMPARISON_TYPES:
+        # no attributes in ECG-QA: what the question asks about lives in its text, one question_id each
+        joined = f"q{int(_field(sample, 'question_id'))}"
 
-    if question_type == "single-verify":
+    if question_type.endswith("-verify"):  # single-verify and the comparison verify types
         if len(answers) != 1 or answers[0] not in ("yes", "no", "not sure"):
             raise EpisodeError(
-                f"sample {sample.get('sample_id')}: single-verify answer must be one of yes / no / "
+                f"sample {sample.get('sample_id')}: {question_type} answer must be one of yes / no / "
                 f"not sure, got {answers}"
             )
         return [] if answers[0] == "not sure" else [f"{tid}_{joined}_{answers[0]}"]
@@ -156,16 +187,17 @@ def class_keys(
             return [f"{tid}_{attr}_none" for attr in attrs]
         return [f"{tid}_{joined}_{answers[0]}"]
 
-    # single-query
+    # single-query and the comparison query types: the answer set, order-free (`none`: the empty set)
     return [f"{tid}_{joined}_{', '.join(sorted(answers))}"]
 
 
 def class_answer(sample: Sample, question_type: str) -> list[str]:
-    """The answer a class teaches: single-choose pairs become ["both"], query answers are sorted."""
+    """The answer a class teaches: single-choose pairs become ["both"], query answers (single and
+    comparison) are sorted."""
     answers = _answers(sample)
     if question_type == "single-choose" and len(answers) == 2:
         return ["both"]
-    if question_type == "single-query":
+    if question_type.endswith("-query"):
         return sorted(answers)
     return answers
 
@@ -211,7 +243,9 @@ def build_classes(samples: Iterable[Sample], question_type: str, cfg: EpisodeCon
     _check_protocol(cfg)
     if cfg.protocol == "paper" and question_type not in cfg.min_class_size:
         raise EpisodeError(
-            f"episodes.min_class_size has no entry for {question_type!r} (has {sorted(cfg.min_class_size)})"
+            f"episodes.min_class_size has no entry for {question_type!r} (has {sorted(cfg.min_class_size)}; "
+            f"a config written before the comparison types keeps its older table): set one, e.g. --set "
+            f"episodes.min_class_size.{question_type}=N"
         )
     members: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
@@ -381,6 +415,27 @@ def check_split_keys(expected: dict, actual: dict, where: str) -> None:
         )
 
 
+def straddles(sample: Sample) -> bool:
+    """Whether a sample's ECGs are not all of its own ECG-QA split (`ecg_split`: the split of each of its
+    ECGs, when known); such a sample would put a patient on two sides of a patient split."""
+    ecg_split = sample.get("ecg_split")
+    if ecg_split is None:
+        return False
+    n = len(_field(sample, "ecg_id"))
+    if len(ecg_split) != n:
+        raise EpisodeError(
+            f"sample {sample.get('sample_id')}: ecg_split {ecg_split} does not name the split of each of its "
+            f"{n} ECGs"
+        )
+    return any(split != sample.get("split") for split in ecg_split)
+
+
+def straddling_samples(samples: Iterable[Sample]) -> list[Sample]:
+    """The samples a patient split drops because their ECGs are not all of their ECG-QA split
+    (`straddles`): e.g. a comparison sample whose second ECG's patient is in another split."""
+    return [s for s in samples if straddles(s)]
+
+
 def _keep_qa_split(classes: Classes, qa_split: str, min_group_size: int) -> Classes:
     kept: Classes = {}
     for key, groups in classes.items():
@@ -392,7 +447,7 @@ def _keep_qa_split(classes: Classes, qa_split: str, min_group_size: int) -> Clas
                         f"sample {sample.get('sample_id')}: split_mode 'patient' needs the ECG-QA "
                         f"split (train/valid/test) of every sample, got split={sample.get('split')!r}"
                     )
-            same = [s for s in group if s["split"] == qa_split]
+            same = [s for s in group if s["split"] == qa_split and not straddles(s)]
             if len(same) >= min_group_size:
                 new_groups[qid] = same
         if new_groups:
@@ -433,6 +488,17 @@ class EpisodeSampler:
                     f"split={ident[2]!r}); read one ECG-QA source and variant at a time"
                 )
             seen.add(ident)
+        self.straddling = 0
+        """patient split: samples of these question types dropped from every side (`straddles`)."""
+        if cfg.split_mode == "patient":
+            types = set(self.question_types)
+            self.straddling = len(straddling_samples(s for s in samples if s.get("question_type") in types))
+            if self.straddling:
+                log.warning(
+                    "patient split: %d samples dropped from every side, their ECGs are not all of their "
+                    "ECG-QA split (a patient would sit on two sides)",
+                    self.straddling,
+                )
 
         # paper: type -> [(class_key, [groups with >= need samples, each a list of (identity, item)])]
         # grounded: type -> [(question_id, [(class_key, [(identity, item)]) per eligible answer class])]
@@ -566,13 +632,15 @@ class EpisodeSampler:
 
 def _item(sample: Sample, key: str, question_type: str) -> dict:
     ecg_ids = list(_field(sample, "ecg_id"))
-    if len(ecg_ids) != 1:
+    n = ecgs_per_sample(question_type)
+    if len(ecg_ids) != n:
         raise EpisodeError(
-            f"sample {sample.get('sample_id')}: single-ECG question with {len(ecg_ids)} ecg_ids {ecg_ids}"
+            f"sample {sample.get('sample_id')}: {question_type} needs {n} ecg_id, got {len(ecg_ids)}: {ecg_ids}"
         )
     return {
         "sample_id": int(sample["sample_id"]),
-        "ecg_id": int(ecg_ids[0]),
+        # single: the int; comparison: [first, second] in ECG-QA's order (`item_ecg_ids` reads both)
+        "ecg_id": int(ecg_ids[0]) if n == 1 else [int(i) for i in ecg_ids],
         "question": str(_field(sample, "question")),
         "answer": class_answer(sample, question_type),
         "class": key,

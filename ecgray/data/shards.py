@@ -194,8 +194,13 @@ class ECGStore:
         return self.splits[self.rows(ecg_ids)].tolist()
 
 
-def read_qa(prepared_dir: str | Path, source=None, variant=None, question_types=None) -> list[dict]:
-    """QA rows (the `qa/` columns) as dicts, filtered by source, variant and question types (None = all)."""
+def read_qa(
+    prepared_dir: str | Path, source=None, variant=None, question_types=None, ecg_splits: bool = True
+) -> list[dict]:
+    """QA rows (the `qa/` columns) as dicts, filtered by source, variant and question types (None = all).
+    ecg_splits: also give each row `ecg_split`, the ECG-QA split of each of its ECGs (from `ecgs/`, where
+    present), so a patient split can drop a sample whose ECGs lie in different splits
+    (ecgray.data.episodes.straddles)."""
     import pyarrow.parquet as pq
 
     files = _shard_files(prepared_dir, "qa")
@@ -208,4 +213,10 @@ def read_qa(prepared_dir: str | Path, source=None, variant=None, question_types=
         question_types = [question_types] if isinstance(question_types, str) else question_types
         filters.append(("question_type", "in", list(question_types)))
     table = pq.read_table(files, filters=filters or None, schema=qa_schema())
-    return table.to_pylist()
+    rows = table.to_pylist()
+    if ecg_splits and (Path(prepared_dir) / "ecgs").is_dir():
+        meta = pq.read_table(_shard_files(prepared_dir, "ecgs"), columns=["ecg_id", "split"])
+        split_of = dict(zip(meta.column("ecg_id").to_pylist(), meta.column("split").to_pylist(), strict=True))
+        for row in rows:
+            row["ecg_split"] = [split_of.get(i) for i in row["ecg_id"]]
+    return rows

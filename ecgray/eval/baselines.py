@@ -11,14 +11,19 @@ answer lists, scored like the model's by `score_predictions`):
   prototype nearest in Euclidean distance, among the classes whose support items ask the query's question
   (exact text) when there are such, else among all classes. In the paper's protocol every question is one
   class, so this equals text_lookup; in the grounded one the classes of a question differ only by answer
-  and the encoder has to tell them apart: what the encoder alone knows.
+  and the encoder has to tell them apart: what the encoder alone knows. A comparison item's feature is
+  the concatenation [pooled(first ECG) ; pooled(second ECG)]: its answer depends on both ECGs, not on
+  their change alone ("still present" needs what the two share, which their difference loses), and the
+  squared distance of concatenations is the sum of the two ECGs' distances, so neither dominates.
 Majorities count answers by identity (`canonical_answer`); a tie goes to the answer whose text
 (`answer_text`) sorts first, so every control is deterministic.
 
 Model baselines:
-- `blind_llm`: the frozen LLM on the question alone: no ECG, no prefix, nothing trained (step 0 only).
-- `ecg_free`: the meta-learned mapper fed an all-zero ECG vector (and zero tokens), adapted on the support
-  set like the model: what the prefix learns from the questions / answers alone.
+- `blind_llm`: the frozen LLM on the question alone: no ECG, no prefix (nor the two-ECG markers), nothing
+  trained (step 0 only).
+- `ecg_free`: the meta-learned mapper fed an all-zero ECG vector (and zero tokens; both ECGs of a
+  comparison item, markers kept), adapted on the support set like the model: what the prefix learns from
+  the questions / answers alone.
 - `supervised`: the same model trained by plain minibatch cross-entropy on meta-train samples
   (non-episodic; `train_supervised`), then evaluated like the meta-learned one (step 0 = no adaptation,
   then the same inner steps on each support set).
@@ -50,7 +55,7 @@ from ecgray.eval.meta_test import (
     copy_params,
     device_of,
     ecg_features,
-    encode_ecgs,
+    encode_items,
     load_template_answers,
     meta_test,
     needs_tokens,
@@ -135,7 +140,8 @@ def prototype_answers(
     """Nearest class mean: support_pooled (S, D_enc) -> one prototype per support class (`class` field,
     sorted), the mean of its items' vectors; each query (query_pooled (Q, D_enc)) takes the majority answer
     of the class whose prototype is nearest in Euclidean distance, among the classes with a support item
-    of the query's question text when there are any, else among all (ties: the first class in sort order)."""
+    of the query's question text when there are any, else among all (ties: the first class in sort order).
+    Two ECGs per item, (S, 2, D_enc) / (Q, 2, D_enc): the concatenation of the two (module docstring)."""
     if support_pooled.shape[0] != len(support_items) or query_pooled.shape[0] != len(query_items):
         raise ValueError(
             f"prototype_answers: {support_pooled.shape[0]} support vectors for {len(support_items)} items, "
@@ -145,9 +151,10 @@ def prototype_answers(
     for j, item in enumerate(support_items):
         members[item["class"]].append(j)
     classes = sorted(members)
-    support = support_pooled.detach().to("cpu", torch.float64)
-    prototypes = torch.stack([support[members[c]].mean(0) for c in classes])  # (C, D_enc)
-    query = query_pooled.detach().to("cpu", torch.float64)
+    # (S, 2, D_enc) -> (S, 2 D_enc): [first ; second]; a single-ECG (S, D_enc) stays as it is
+    support = support_pooled.detach().to("cpu", torch.float64).flatten(1)
+    prototypes = torch.stack([support[members[c]].mean(0) for c in classes])  # (C, D)
+    query = query_pooled.detach().to("cpu", torch.float64).flatten(1)
     distance = ((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)  # (Q, C) squared Euclidean
     answers = [majority_answer([support_items[j] for j in members[c]]) for c in classes]
     questions = [{support_items[j]["question"] for j in members[c]} for c in classes]
@@ -256,16 +263,20 @@ def ecg_free(
 ):
     """The meta-learned mapper on an all-zero ECG vector (and zero tokens), adapted like the model.
     (feature_cache is accepted for a uniform call and unused: no ECG is encoded.)"""
+    from ecgray.data.episodes import item_ecg_ids
+
     device = device_of(model)
     d_enc = model.encoder.d_enc
     n_tokens = model.encoder.n_tokens(ecg_store.n_samples)
 
-    def zeros(n: int) -> Features:
-        tokens = torch.zeros(n, n_tokens, d_enc, device=device) if needs_tokens(model) else None
-        return torch.zeros(n, d_enc, device=device), tokens
+    def zeros(n: int, n_ecg: int) -> Features:
+        per = () if n_ecg == 1 else (n_ecg,)  # comparison items: both ECGs zero
+        tokens = torch.zeros(n, *per, n_tokens, d_enc, device=device) if needs_tokens(model) else None
+        return torch.zeros(n, *per, d_enc, device=device), tokens
 
     def features(episode):
-        return zeros(len(episode["support"])), zeros(len(episode["query"]))
+        n_ecg = len(item_ecg_ids(episode["support"][0]))
+        return zeros(len(episode["support"]), n_ecg), zeros(len(episode["query"]), n_ecg)
 
     return run_episodes(
         model, lambda index: copy_params(meta_params), episodes, features, cfg,
@@ -292,7 +303,13 @@ def finetune_scratch(
 
 def meta_train_items(samples: list[dict], cfg: Config) -> list[dict]:
     """Every sample of the meta-train classes (episodes.* split rules), once, with its class answer."""
-    from ecgray.data.episodes import build_classes, class_answer, sample_identity, split_classes
+    from ecgray.data.episodes import (
+        build_classes,
+        class_answer,
+        ecgs_per_sample,
+        sample_identity,
+        split_classes,
+    )
 
     items, seen = [], set()
     for qt in cfg.episodes.types():
@@ -304,8 +321,9 @@ def meta_train_items(samples: list[dict], cfg: Config) -> list[dict]:
                     if ident in seen:  # a single-choose `none` sample sits in several classes
                         continue
                     seen.add(ident)
+                    ids = [int(i) for i in s["ecg_id"]]
                     items.append(
-                        {"ecg_id": int(s["ecg_id"][0]), "question": s["question"],
+                        {"ecg_id": ids[0] if ecgs_per_sample(qt) == 1 else ids, "question": s["question"],
                          "answer": class_answer(s, qt), "class": key}
                     )  # fmt: skip
     if not items:
@@ -323,7 +341,10 @@ def train_supervised(
 ) -> tuple[Params, list[float]]:
     """Plain minibatch cross-entropy of a fresh mapper on `items` (`meta_train_items`): `steps` (default
     eval.supervised_steps) AdamW steps of eval.supervised_batch_size samples drawn without replacement
-    inside a pass, mapper dropout on. Seeded by eval.seed. -> (trained params, loss per step)."""
+    inside a pass, mapper dropout on. Seeded by eval.seed. A batch holding single-ECG and comparison items
+    runs them as two tasks; its loss is still the mean over all its answer tokens. -> (trained params, loss
+    per step)."""
+    from ecgray.data.episodes import item_ecg_ids
     from ecgray.meta import apply_meta_gradient
 
     steps = cfg.eval.supervised_steps if steps is None else steps
@@ -352,11 +373,21 @@ def train_supervised(
                     order, cursor = rng.permutation(len(items)), 0
                 batch = [items[int(i)] for i in order[cursor : cursor + batch_size]]
                 cursor += batch_size
-                pooled, tokens = encode_ecgs(model, ecg_store, [b["ecg_id"] for b in batch], None)
-                task = model.task_data(
-                    pooled, tokens, [b["question"] for b in batch], [b["answer"] for b in batch]
-                )
-                loss = model.task_losses([params], [task])[0]
+                tasks = []
+                for n_ecg in sorted({len(item_ecg_ids(b)) for b in batch}):
+                    part = [b for b in batch if len(item_ecg_ids(b)) == n_ecg]
+                    pooled, tokens = encode_items(model, ecg_store, part, None)
+                    tasks.append(
+                        model.task_data(
+                            pooled, tokens, [b["question"] for b in part], [b["answer"] for b in part]
+                        )
+                    )
+                if len(tasks) == 1:
+                    loss = model.task_losses([params], tasks)[0]
+                else:  # the token-weighted mean of the two tasks' token means
+                    counts = torch.tensor([float(sum(map(len, t.rows.targets))) for t in tasks])
+                    means = model.task_losses([params] * len(tasks), tasks)
+                    loss = (means * counts.to(means.device)).sum() / counts.sum()
                 grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
                 apply_meta_gradient(optimizer, params, grads, cfg.meta.grad_clip)
                 losses.append(float(loss.detach()))
@@ -425,11 +456,13 @@ def _with_context(batch: PromptBatch, context: _Context) -> PromptBatch:
 def _context_embeds(view: ECGLanguageModel, prefix: torch.Tensor, items: list[dict]) -> torch.Tensor:
     """[BOS] then, per support item, its prefix and "Question: q" "Answer: a" "\\n" -> (1, L, D_llm)."""
     sep = list(view.tokenizer(CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"])
-    rows = view.prompt_rows([i["question"] for i in items], [i["answer"] for i in items], eos=False)
+    rows = view.prompt_rows(
+        [i["question"] for i in items], [i["answer"] for i in items], eos=False, n_ecg=view.n_ecg_of(prefix)
+    )
     device = prefix.device
     parts = [view.embed(torch.tensor([view.bos], dtype=torch.long, device=device))[0]] if view.bos else []
     for j in range(len(items)):
-        parts.append(prefix[j].to(view.embed.weight.dtype))  # (n_prefix, D_llm)
+        parts.append(prefix[j].to(view.embed.weight.dtype))  # (prefix width, D_llm)
         ids = torch.tensor(rows.after[j] + sep, dtype=torch.long, device=device)
         parts.append(view.embed(ids))  # (R_j, D_llm)
     return torch.cat(parts, dim=0)[None]  # (1, L, D_llm)
@@ -448,13 +481,14 @@ def _context_answer(
     view: ECGLanguageModel, prefix, questions, golds, options, context: _Context
 ) -> StepScore:
     """Option scoring / greedy decoding of the query rows after the shared context."""
+    n_ecg = view.n_ecg_of(prefix)
     if view.cfg.decoding == "constrained":
         flat = [(i, o) for i, opts in enumerate(options) for o in opts]
         scores = []
         for start in range(0, len(flat), 256):
             part = flat[start : start + 256]
             batch = view.collate(
-                view.prompt_rows([questions[i] for i, _ in part], [o for _, o in part]), False
+                view.prompt_rows([questions[i] for i, _ in part], [o for _, o in part], n_ecg=n_ecg), False
             )
             nll = view.token_nll(prefix[[i for i, _ in part]], _with_context(batch, context))
             scores.append(-nll.sum(1))
@@ -465,7 +499,7 @@ def _context_answer(
         done = [False] * len(questions)
         for _ in range(view.cfg.max_answer_tokens):
             # a placeholder EOS at the end makes the next token's position a target (as in ECGLanguageModel)
-            rows = view.prompt_rows(questions, [g + [view.eos_id] for g in generated], eos=False)
+            rows = view.prompt_rows(questions, [g + [view.eos_id] for g in generated], eos=False, n_ecg=n_ecg)
             batch = _with_context(view.collate(rows, use_cache=False), context)
             logits = view.target_logits(prefix, batch)
             last = torch.cumsum(batch.target_mask.sum(1), 0) - 1

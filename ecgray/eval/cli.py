@@ -61,24 +61,26 @@ def _interval(stat: dict) -> str:
 def summary_table(results: dict[str, dict], comparisons: list[dict] | None = None) -> str:
     """method x question type: exact match at step 0 and at the last step (with its CI), token acc; then
     the paired comparisons of the model with each baseline."""
+    # the column fits the longest question type (comparison_irrelevant-query) once one is there
+    w = max([15, *(len(qt) for r in results.values() for qt in r["summary"])])
     lines = [
-        f"{'method':<22} {'question type':<15} {'n':>5} {'EM step 0':>10} {'EM last [CI]':>26} "
+        f"{'method':<22} {'question type':<{w}} {'n':>5} {'EM step 0':>10} {'EM last [CI]':>26} "
         f"{'tok+BOS last':>13} {'tok last':>9}"
     ]
     for name, result in results.items():
         for qt, e in result["summary"].items():
             first, last = e["exact_match"][0], e["exact_match"][-1]
             lines.append(
-                f"{name:<22} {qt:<15} {e['episodes']:>5} {first['mean']:>10.3f} "
+                f"{name:<22} {qt:<{w}} {e['episodes']:>5} {first['mean']:>10.3f} "
                 f"{last['mean']:>6.3f} {_interval(last):>16} (s{e['steps'][-1]}) "
                 f"{e['token_acc_bos'][-1]['mean']:>5.3f} {e['token_acc'][-1]['mean']:>9.3f}"
             )
     if comparisons:
-        lines += ["", f"{'model - baseline (paired)':<26} {'question type':<15} {'n':>4} {'diff':>7} "
+        lines += ["", f"{'model - baseline (paired)':<26} {'question type':<{w}} {'n':>4} {'diff':>7} "
                   f"{'CI':>17} {'p':>8}"]  # fmt: skip
         for c in comparisons:
             lines.append(
-                f"{'- ' + c['baseline']:<26} {c['question_type']:<15} {c['episodes']:>4} "
+                f"{'- ' + c['baseline']:<26} {c['question_type']:<{w}} {c['episodes']:>4} "
                 f"{c['mean_difference']:>+7.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] {c['p_value']:>8.2g}"
             )
     return "\n".join(lines)
@@ -114,7 +116,7 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     import torch
 
     from ecgray.config import ConfigError, save_config, to_dict, versions
-    from ecgray.data.episodes import EpisodeSampler
+    from ecgray.data.episodes import EpisodeSampler, item_ecg_ids
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
@@ -144,7 +146,8 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     sampler = EpisodeSampler(samples, episode_cfg, "meta-test", seed=cfg.eval.seed)
     episodes = sampler.episodes(cfg.eval.episodes_for(cfg.episodes.question_type), progress=progress)
     missing = sorted(
-        {i["ecg_id"] for ep in episodes for i in ep["support"] + ep["query"]} - set(store.ecg_ids.tolist())
+        {e for ep in episodes for i in ep["support"] + ep["query"] for e in item_ecg_ids(i)}
+        - set(store.ecg_ids.tolist())
     )
     if missing:
         raise ValueError(f"{data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})")
@@ -204,6 +207,8 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         "protocol": cfg.episodes.protocol,
         "trained_protocol": checkpoint_cfg.episodes.protocol,
         "episodes": len(episodes),
+        # patient split: samples dropped because their ECGs (a comparison sample's two) lie in different splits
+        "straddling_samples": sampler.straddling,
         "seconds": round(time.time() - started, 2),
         "results": results,
         "comparisons": comparisons,

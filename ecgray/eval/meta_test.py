@@ -34,7 +34,8 @@ from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
 log = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
-Features = tuple[torch.Tensor, torch.Tensor | None]  # pooled (B, D_enc), tokens (B, N, D_enc) | None
+Features = tuple[torch.Tensor, torch.Tensor | None]
+"""pooled (B, D_enc), tokens (B, N, D_enc) | None; two ECGs per item: (B, 2, D_enc), (B, 2, N, D_enc) | None."""
 
 EMBEDDED_TEMPLATE_ANSWERS = (
     Path(__file__).resolve().parents[1] / "synth" / "assets" / "ecgqa_ptbxl_answers_for_each_template.csv"
@@ -120,6 +121,24 @@ def encode_ecgs(
     device = device_of(model)
     tokens, pooled = model.encode(torch.from_numpy(signals).to(device), torch.from_numpy(mask).to(device))
     return pooled, (tokens if needs_tokens(model) else None)
+
+
+def encode_items(
+    model: ECGLanguageModel, store, items: list[dict], leads: list[str] | None, cache: dict | None = None
+) -> Features:
+    """`encode_ecgs` on every ECG of the episode items, in item order: (B, D_enc) for single-ECG items,
+    (B, 2, D_enc) for comparison items (first, second ECG; tokens likewise). One kind per call."""
+    from ecgray.data.episodes import item_ecg_ids
+
+    ids = [item_ecg_ids(i) for i in items]
+    counts = sorted({len(x) for x in ids})
+    if len(counts) > 1:
+        raise ValueError(f"encode_items: items of {counts} ECGs together; one question type per set")
+    pooled, tokens = encode_ecgs(model, store, [i for x in ids for i in x], leads, cache)
+    if counts == [2]:
+        pooled = pooled.unflatten(0, (-1, 2))  # (B, 2, D_enc)
+        tokens = None if tokens is None else tokens.unflatten(0, (-1, 2))  # (B, 2, N, D_enc)
+    return pooled, tokens
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -246,7 +265,7 @@ def score_predictions(
 
 def paper_compat_score(model: ECGLanguageModel, prefix: torch.Tensor, questions, golds) -> StepScore:
     """The official prediction: argmax at every gold position (gold length, BOS included in the target)."""
-    batch = model.collate(model.prompt_rows(questions, golds))
+    batch = model.collate(model.prompt_rows(questions, golds, n_ecg=model.n_ecg_of(prefix)))
     pred = model.target_predictions(prefix, batch)  # (B, A), -1 on padding
     preds, targets = [], []
     for i in range(len(questions)):
@@ -268,7 +287,7 @@ def paper_compat_score(model: ECGLanguageModel, prefix: torch.Tensor, questions,
 def decode(
     model: ECGLanguageModel, prefix: torch.Tensor, questions: list[str], options: list[list[Answer]]
 ) -> list[str | Answer]:
-    """Answers for B questions given their prefixes (B, n_prefix, D_llm): the best-scoring option, an
+    """Answers for B questions given their prefixes (B, width, D_llm): the best-scoring option, an
     answer list (constrained), or the greedy decoding's text, as `model.cfg.decoding` says."""
     if model.cfg.decoding == "constrained":
         scores = model.score_options(prefix, questions, options)
@@ -293,25 +312,33 @@ def answer_episodes(
     options: list[list[list[Answer]]],
 ) -> list[StepScore]:
     """`default_answerer` for several episodes at once: one decoding pass over all their query sets, each
-    with the prefixes of its own fast weights; scored per episode."""
+    with the prefixes of its own fast weights (one pass per prefix width when one- and two-ECG episodes
+    meet); scored per episode."""
     if model.cfg.paper_compat:  # the quirk's token accuracy is per query set: one episode at a time
         return [
             default_answerer(model, p, None, f, e, o) for p, f, e, o in zip(params, query_features, episodes, options, strict=True)
         ]  # fmt: skip
-    prefix = torch.cat(
-        [model.fuse(pooled, tokens, p) for p, (pooled, tokens) in zip(params, query_features, strict=True)]
-    )
-    questions = [i["question"] for e in episodes for i in e["query"]]
-    flat_options = [o for opts in options for o in opts]  # per query; empty lists when greedy
-    predictions = decode(model, prefix, questions, flat_options)
-    out, start = [], 0
-    for e in episodes:
-        n = len(e["query"])
-        out.append(
-            score_predictions(model, predictions[start : start + n], [i["answer"] for i in e["query"]])
-        )
-        start += n
-    return out
+    prefixes = [
+        model.fuse(pooled, tokens, p) for p, (pooled, tokens) in zip(params, query_features, strict=True)
+    ]
+    by_width: dict[int, list[int]] = {}
+    for k, prefix in enumerate(prefixes):
+        by_width.setdefault(int(prefix.shape[1]), []).append(k)
+    predictions: list[list] = [[] for _ in episodes]
+    for members in by_width.values():
+        prefix = torch.cat([prefixes[k] for k in members])
+        questions = [i["question"] for k in members for i in episodes[k]["query"]]
+        flat_options = [o for k in members for o in options[k]]  # per query; empty lists when greedy
+        decoded = decode(model, prefix, questions, flat_options)
+        start = 0
+        for k in members:
+            n = len(episodes[k]["query"])
+            predictions[k] = decoded[start : start + n]
+            start += n
+    return [
+        score_predictions(model, predictions[k], [i["answer"] for i in e["query"]])
+        for k, e in enumerate(episodes)
+    ]
 
 
 # ------------------------------------------------------------------------------------- the episodes
@@ -337,8 +364,7 @@ def ecg_features(
     """FeatureFn of the frozen encoder on the stored ECGs (lead subset applied; cache: see encode_ecgs)."""
 
     def features(episode: dict) -> tuple[Features, Features]:
-        ids = [int(i["ecg_id"]) for i in episode["support"] + episode["query"]]
-        pooled, tokens = encode_ecgs(model, store, ids, leads, cache)
+        pooled, tokens = encode_items(model, store, episode["support"] + episode["query"], leads, cache)
         n = len(episode["support"])
         split = (lambda t: (t[:n], t[n:])) if tokens is not None else (lambda t: (None, None))
         (ts, tq) = split(tokens)

@@ -11,7 +11,21 @@ Every sequence has three parts, `[before ; prefix ; after]`:
     paper_compat    before = []                       after = tokenizer("Question: {q}Answer: ") cut /
                                                               padded to 30 tokens (with its BOS)
 
-(BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.) Each piece is
+(BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.)
+
+Two ECGs per sample (ECG-QA's comparison questions: "... of the second ECG ... as compared to the first
+ECG?"): each ECG goes through the same mapper on its own, and the prefix slot holds both, in order, each
+after a text marker (`ECG_MARKERS`), in every layout:
+
+    prefix = [ "First ECG:" ; prefix of ECG 1 ; "Second ECG:" ; prefix of ECG 2 ]   (B, prefix_width(2), D_llm)
+
+Why text markers (the frozen LLM's own embeddings of those tokens) rather than learned marker vectors: the
+questions name the ECGs in exactly these words, so the markers tie each prefix to the words that ask about
+it with what the LLM already reads; they add no trainable tensor, so a mapper, its fast weights, checkpoints
+and served adapters are the same for one and two ECGs, and nothing has to be learned from the few
+comparison episodes to tell the two apart. The markers sit inside the prefix slot, so `before` (and with
+question_first its KV cache) is unchanged, and single-ECG rows are exactly what they were.
+`paper_compat` reproduces the official single-ECG code and refuses two-ECG samples. Each piece is
 tokenised as the tokenizer writes the whole text "Question: {q}Answer: {answer}": the prompt ends at
 "Answer:" and the answer carries its leading space (SmolLM2: `:` `Ġyes`, not `:` `Ġ` `yes`, a sequence
 that tokenizer never makes); a piece's ids are ids(text up to its end) minus ids(text before it)
@@ -39,9 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ecgray.config import ModelConfig
+from ecgray.config import COMPARISON_TYPES, ModelConfig
 
 QUESTION_WRAP = "Question:"
+ECG_MARKERS = ("First ECG:", "Second ECG:")
+"""Text before each ECG's prefix in a two-ECG prompt, in order (module docstring)."""
 ANSWER_WRAP = "Answer:"  # the prompt ends here: the answer brings its own leading space
 PAPER_PROMPT = "Question: {q}Answer: "  # the official prompt, trailing space token included (paper_compat)
 
@@ -62,6 +78,8 @@ class PromptRows:
     target_start: list[int]
     """Index into `[prefix ; after]` of the position whose logit predicts the first target token."""
     targets: list[list[int]]
+    n_ecg: list[int]
+    """ECGs of each row (1, or 2 for a comparison sample): its prefix slot is `prefix_width(n_ecg)` wide."""
 
     def __len__(self) -> int:
         return len(self.before)
@@ -72,6 +90,7 @@ class PromptRows:
             self.after + other.after,
             self.target_start + other.target_start,
             self.targets + other.targets,
+            self.n_ecg + other.n_ecg,
         )
 
     def select(self, index: list[int]) -> PromptRows:
@@ -80,6 +99,7 @@ class PromptRows:
             [self.after[i] for i in index],
             [self.target_start[i] for i in index],
             [self.targets[i] for i in index],
+            [self.n_ecg[i] for i in index],
         )
 
 
@@ -96,6 +116,8 @@ class PromptBatch:
     target_mask: torch.Tensor  # (B, A) bool
     cache: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
     """Per layer (keys, values) of `before`, (B, heads, Lb, head_dim); None: `before` is run every pass."""
+    n_ecg: int = 1
+    """ECGs of every row of the batch (a batch never mixes one- and two-ECG rows)."""
 
     @property
     def size(self) -> int:
@@ -106,8 +128,8 @@ class PromptBatch:
 class TaskData:
     """One support or query set: frozen encoder outputs + tokenised prompts (built once per episode)."""
 
-    pooled: torch.Tensor  # (B, D_enc)
-    tokens: torch.Tensor | None  # (B, N, D_enc) or None when the mapper reads only the pooled vector
+    pooled: torch.Tensor  # (B, D_enc); two ECGs per sample: (B, 2, D_enc)
+    tokens: torch.Tensor | None  # (B, N, D_enc) | (B, 2, N, D_enc), or None when the mapper reads only pooled
     rows: PromptRows
 
 
@@ -229,6 +251,9 @@ class ECGLanguageModel(nn.Module):
         bos = tokenizer.bos_token_id
         self.bos = [int(bos)] if bos is not None and probe and probe[0] == bos else []
         self._question_wrap = self._ids(QUESTION_WRAP)
+        self._marker_ids = [self._ids(marker) for marker in ECG_MARKERS]
+        if not all(self._marker_ids):
+            raise ValueError(f"tokenizer: an ECG marker of {ECG_MARKERS} tokenises to nothing")
 
     def train(self, mode: bool = True) -> ECGLanguageModel:
         # Only the mapper ever trains (dropout); the frozen parts stay in eval mode.
@@ -254,10 +279,53 @@ class ECGLanguageModel(nn.Module):
     def fuse(
         self, pooled: torch.Tensor, tokens: torch.Tensor | None, params: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """(B, D_enc), (B, N, D_enc) -> prefix (B, n_prefix, D_llm); `params` = fast weights (else the module's)."""
+        """(B, D_enc), (B, N, D_enc) -> prefix (B, n_prefix, D_llm); `params` = fast weights (else the module's).
+        Two ECGs per sample, (B, 2, D_enc), (B, 2, N, D_enc): each ECG through the same mapper, then
+        `splice_ecgs` -> (B, prefix_width(2), D_llm)."""
+        if pooled.dim() != 3:
+            return self._map(pooled, tokens, params)
+        b, n_ecg = pooled.shape[:2]
+        if n_ecg != 2:
+            raise ValueError(f"fuse: pooled {tuple(pooled.shape)}: one or two ECGs per sample, got {n_ecg}")
+        if tokens is not None and (tokens.dim() != 4 or tuple(tokens.shape[:2]) != (b, 2)):
+            raise ValueError(f"fuse: tokens {tuple(tokens.shape)} do not fit pooled {tuple(pooled.shape)}")
+        flat = None if tokens is None else tokens.flatten(0, 1)  # (B * 2, N, D_enc)
+        per_ecg = self._map(pooled.flatten(0, 1), flat, params)  # (B * 2, n_prefix, D_llm)
+        return self.splice_ecgs(per_ecg.unflatten(0, (b, 2)))
+
+    def _map(self, pooled: torch.Tensor, tokens: torch.Tensor | None, params) -> torch.Tensor:
         if params is None:
             return self.mapper(pooled, tokens)
         return functional_call(self.mapper, params, (pooled, tokens))
+
+    def splice_ecgs(self, per_ecg: torch.Tensor) -> torch.Tensor:
+        """(B, 2, n_prefix, D_llm) prefixes of the first and second ECG -> the two-ECG prefix slot
+        [marker 1 ; prefix 1 ; marker 2 ; prefix 2], (B, prefix_width(2), D_llm) (module docstring)."""
+        b = per_ecg.shape[0]
+        parts = []
+        for j, ids in enumerate(self._marker_ids):
+            marker = self.embed(torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device))
+            parts += [marker.to(per_ecg.dtype).expand(b, -1, -1), per_ecg[:, j]]  # (B, L_j, D), (B, P, D)
+        return torch.cat(parts, dim=1)
+
+    def prefix_width(self, n_ecg: int) -> int:
+        """Positions of the prefix slot of a row with n_ecg ECGs: n_prefix, or 2 n_prefix + the markers."""
+        if n_ecg == 1:
+            return self.cfg.n_prefix
+        if n_ecg == 2:
+            return 2 * self.cfg.n_prefix + sum(len(ids) for ids in self._marker_ids)
+        raise ValueError(f"{n_ecg} ECGs per sample: expected 1 or 2")
+
+    def n_ecg_of(self, prefix: torch.Tensor) -> int:
+        """ECGs per sample of a prefix tensor (B, width, D_llm), read off its width (the two differ)."""
+        width = int(prefix.shape[1])
+        for n_ecg in (1, 2):
+            if width == self.prefix_width(n_ecg):
+                return n_ecg
+        raise ValueError(
+            f"prefix of {width} positions: neither one ECG's ({self.prefix_width(1)}) nor two ECGs' "
+            f"({self.prefix_width(2)}) with model.n_prefix={self.cfg.n_prefix}"
+        )
 
     # ------------------------------------------------------------------------------------------ prompt
     def _ids(self, text: str) -> list[int]:
@@ -280,16 +348,30 @@ class ECGLanguageModel(nn.Module):
         return self._continuation(ANSWER_WRAP, " " + text) if text else []
 
     def prompt_rows(
-        self, questions: list[str], answers: list[list[str] | str | list[int]] | None = None, eos: bool = True
+        self,
+        questions: list[str],
+        answers: list[list[str] | str | list[int]] | None = None,
+        eos: bool = True,
+        n_ecg: int | list[int] = 1,
     ) -> PromptRows:
         """Tokenise B samples for the configured layout. answers: ECG-QA answer lists / strings, or token-id
-        lists (decoding); None: no targets. eos: append EOS to the targets (proper mode)."""
+        lists (decoding); None: no targets. eos: append EOS to the targets (proper mode). n_ecg: ECGs per
+        sample (one for all, or per row): the width of its prefix slot (`prefix_width`)."""
         if answers is not None and len(answers) != len(questions):
             raise ValueError(f"prompt_rows: {len(questions)} questions but {len(answers)} answers")
-        rows = PromptRows([], [], [], [])
+        n_ecgs = [n_ecg] * len(questions) if isinstance(n_ecg, int) else list(n_ecg)
+        if len(n_ecgs) != len(questions):
+            raise ValueError(f"prompt_rows: {len(questions)} questions but {len(n_ecgs)} ECG counts")
+        if self.cfg.paper_compat and any(n != 1 for n in n_ecgs):
+            raise ValueError(
+                "model.paper_compat reproduces the official single-ECG prompt; two-ECG (comparison) samples "
+                "need model.paper_compat=False"
+            )
+        rows = PromptRows([], [], [], [], [])
         n_prefix = self.cfg.n_prefix
         for i, question in enumerate(questions):
             answer = None if answers is None else answers[i]
+            rows.n_ecg.append(n_ecgs[i])
             if self.cfg.paper_compat:
                 # the official input: tokenizer(prompt) with its BOS and trailing space, cut / padded to 30;
                 # the target is tokenised on its own and keeps its BOS
@@ -328,15 +410,20 @@ class ECGLanguageModel(nn.Module):
             else:
                 before = list(self.bos)
                 after = self._question_wrap + q_ids + wrap + a_ids
-            # the token at index n_prefix + len(after without answer) - 1 predicts the first answer token
+            # the token at index width + len(after without answer) - 1 predicts the first answer token
+            width = self.prefix_width(n_ecgs[i])
             rows.before.append(before)
             rows.after.append(after)  # EOS is only a target: nothing is predicted from its position
-            rows.target_start.append(n_prefix + len(after) - len(a_ids) - 1)
+            rows.target_start.append(width + len(after) - len(a_ids) - 1)
             rows.targets.append(target)
         return rows
 
     def collate(self, rows: PromptRows, use_cache: bool | None = None) -> PromptBatch:
-        """Pad rows into tensors; with use_cache (default: question_first) also run `before` once (no grad)."""
+        """Pad rows into tensors; with use_cache (default: question_first) also run `before` once (no grad).
+        The rows must share their ECG count (`task_set` buckets them apart)."""
+        n_ecg = set(rows.n_ecg)
+        if len(n_ecg) > 1:
+            raise ValueError(f"collate: rows of {sorted(n_ecg)} ECGs in one batch; collate them apart")
         device = self.embed.weight.device
         before_ids, before_mask = _pad(rows.before, self.pad_id, left=True)
         after_ids, after_mask = _pad(rows.after, self.pad_id, left=False)
@@ -353,6 +440,7 @@ class ECGLanguageModel(nn.Module):
             target_pos.to(device),
             target_ids.to(device),
             target_mask.bool().to(device),
+            n_ecg=n_ecg.pop() if n_ecg else 1,
         )
         if use_cache is None:
             use_cache = self.cfg.prompt_layout == "question_first"
@@ -407,8 +495,11 @@ class ECGLanguageModel(nn.Module):
                 f"prefix {tuple(prefix.shape)} does not fit the prompt batch: expected ({batch.size}, "
                 f"n_prefix, {self.d_llm})"
             )
-        if p != self.cfg.n_prefix:
-            raise ValueError(f"prefix has {p} positions but model.n_prefix={self.cfg.n_prefix}")
+        if p != self.prefix_width(batch.n_ecg):
+            raise ValueError(
+                f"prefix has {p} positions but model.n_prefix={self.cfg.n_prefix} with {batch.n_ecg} ECG(s) per "
+                f"row needs {self.prefix_width(batch.n_ecg)}"
+            )
         device = prefix.device
         parts = [prefix.to(self.embed.weight.dtype), self.embed(batch.after_ids)]  # (B, P, D), (B, R, D)
         mask = torch.cat([batch.before_mask, batch.before_mask.new_ones(b, p), batch.after_mask], dim=1)
@@ -464,10 +555,12 @@ class ECGLanguageModel(nn.Module):
     def task_data(
         self, pooled: torch.Tensor, tokens: torch.Tensor | None, questions: list[str], answers
     ) -> TaskData:
-        """One support / query set from precomputed encoder outputs."""
+        """One support / query set from precomputed encoder outputs: pooled (B, D_enc), or (B, 2, D_enc) for
+        two ECGs per sample (tokens likewise)."""
         if pooled.shape[0] != len(questions):
             raise ValueError(f"task_data: {pooled.shape[0]} ECG vectors but {len(questions)} questions")
-        return TaskData(pooled, tokens, self.prompt_rows(questions, answers))
+        n_ecg = 2 if pooled.dim() == 3 else 1
+        return TaskData(pooled, tokens, self.prompt_rows(questions, answers, n_ecg=n_ecg))
 
     def task_losses(
         self,
@@ -483,13 +576,18 @@ class ECGLanguageModel(nn.Module):
             raise ValueError(f"task_losses: {len(fast_weights)} fast-weight sets for {len(tasks)} tasks")
         if batches is None:
             batches = self.task_set(tasks).batches
+        prefixes = [self.fuse(t.pooled, t.tokens, w) for w, t in zip(fast_weights, tasks, strict=True)]
+        widest = max(p.shape[1] for p in prefixes)
+        # tasks of one and of two ECGs: zero-padded to the widest slot; each bucket takes its own width
         prefix = torch.cat(
-            [self.fuse(t.pooled, t.tokens, w) for w, t in zip(fast_weights, tasks, strict=True)], dim=0
-        )  # (sum of B_m, n_prefix, D_llm)
+            [p if p.shape[1] == widest else F.pad(p, (0, 0, 0, widest - p.shape[1])) for p in prefixes], dim=0
+        )  # (sum of B_m, widest prefix slot, D_llm)
         rows, row_nll, row_count = [], [], []
         for index, batch in batches:
             rows += index
-            row_nll.append(self.token_nll(prefix[index], batch, full_logits).sum(1))
+            width = self.prefix_width(batch.n_ecg)
+            part = prefix[index] if width == widest else prefix[index][:, :width]
+            row_nll.append(self.token_nll(part, batch, full_logits).sum(1))
             row_count.append(batch.target_mask.sum(1))
         inverse = torch.empty(len(rows), dtype=torch.long)
         inverse[torch.tensor(rows)] = torch.arange(len(rows))
@@ -503,9 +601,14 @@ class ECGLanguageModel(nn.Module):
         return per_task_nll / per_task_count
 
     def task_set(self, tasks: list[TaskData]) -> TaskSet:
-        """Collate M tasks' rows once, in length buckets (and, question_first, their question KV cache)."""
+        """Collate M tasks' rows once, in length buckets (and, question_first, their question KV cache); rows
+        of one and of two ECGs go to different buckets."""
         rows = stack_rows(tasks)
-        buckets = length_buckets([len(a) for a in rows.after])
+        buckets = []
+        for n_ecg in sorted(set(rows.n_ecg)):
+            members = [i for i, n in enumerate(rows.n_ecg) if n == n_ecg]
+            lengths = [len(rows.after[i]) for i in members]
+            buckets += [[members[j] for j in bucket] for bucket in length_buckets(lengths)]
         return TaskSet(list(tasks), [(index, self.collate(rows.select(index))) for index in buckets])
 
     def loss_fn(self, full_logits: bool = False):
@@ -546,7 +649,7 @@ class ECGLanguageModel(nn.Module):
         if any(not i for opts in ids for i in opts):
             raise ValueError("score_options: an option tokenises to nothing")
         # 1. the prompts: last hidden state (predicts each option's first token) and the KV cache
-        batch = self.collate(self.prompt_rows(questions, None))
+        batch = self.collate(self.prompt_rows(questions, None, n_ecg=self.n_ecg_of(prefix)))
         hidden, offset, cache = self._forward(prefix, batch, keep_cache=True)
         p = prefix.shape[1]
         last = offset + p + batch.after_mask.sum(1) - 1  # (B,) the last real prompt position
@@ -650,11 +753,14 @@ class ECGLanguageModel(nn.Module):
         max_new_tokens = max_new_tokens or self.cfg.max_answer_tokens
         generated: list[list[int]] = [[] for _ in questions]
         done = [False] * len(questions)
+        n_ecg = self.n_ecg_of(prefix)
         # the cache of the question part does not change while decoding: build it once
-        base = self.collate(self.prompt_rows(questions, [[self.eos_id]] * len(questions), eos=False))
+        base = self.collate(
+            self.prompt_rows(questions, [[self.eos_id]] * len(questions), eos=False, n_ecg=n_ecg)
+        )
         for _ in range(max_new_tokens):
             # a placeholder token at the end makes its predicting position a target: read the next token there
-            rows = self.prompt_rows(questions, [g + [self.eos_id] for g in generated], eos=False)
+            rows = self.prompt_rows(questions, [g + [self.eos_id] for g in generated], eos=False, n_ecg=n_ecg)
             batch = self.collate(rows, use_cache=False)
             batch.cache = base.cache
             logits = self.target_logits(prefix, batch)  # (N, V) row-major
@@ -688,10 +794,25 @@ def stack_rows(tasks: list[TaskData]) -> PromptRows:
 
 
 def check_data_fits_encoder(cfg) -> None:
-    """The encoder reads signals at data.fs: a run whose encoder was built for another rate is refused."""
-    if cfg.encoder.fs != cfg.data.fs:
+    """The encoder reads data.fs Hz windows of data.window_s s: a run whose encoder states another input
+    (encoder.fs, encoder.window_s) is refused, naming both specs."""
+    from ecgray.models.encoder import input_fits, input_spec
+
+    if not input_fits(cfg.encoder, cfg.data.fs, cfg.data.window_s):
         raise ValueError(
-            f"encoder.fs={cfg.encoder.fs} Hz but data.fs={cfg.data.fs} Hz: the encoder reads data.fs"
+            f"encoder expects {input_spec(cfg.encoder)} (encoder.fs, encoder.window_s); data gives "
+            f"{cfg.data.fs} Hz, {float(cfg.data.window_s)} s (data.fs, data.window_s)"
+        )
+
+
+def check_question_types_fit_model(cfg) -> None:
+    """model.paper_compat reproduces the official single-ECG code: a run with comparison question types
+    (`episodes.types()`) under it is refused before anything is built."""
+    comparison = [qt for qt in cfg.episodes.types() if qt in COMPARISON_TYPES]
+    if cfg.model.paper_compat and comparison:
+        raise ValueError(
+            f"model.paper_compat=True reproduces the official single-ECG code; the question types {comparison} "
+            "carry two ECGs per sample: set model.paper_compat=False or leave them out of episodes.*"
         )
 
 
@@ -707,6 +828,7 @@ def build_model(
     from ecgray.models.llm import llm_hidden_size, load_llm
 
     check_data_fits_encoder(cfg)
+    check_question_types_fit_model(cfg)
     encoder = load_encoder(cfg.encoder, device=device, seed=cfg.seed)
     llm, tokenizer = load_llm(
         cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed, attention=cfg.model.attention

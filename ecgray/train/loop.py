@@ -65,13 +65,28 @@ class FeatureCache:
         return tokens, pooled
 
 
+def item_features(cache: FeatureCache, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episode items -> tokens, pooled: (B, N, D_enc), (B, D_enc) for single-ECG items; (B, 2, N, D_enc),
+    (B, 2, D_enc) for comparison items (first, second ECG). One kind per call (an episode has one type)."""
+    from ecgray.data.episodes import item_ecg_ids
+
+    ids = [item_ecg_ids(it) for it in items]
+    counts = sorted({len(x) for x in ids})
+    if len(counts) > 1:
+        raise ValueError(f"item_features: items of {counts} ECGs together; one question type per set")
+    if counts != [2]:
+        return cache.features([x[0] for x in ids])
+    tokens, pooled = cache.features([i for x in ids for i in x])
+    return tokens.unflatten(0, (-1, 2)), pooled.unflatten(0, (-1, 2))
+
+
 def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -> tuple[TaskSet, TaskSet]:
     """M episodes -> (support TaskSet, query TaskSet), each collated once for all inner steps."""
     support, query = [], []
     for episode in episodes:
         for part, out in (("support", support), ("query", query)):
             items = episode[part]
-            tokens, pooled = cache.features([it["ecg_id"] for it in items])
+            tokens, pooled = item_features(cache, items)
             out.append(
                 lm.task_data(pooled, tokens, [it["question"] for it in items], [it["answer"] for it in items])
             )
