@@ -1,5 +1,7 @@
 """Load test of the QA service on this machine: latency and throughput of cached-adapter answers, batched
-(@serve.batch) vs unbatched (max_batch_size=1), and the cost of one adaptation. Prints JSON.
+(@serve.batch) vs unbatched (max_batch_size=1), on one answer replica; the cost of one adaptation (on the
+adaptation deployment); and a profile of where one query's time goes (payload decoding + resampling, the
+encoder, the LLM), measured in-process at batch 1 and at the batch size. Prints JSON.
 
     .venv/bin/python bench/serve_load.py                      # SmolLM2-135M (the embedded default LLM)
     .venv/bin/python bench/serve_load.py --llm tiny-llama     # plumbing only
@@ -57,6 +59,45 @@ def make_checkpoint(llm: str, inner_steps: int, out: Path) -> Path:
     torch.manual_seed(0)
     mapper = build_mapper(cfg.model, cfg.encoder.d_enc, llm_hidden_size(model))
     return save_checkpoint(out, mapper.state_dict(), cfg)
+
+
+def profile(checkpoint: Path, cpus: int, batch: int, repeats: int = 3) -> dict:
+    """Milliseconds per query of each stage, in this process (before Ray starts), at batch 1 and `batch`."""
+    import torch
+
+    from ecgray.config import ServeConfig
+    from serve.engine import Query, load_engine
+    from serve.payloads import ECGIn, canonical_ecg
+
+    torch.set_num_threads(cpus)
+    engine = load_engine(checkpoint, device="cpu")
+    limits = ServeConfig()
+    payloads = [ecg_payload(5000 + i) for i in range(batch)]
+    t = time.perf_counter()
+    ecgs = [canonical_ecg(ECGIn.model_validate(p), "ecgs[0]", limits, engine.cfg.data) for p in payloads]
+    decode_ms = 1000 * (time.perf_counter() - t) / batch
+    out = {"decode_and_resample_ms": round(decode_ms, 2)}
+    for b in (1, batch):
+        queries = [Query(e, QUESTION, ["yes", "no"], None) for e in ecgs[:b]]
+        engine.answer(queries)  # warm-up
+        enc, total = [], []
+        for _ in range(repeats):
+            x = torch.from_numpy(np.stack([q.ecg.signal for q in queries]))
+            m = torch.from_numpy(np.stack([q.ecg.lead_mask for q in queries]))
+            t = time.perf_counter()
+            with torch.no_grad():
+                engine.lm.encode(x, m)
+            enc.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            engine.answer(queries)
+            total.append(time.perf_counter() - t)
+        e, a = 1000 * min(enc) / b, 1000 * min(total) / b
+        out[f"batch_{b}"] = {"encoder_ms": round(e, 1), "mapper_and_llm_ms": round(a - e, 1),
+                             "engine_ms": round(a, 1)}  # fmt: skip
+    out["engine_speedup_from_batching"] = round(
+        out["batch_1"]["engine_ms"] / out[f"batch_{batch}"]["engine_ms"], 2
+    )
+    return out
 
 
 def summary(latencies: list[float], wall: float, errors: int) -> dict:
@@ -165,7 +206,7 @@ def main() -> None:
     from ray import serve
 
     from ecgray.config import ServeConfig, versions
-    from serve.app import ServeArgs, build_app
+    from serve.app import ServeArgs, build_app, required_cpus
 
     tmp = Path(tempfile.mkdtemp(prefix="ecgray-serve-bench-"))
     checkpoint = make_checkpoint(args.llm, args.inner_steps, tmp / "ckpt")
@@ -173,19 +214,29 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     support = [{"ecg": ecg_payload(i), "question": QUESTION, "answer": ["yes" if i % 2 else "no"]}
                for i in range(args.support_size)]  # fmt: skip
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict = {"conditions": {
         "llm": args.llm, "support_size": args.support_size, "inner_steps": args.inner_steps,
-        "replica_cpus": args.cpus, "replicas": 1, "ecg": "12 x 5000 @ 500 Hz, base64 float32", "options": 2,
+        "replica_cpus": args.cpus, "answer_replicas": 1, "adaptation_replicas": 1,
+        "ecg": "12 x 5000 @ 500 Hz, base64 float32", "options": 2,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared)", "versions": versions(),
     }}  # fmt: skip
+    results["profile"] = profile(checkpoint, args.cpus, args.max_batch_size)
+    print(json.dumps({"profile": results["profile"]}), flush=True)
+    # the answer and the adaptation replica each reserve --cpus; the adaptation one idles during the load
+    ray.init(num_cpus=int(required_cpus(ServeConfig(replica_cpus=args.cpus))), include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
             cfg = ServeConfig(
-                checkpoint=str(checkpoint), port=port, max_batch_size=batch, batch_wait_timeout_s=0.01
+                checkpoint=str(checkpoint),
+                port=port,
+                max_batch_size=batch,
+                batch_wait_timeout_s=0.01,
+                replica_cpus=args.cpus,
+                adapter_store=str(tmp / f"adapters-{mode}"),
             )
-            serve.run(build_app(ServeArgs(serve=cfg, replica_cpus=args.cpus)), name="bench", route_prefix="/")
+            serve.run(build_app(ServeArgs(serve=cfg)), name="bench", route_prefix="/")
             wait_healthy(url)
             t = time.perf_counter()
             r = httpx.post(f"{url}/v1/adapt", json={"support": support}, timeout=3600)
@@ -195,8 +246,8 @@ def main() -> None:
             t = time.perf_counter()
             hit = httpx.post(f"{url}/v1/adapt", json={"support": support}, timeout=600).json()
             results.setdefault("adaptation", {})[mode] = {
-                "first_s": round(adapt_s, 2), "cache_hit_s": round(time.perf_counter() - t, 3),
-                "cache_hit_adapted": hit["adapted"],
+                "first_s": round(adapt_s, 2), "store_hit_s": round(time.perf_counter() - t, 3),
+                "store_hit_adapted": hit["adapted"],
             }  # fmt: skip
             adapter = r.json()["adapter_id"]
             asyncio.run(load(url, adapter, 1, 2))  # warm-up
@@ -212,12 +263,19 @@ def main() -> None:
                     during_adaptation(url, adapter, other)
                 )
                 print(json.dumps({mode: results[mode]["answers_during_adaptation"]}), flush=True)
-            counters = httpx.get(f"{url}/v1/info").json()["counters"]
-            results[mode]["server_counters"] = counters
+            info = httpx.get(f"{url}/v1/info").json()
+            results[mode]["server_counters"] = {"answering": info["answer_replica"],
+                                                "adaptation": info["adaptation_replica"]}  # fmt: skip
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
+    c = max(args.concurrency)
+    results["batched_vs_unbatched_at_max_concurrency"] = round(
+        results["batched"][f"concurrency_{c}"]["requests_per_s"]
+        / results["unbatched"][f"concurrency_{c}"]["requests_per_s"],
+        2,
+    )
     print(json.dumps(results, indent=2))
 
 

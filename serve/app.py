@@ -1,23 +1,28 @@
-"""`ecgray serve`: the few-shot ECG question-answering service on Ray Serve (FastAPI ingress).
+"""`ecgray serve`: the few-shot ECG question-answering service on Ray Serve.
 
-    POST /v1/adapt          support set -> adapter id (inner loop run once, fast weights cached per replica)
+    POST /v1/adapt          support set -> adapter id (inner loop run once, fast weights in the adapter store)
     POST /v1/answer         query ECG(s) + question with adapter_id | inline support | zero_shot=true
     POST /v1/answer/upload  the same with one query ECG uploaded as a WFDB pair (multipart: hea, dat)
     GET  /healthz, /v1/info, /docs, /openapi.json
 
-Deploy: `ecgray serve --checkpoint DIR` (this module's `run`), or `serve deploy serve/config.yaml`
-(import path `serve.app:build_app`, typed args `ServeArgs`).
+Three deployments composed with DeploymentHandles:
+    ECGQAService  HTTP ingress (FastAPI): validation, limits, ECG decoding to the training window; no model
+    Adaptation    the inner loop, apart from answering; writes the fast weights to serve.adapter_store
+    Answering     batched answers (`@serve.batch`: one frozen-LLM pass for concurrent requests); adapters
+                  loaded through Serve model multiplexing, so any replica can answer any adapter_id and
+                  requests for one adapter go to replicas that hold it
 
-Throughput: query ECGs from concurrent requests are batched by `@serve.batch` into one frozen-LLM pass;
-adaptation runs on its own thread (and its own mapper copy), so answers for cached adapters keep flowing
-while an inner loop runs. Bad input of any kind is a 4xx JSON error naming the field; bodies above
-serve.max_payload_mb are refused before they are parsed.
+Deploy: `ecgray serve --checkpoint DIR [--replicas N | --min-replicas A --max-replicas B]` (this module's
+`run`), or `serve deploy serve/config.yaml` (import path `serve.app:build_app`, typed args `ServeArgs`).
+A full queue is a 503 with Retry-After at once; bad input of any kind is a 4xx JSON error naming the field;
+bodies above serve.max_payload_mb are refused before they are parsed.
 """
 
 import argparse
 import asyncio
 import base64
 import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgray.config import ServeConfig
 from serve.payloads import (
+    ADAPTER_ID_SCHEMA,
+    MULTIPLEX_HEADER,
     AdaptRequest,
     AnswerRequest,
     PayloadError,
     adapter_id,
+    answer_mode,
     canonical_ecg,
     canonical_support,
     check_limits,
@@ -51,8 +59,6 @@ class ServeArgs(BaseModel):
     """Limits, host, port and the checkpoint (required)."""
     llm: str | None = None
     """Override of the checkpoint's model.llm (e.g. the same mapper on another copy of the LLM)."""
-    replica_cpus: float = Field(1.0, gt=0)
-    """CPUs each replica reserves; torch uses that many threads."""
 
 
 # ------------------------------------------------------------------------------------------- HTTP glue
@@ -192,79 +198,243 @@ def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
     return fields
 
 
-# ------------------------------------------------------------------------------------------ deployment
-# NB: Serve serialises the class when it is decorated: everything it uses must be defined above it.
-@serve.deployment(max_ongoing_requests=64)
-@serve.ingress(api)
-class ECGQAService:
-    """One replica: the frozen models loaded once, an adapter LRU, a batching queue for answers."""
+def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None) -> dict:
+    """The OpenAPI schema with this service's limits stated (max items of ecgs / support / options, the
+    known template ids, the window its model reads), so a schema-driven client generates only requests
+    validation accepts. Relations JSON Schema cannot state (rows = leads, bytes = shape x dtype size,
+    seconds = samples / fs) are in the descriptions."""
+
+    def array(prop: dict) -> dict:  # the array branch of `list | None`
+        return next((b for b in prop.get("anyOf", [prop]) if b.get("type") == "array"), prop)
+
+    api.openapi_schema = None
+    schema = api.openapi()
+    models = schema["components"]["schemas"]
+    answer, adapt = models["AnswerRequest"]["properties"], models["AdaptRequest"]["properties"]
+    answer["ecgs"]["maxItems"] = cfg.max_queries
+    array(answer["options"])["maxItems"] = cfg.max_options
+    array(answer["support"])["maxItems"] = cfg.max_support
+    adapt["support"]["maxItems"] = cfg.max_support
+    integer = next(b for b in answer["template_id"]["anyOf"] if b.get("type") == "integer")
+    integer["enum"] = sorted(template_ids)
+    ecg = models["ECGIn"]
+    ecg["description"] = ecg.get("description", "") + (
+        f" Between the model's window and serve.max_duration_s={cfg.max_duration_s:g} s long"
+        + (
+            f" (the model reads {data_cfg.window_s:g} s at {data_cfg.fs} Hz)."
+            if data_cfg is not None
+            else "."
+        )
+    )
+    return schema
+
+
+# ------------------------------------------------------------------------------------------ deployments
+# NB: Serve serialises the classes when they are decorated: everything they use must be defined above them.
+class Overloaded(Exception):
+    """A deployment's queue is full (max_queued_requests): 503 with Retry-After, at once."""
+
+    def __init__(self, what: str, retry_after_s: float):
+        super().__init__(what, retry_after_s)
+        self.what, self.retry_after_s = what, retry_after_s
+
+
+@api.exception_handler(Overloaded)
+async def _overloaded(request: Request, err: Overloaded):
+    response = _error(503, err.what, f"at capacity; retry after {err.retry_after_s:g} s")
+    response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return response
+
+
+async def _remote(response, what: str, retry_after_s: float):
+    """Await a DeploymentHandle call; a full queue becomes Overloaded, a PayloadError raised in the replica
+    is re-raised here as itself (the 4xx it stands for)."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    try:
+        return await response
+    except BackPressureError:
+        raise Overloaded(what, retry_after_s) from None
+    except RayTaskError as err:
+        if isinstance(err.cause, PayloadError):
+            raise err.cause from None
+        raise
+
+
+def _engine(args: ServeArgs):
+    """The checkpoint's engine on this replica's device: the GPU Ray assigned (`serve.use_gpu`; Ray sets
+    CUDA_VISIBLE_DEVICES, so cuda:0 is that GPU), else the CPU even where a GPU is visible."""
+    import torch
+
+    from serve.engine import load_engine
+
+    cfg = args.serve
+    torch.set_num_threads(max(1, int(cfg.replica_cpus)))
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("serve.use_gpu=true but this replica sees no CUDA device")
+    return load_engine(cfg.checkpoint, args.llm, device="cuda" if cfg.use_gpu else "cpu")
+
+
+def _replica_id() -> str:
+    """This replica's full id, which is also its actor's name in Serve's namespace."""
+    return serve.get_replica_context().replica_id.to_full_id_str()
+
+
+@serve.deployment
+class Adaptation:
+    """Adaptation replicas: the inner loop on a support set (seconds of gradient steps), the fast weights
+    written to the adapter store under their content-addressed id. Apart from answering, so adaptation never
+    takes an answer replica's cores or its request budget."""
 
     def __init__(self, args: dict):
-        import torch
+        from serve.adapters import AdapterStore
 
-        from serve.engine import (
-            DEFAULT_TEMPLATE_ANSWERS,
-            AdapterCache,
-            load_engine,
-            read_template_answers,
-            serve_limits_check,
-        )
+        self.args = ServeArgs.model_validate(args)
+        self.engine = _engine(self.args)
+        self.store = AdapterStore(self.args.serve.adapter_store)
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._adapt_pool = ThreadPoolExecutor(1, thread_name_prefix="adapt")  # one inner loop at a time
+        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="probe")  # health: not behind it
+        self.counters = {"adaptations": 0, "store_hits": 0, "shared_inflight": 0}
+
+    async def adapt(self, support: list) -> dict:
+        """Canonical support samples -> {adapter_id, adapted}; adapted False when the store has it already
+        or the same support set is being adapted right now (that run is shared)."""
+        key = adapter_id(support, self.engine.model_id)
+        if key not in self._inflight and await asyncio.to_thread(self.store.exists, key):
+            self.counters["store_hits"] += 1
+            return {"adapter_id": key, "adapted": False}
+        if key in self._inflight:  # checked again: another call may have started it meanwhile
+            self.counters["shared_inflight"] += 1
+            await asyncio.shield(self._inflight[key])
+            return {"adapter_id": key, "adapted": False}
+        self._inflight[key] = asyncio.ensure_future(self._adapt(key, support))
+        await asyncio.shield(self._inflight[key])
+        return {"adapter_id": key, "adapted": True}
+
+    async def _adapt(self, key: str, support: list) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            fast, _ = await loop.run_in_executor(
+                self._adapt_pool, self.engine.adapt, [(s.ecg, s.question, s.answer) for s in support]
+            )
+            await asyncio.to_thread(self.store.save, key, fast, self.engine.model_id)
+            self.counters["adaptations"] += 1
+        finally:
+            self._inflight.pop(key, None)
+
+    async def check_health(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._probe_pool, self.engine.probe)
+
+    async def info(self) -> dict:
+        return {"replica": _replica_id(), **self.counters, "adapting_now": len(self._inflight),
+                "adapter_store": self.store.location}  # fmt: skip
+
+
+@serve.deployment
+class Answering:
+    """Answer replicas: each call is a batch of queries for one adapter (formed by the ingress), answered in
+    one encoder + frozen-LLM pass. Adapters are loaded from the store through Serve model multiplexing (the
+    adapter id is the model id), so calls for an adapter go to replicas that hold it, any replica can load
+    it, and each replica keeps at most as many as fit serve.adapter_cache_mb (least recently used unloaded
+    first)."""
+
+    def __init__(self, args: dict):
+        from serve.adapters import AdapterNotFound, AdapterStore
+        from serve.engine import adapters_per_replica
 
         self.args = ServeArgs.model_validate(args)
         cfg = self.args.serve
-        if cfg.checkpoint is None:
-            raise ValueError("serve.checkpoint: required (a directory written by ecgray.models.checkpoint)")
-        torch.set_num_threads(max(1, int(self.args.replica_cpus)))
+        self.engine = _engine(self.args)
+        self.store = AdapterStore(cfg.adapter_store)
+        self._answer_pool = ThreadPoolExecutor(1, thread_name_prefix="answer")  # one pass at a time
+        self.counters = {"queries": 0, "batches": 0, "max_batch": 0, "adapter_loads": 0}
+
+        async def load_adapter(key: str) -> dict:
+            self.counters["adapter_loads"] += 1
+            try:
+                weights = await asyncio.to_thread(self.store.load, key, self.engine.model_id)
+            except AdapterNotFound:
+                raise PayloadError(
+                    "adapter_id",
+                    f"unknown adapter {key!r} (never adapted by this service, or removed from "
+                    f"{cfg.adapter_store}): POST /v1/adapt again or send the support set inline",
+                    404,
+                ) from None
+            return {k: v.to(self.engine.device) for k, v in weights.items()}
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=adapters_per_replica(self.engine, cfg))(
+            load_adapter
+        )
+
+    async def answer(self, queries: list) -> dict:
+        """Queries (canonical ECG, question, options) -> {answers: one each, replica}, with the adapter named
+        by the multiplexed model id (none: the meta-learned weights)."""
+        from serve.engine import Query
+
+        key = serve.get_multiplexed_model_id()
+        fast = await self.adapter(key) if key else None
+        self.counters["queries"] += len(queries)
+        self.counters["batches"] += 1
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(queries))
+        batch = [Query(ecg, question, options, fast) for ecg, question, options in queries]
+        answers = await asyncio.get_running_loop().run_in_executor(
+            self._answer_pool, self.engine.answer, batch
+        )
+        return {"answers": answers, "replica": _replica_id()}
+
+    async def probe(self) -> float:
+        """Seconds a real probe forward takes (on the answering thread, between batches)."""
+        return await asyncio.get_running_loop().run_in_executor(self._answer_pool, self.engine.probe)
+
+    async def check_health(self) -> None:
+        await self.probe()
+
+    async def info(self) -> dict:
+        return {**self.engine.info(), "replica": _replica_id(), "counters": self.counters}
+
+
+@serve.deployment
+@serve.ingress(api)
+class ECGQAService:
+    """The HTTP ingress: validation, limits and ECG decoding (to the canonical window, as in training), then
+    DeploymentHandle calls to the adaptation and answer deployments. Holds no model.
+
+    Batching happens here: query ECGs from concurrent requests are collected (`@serve.batch`, up to
+    serve.max_batch_size, waiting at most serve.batch_wait_timeout_s) and sent as one call per adapter, so
+    an answer replica receives whole batches -- a busy replica's event loop, which shares the interpreter
+    with the forward pass, never has to gather them one request at a time."""
+
+    def __init__(self, args: dict, adaptation, answering):
+        from ecgray.models.checkpoint import load_checkpoint_config
+        from serve.engine import DEFAULT_TEMPLATE_ANSWERS, read_template_answers
+
+        self.args = ServeArgs.model_validate(args)
+        cfg = self.args.serve
         self.cfg = cfg
         api.state.max_body_bytes = int(cfg.max_payload_mb * 2**20)
-        self.engine = load_engine(cfg.checkpoint, self.args.llm)
-        serve_limits_check(self.engine, cfg)
+        self.data_cfg = load_checkpoint_config(cfg.checkpoint).data
         self.templates = read_template_answers(cfg.template_answers or DEFAULT_TEMPLATE_ANSWERS)
-        self.cache = AdapterCache(int(cfg.adapter_cache_mb * 2**20))
-        self._inflight: dict[str, asyncio.Future] = {}
-        # one thread each: adaptation never queues behind answers and vice versa
-        self._adapt_pool = ThreadPoolExecutor(1, thread_name_prefix="adapt")
-        self._answer_pool = ThreadPoolExecutor(1, thread_name_prefix="answer")
-        self.answer_batch.set_max_batch_size(cfg.max_batch_size)
-        self.answer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.counters = {
-            "adaptations": 0,
-            "adapter_cache_hits": 0,
-            "queries": 0,
-            "batches": 0,
-            "max_batch": 0,
-        }
+        self.adaptation, self.answering = adaptation, answering
+        openapi_with_limits(cfg, list(self.templates), self.data_cfg)
+        # as many batches in flight as there can be answer replicas to take them
+        self._answer_batch = serve.batch(
+            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            max_concurrent_batches=cfg.max_replicas,
+        )(self._run_batch)  # fmt: skip
         self.started = time.time()
 
     # -------------------------------------------------------------------------------------- helpers
-    async def _canonical_support(self, items, field: str = "support"):
-        return await asyncio.to_thread(canonical_support, items, self.cfg, self.engine.cfg.data, field)
-
-    async def _adapter(self, support) -> tuple[str, dict, bool]:
-        """(adapter id, fast weights, whether the inner loop ran for this call)."""
-        key = adapter_id(support, self.engine.model_id)
-        cached = self.cache.get(key)
-        if cached is not None:
-            self.counters["adapter_cache_hits"] += 1
-            return key, cached, False
-        if key in self._inflight:  # the same support set is being adapted right now: share that run
-            self.counters["adapter_cache_hits"] += 1
-            return key, await asyncio.shield(self._inflight[key]), False
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self._adapt_pool, self.engine.adapt, [(s.ecg, s.question, s.answer) for s in support]
+    async def _canonical_ecgs(self, ecgs) -> list:
+        return await asyncio.to_thread(
+            lambda: [canonical_ecg(e, f"ecgs[{i}]", self.cfg, self.data_cfg) for i, e in enumerate(ecgs)]
         )
-        self._inflight[key] = asyncio.ensure_future(self._finish_adapt(key, future))
-        return key, await asyncio.shield(self._inflight[key]), True
 
-    async def _finish_adapt(self, key: str, future) -> dict:
-        try:
-            fast, _ = await future
-            self.counters["adaptations"] += 1
-            self.cache.put(key, fast)
-            return fast
-        finally:
-            self._inflight.pop(key, None)
+    async def _adapt(self, items, field: str = "support") -> tuple[dict, int]:
+        support = await asyncio.to_thread(canonical_support, items, self.cfg, self.data_cfg, field)
+        out = await _remote(self.adaptation.adapt.remote(support), "adaptation", self.cfg.retry_after_s)
+        return out, len(support)
 
     def _options(self, req: AnswerRequest) -> tuple[list[str] | None, str | None]:
         if req.template_id is not None and req.template_id not in self.templates:
@@ -275,44 +445,49 @@ class ECGQAService:
             return self.templates[req.template_id], "template"
         return None, None
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def answer_batch(self, queries: list) -> list[dict]:
-        self.counters["batches"] += 1
-        self.counters["max_batch"] = max(self.counters["max_batch"], len(queries))
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._answer_pool, self.engine.answer, queries)
-        return [dict(r, batch_size=len(queries)) for r in results]
+    async def _run_batch(self, items: list[tuple]) -> list:
+        """(adapter id or "", canonical ECG, question, options) items -> one answer dict each, or the
+        PayloadError / Overloaded of its call: one call to the answer deployment per adapter."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item[0], []).append(i)
+        out: list = [None] * len(items)
 
-    async def _answer(self, req: AnswerRequest, ecgs) -> dict:
-        from serve.engine import Query
-
-        check_limits(req, self.cfg)
-        options, source = self._options(req)
-        if req.adapter_id is not None:
-            fast = self.cache.get(req.adapter_id)
-            if fast is None:
-                raise PayloadError(
-                    "adapter_id",
-                    f"unknown adapter {req.adapter_id!r} on this replica (never adapted, evicted, or adapted on "
-                    "another replica): POST /v1/adapt again or send the support set inline",
-                    404,
+        async def run(key: str, index: list[int]) -> None:
+            handle = self.answering.options(multiplexed_model_id=key)
+            try:
+                result = await _remote(
+                    handle.answer.remote([items[i][1:] for i in index]), "answering", self.cfg.retry_after_s
                 )
-            self.counters["adapter_cache_hits"] += 1
-            key, adapted = req.adapter_id, False
-        elif req.support is not None:
-            support = await self._canonical_support(req.support)
-            key, fast, adapted = await self._adapter(support)
-        else:
-            key, fast, adapted = None, None, False
-        queries = await ecgs()
-        self.counters["queries"] += len(queries)
-        results = await asyncio.gather(
-            *(self.answer_batch(Query(ecg, req.question, options, fast)) for ecg in queries)
+            except (PayloadError, Overloaded) as err:
+                for i in index:
+                    out[i] = err
+                return
+            for i, answer in zip(index, result["answers"], strict=True):
+                out[i] = {**answer, "batch_size": len(items), "replica": result["replica"]}
+
+        await asyncio.gather(*(run(key, index) for key, index in groups.items()))
+        return out
+
+    async def _answer(self, req: AnswerRequest, ecgs: list) -> dict:
+        check_limits(req, self.cfg)
+        mode = answer_mode(req, serve.get_multiplexed_model_id())
+        options, source = self._options(req)
+        adapted, key = False, req.adapter_id or serve.get_multiplexed_model_id() or None
+        if mode == "support":
+            out, _ = await self._adapt(req.support)
+            key, adapted = out["adapter_id"], out["adapted"]
+        queries = await self._canonical_ecgs(ecgs)
+        answers = await asyncio.gather(
+            *(self._answer_batch((key or "", ecg, req.question, options)) for ecg in queries)
         )
+        failed = next((a for a in answers if isinstance(a, Exception)), None)
+        if failed is not None:
+            raise failed
         return {
-            "answers": results,
+            "answers": answers,
             "adapter_id": key,
-            "mode": "adapter_id" if req.adapter_id else "support" if req.support else "zero_shot",
+            "mode": mode,
             "adapted": adapted,
             "options_source": source,
         }
@@ -320,48 +495,47 @@ class ECGQAService:
     # ------------------------------------------------------------------------------------- endpoints
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        """A real probe forward on an answer replica (encoder, mapper, LLM option scoring)."""
+        seconds = await _remote(self.answering.probe.remote(), "answering", self.cfg.retry_after_s)
+        return {"status": "ok", "probe_ms": round(1000 * seconds, 1)}
 
     @api.get("/v1/info")
     async def info(self) -> dict:
+        """The model, the limits, and counters of one answer and one adaptation replica."""
         from ecgray.config import to_dict, versions
 
-        return {
-            **self.engine.info(),
-            "serve": to_dict(self.cfg),
-            "versions": versions(),
-            "counters": {**self.counters, "adapting_now": len(self._inflight)},
-            "adapter_cache": {"entries": len(self.cache), "bytes": self.cache.bytes,
-                              "max_bytes": self.cache.max_bytes, "evictions": self.cache.evictions},
-            "uptime_s": round(time.time() - self.started, 1),
-        }  # fmt: skip
+        answering = await _remote(self.answering.info.remote(), "answering", self.cfg.retry_after_s)
+        adaptation = await _remote(self.adaptation.info.remote(), "adaptation", self.cfg.retry_after_s)
+        return {**{k: v for k, v in answering.items() if k not in ("counters", "replica")},
+                "serve": to_dict(self.cfg), "versions": versions(),
+                "answer_replica": {"replica": answering["replica"], **answering["counters"]},
+                "adaptation_replica": adaptation,
+                "uptime_s": round(time.time() - self.started, 1)}  # fmt: skip
 
     @api.post("/v1/adapt")
     async def adapt(self, req: AdaptRequest) -> dict:
         """Run the inner loop on a support set once; answer later with the returned adapter_id."""
         check_limits(req, self.cfg)
-        support = await self._canonical_support(req.support)
-        key, _, adapted = await self._adapter(support)
-        return {"adapter_id": key, "adapted": adapted, "support_size": len(support)}
+        out, size = await self._adapt(req.support)
+        return {**out, "support_size": size}
 
-    @api.post("/v1/answer")
+    @api.post(
+        "/v1/answer",
+        openapi_extra={"parameters": [{
+            "name": MULTIPLEX_HEADER, "in": "header", "required": False, "schema": ADAPTER_ID_SCHEMA,
+            "description": "the adapter id, instead of (or equal to) `adapter_id` in the body: Serve routes "
+                           "the request to replicas that hold that adapter"}]},
+    )  # fmt: skip
     async def answer(self, req: AnswerRequest) -> dict:
         """Answer the question for each ECG in `ecgs`."""
-
-        async def ecgs():
-            data = self.engine.cfg.data
-            return await asyncio.to_thread(
-                lambda: [canonical_ecg(e, f"ecgs[{i}]", self.cfg, data) for i, e in enumerate(req.ecgs)]
-            )
-
-        return await self._answer(req, ecgs)
+        return await self._answer(req, req.ecgs)
 
     @api.post(
         "/v1/answer/upload",
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["hea", "dat", "question"],
             "properties": {"hea": {"type": "string", "format": "binary"}, "dat": {"type": "string", "format": "binary"},
-                           "question": {"type": "string"}, "adapter_id": {"type": "string"},
+                           "question": {"type": "string"}, "adapter_id": ADAPTER_ID_SCHEMA,
                            "support": {"type": "string", "description": "JSON list of support items"},
                            "zero_shot": {"type": "boolean"}, "template_id": {"type": "integer"},
                            "options": {"type": "string", "description": "JSON list of options"}}}}}}},
@@ -391,26 +565,68 @@ class ECGQAService:
         except ValidationError as err:
             _, errors = _validation_errors(err.errors())
             raise PayloadError(errors[0]["field"], errors[0]["message"]) from None
-
-        async def ecgs():
-            data = self.engine.cfg.data
-            return await asyncio.to_thread(lambda: [canonical_ecg(req.ecgs[0], "ecgs[0]", self.cfg, data)])
-
-        return await self._answer(req, ecgs)
+        return await self._answer(req, req.ecgs)
 
 
 # ----------------------------------------------------------------------------------------- application
+def _scaling(lo: int, hi: int, target: float, cfg: ServeConfig, what: str) -> dict:
+    """Deployment options for a replica count: fixed where lo == hi, else autoscaling between them."""
+    if not 1 <= lo <= hi:
+        raise ValueError(f"serve.{what}: min {lo} / max {hi} replicas; expected 1 <= min <= max")
+    if lo == hi:
+        return {"num_replicas": lo}
+    return {"autoscaling_config": {
+        "min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": target,
+        "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s, "metrics_interval_s": min(10.0, cfg.look_back_period_s / 2),
+    }}  # fmt: skip
+
+
+def required_cpus(cfg: ServeConfig) -> float:
+    """Logical CPUs the application reserves at its largest (the ingress and the proxies reserve none)."""
+    return (cfg.max_replicas + cfg.adapter_max_replicas) * cfg.replica_cpus
+
+
 def build_app(args: ServeArgs) -> serve.Application:
-    """The Serve application (`import_path: serve.app:build_app`); args arrive validated as `ServeArgs`."""
-    if args.serve.checkpoint is None:
-        raise ValueError("serve.checkpoint: required (a directory written by ecgray.models.checkpoint)")
+    """The Serve application (`import_path: serve.app:build_app`): the ingress composed with the adaptation
+    and answer deployments; args arrive validated as `ServeArgs`. Local paths resolve here, once."""
+    from dataclasses import replace
+
+    from ray.serve.config import BackpressureConfig
+
+    from serve.adapters import resolve_location
+
     cfg = args.serve
-    deployment = ECGQAService.options(
+    if cfg.checkpoint is None:
+        raise ValueError("serve.checkpoint: required (a directory written by ecgray.models.checkpoint)")
+    cfg = replace(cfg, checkpoint=resolve_location(cfg.checkpoint),
+                  adapter_store=resolve_location(cfg.adapter_store))  # fmt: skip
+    plain = args.model_copy(update={"serve": cfg}).model_dump(mode="json")
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)
+    overload = {"max_queued_requests": cfg.max_queued_requests, "backpressure_config": backpressure}
+    replica = {"num_cpus": cfg.replica_cpus, **({"num_gpus": 1} if cfg.use_gpu else {})}  # fmt: skip
+    answering = Answering.options(
+        max_ongoing_requests=8,  # each request is a batch: a few queued per replica
+        ray_actor_options=replica,
+        health_check_period_s=cfg.health_check_period_s,
+        **_scaling(cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests, cfg, "min/max_replicas"),
+        **overload,
+    ).bind(plain)
+    adaptation = Adaptation.options(
+        max_ongoing_requests=cfg.adapter_max_ongoing_requests,
+        ray_actor_options=replica,
+        health_check_period_s=cfg.health_check_period_s,
+        **_scaling(cfg.adapter_min_replicas, cfg.adapter_max_replicas, 1.0, cfg, "adapter_min/max_replicas"),
+        max_queued_requests=cfg.adapter_max_queued_requests,
+        backpressure_config=backpressure,
+    ).bind(plain)
+    return ECGQAService.options(
         # Serve caps a batch at max_ongoing_requests: keep plenty of room above max_batch_size
         max_ongoing_requests=max(64, 4 * cfg.max_batch_size),
-        ray_actor_options={"num_cpus": args.replica_cpus},
-    )
-    return deployment.bind(args.model_dump(mode="json"))
+        ray_actor_options={"num_cpus": 0},
+        **_scaling(1, cfg.max_replicas, 2.0 * cfg.max_batch_size, cfg, "min/max_replicas"),
+        **overload,
+    ).bind(plain, adaptation, answering)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -422,16 +638,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", help="override the checkpoint's model.llm")
     parser.add_argument("--host", help="bind address (default serve.host = 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default serve.port = 8000)")
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (torch threads)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started here (default: all)")
+    parser.add_argument("--replicas", type=int, help="answer replicas, fixed (serve.min/max_replicas = N)")
+    parser.add_argument("--min-replicas", type=int, help="autoscaling: answer replicas at least")
+    parser.add_argument("--max-replicas", type=int, help="autoscaling: answer replicas at most")
+    parser.add_argument("--adapter-store", help="directory or URI of the adapters (serve.adapter_store)")
+    parser.add_argument("--replica-cpus", type=float, help="CPUs per replica (torch threads)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per replica (serve.use_gpu=true)")
+    parser.add_argument(
+        "--address", help="an existing Ray cluster (e.g. auto); default: start a local Ray here"
+    )
+    parser.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray started here")
     add_config_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start a local Ray, deploy the app, serve until interrupted."""
-    import ray
-
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of the command line: --config / --set serve.*, then the flags."""
     from ecgray.cli import config_from_args
+
+    cfg = config_from_args(args).serve
+    cfg.checkpoint = args.checkpoint
+    flags = {"host": args.host, "port": args.port, "adapter_store": args.adapter_store,
+             "replica_cpus": args.replica_cpus, "min_replicas": args.min_replicas,
+             "max_replicas": args.max_replicas}  # fmt: skip
+    if args.replicas is not None:
+        if args.min_replicas is not None or args.max_replicas is not None:
+            raise ValueError("--replicas N is a fixed count: give it or --min-replicas / --max-replicas")
+        flags["min_replicas"] = flags["max_replicas"] = args.replicas
+    for name, value in flags.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.gpu:
+        cfg.use_gpu = True
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start (or join) Ray, deploy the app, serve until interrupted."""
+    import os
+
+    import ray
 
     outside = [o for o in args.overrides if not o.strip().startswith("serve.")]
     if outside:
@@ -440,20 +685,25 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = config_from_args(args).serve
-    cfg.checkpoint = args.checkpoint
-    if args.host:
-        cfg.host = args.host
-    if args.port:
-        cfg.port = args.port
     try:
-        sargs = ServeArgs(serve=cfg, llm=args.llm, replica_cpus=args.replica_cpus)
-    except ValidationError as err:
+        cfg = serve_config(args)
+        sargs = ServeArgs(serve=cfg, llm=args.llm)
+        app = build_app(sargs)
+    except (ValueError, ValidationError) as err:
         print(f"ecgray serve: {err}", file=sys.stderr)
         return 2
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(sargs), name="ecgray", route_prefix="/", blocking=False)
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False)
+    else:
+        need = math.ceil(required_cpus(cfg))
+        cpus = args.num_cpus or os.cpu_count() or 1
+        if args.num_cpus is None and need > cpus:
+            print(f"ecgray serve: the replicas reserve {need} CPUs; the local Ray gets {need} logical CPUs "
+                  f"on {cpus} cores (replicas share them)", flush=True)  # fmt: skip
+            cpus = need
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    serve.start(proxy_location="EveryNode", http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name="ecgray", route_prefix="/", blocking=False)
     print(f"ecgray serve: http://{cfg.host}:{cfg.port}/v1/info  (docs at /docs; Ctrl-C stops)", flush=True)
     try:
         while True:

@@ -16,7 +16,6 @@ import copy
 import csv
 import hashlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,39 +60,15 @@ def params_bytes(params: Params) -> int:
     return sum(t.numel() * t.element_size() for t in params.values())
 
 
-class AdapterCache:
-    """LRU of fast weights capped by their tensor bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, Params] = OrderedDict()
-        self.bytes = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> Params | None:
-        params = self._items.get(key)
-        if params is not None:
-            self._items.move_to_end(key)
-        return params
-
-    def put(self, key: str, params: Params) -> None:
-        size = params_bytes(params)
-        if size > self.max_bytes:
-            raise ValueError(
-                f"adapter of {size} bytes does not fit serve.adapter_cache_mb ({self.max_bytes} bytes)"
-            )
-        if key in self._items:
-            self._items.move_to_end(key)
-            return
-        while self.bytes + size > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= params_bytes(old)
-            self.evictions += 1
-        self._items[key] = params
-        self.bytes += size
+def encoder_id(cfg: Config) -> str:
+    """The frozen encoder's identity: its kind and a hash of its weights file (random-init: the seed)."""
+    if cfg.encoder.checkpoint is None:
+        return f"{cfg.encoder.kind}:random:{cfg.seed}"
+    h = hashlib.sha256()
+    with open(cfg.encoder.checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{cfg.encoder.kind}:{h.hexdigest()[:16]}"
 
 
 class QAEngine:
@@ -113,10 +88,12 @@ class QAEngine:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         self.checkpoint_id = h.hexdigest()[:16]
-        # what an adapter id depends on besides the support set
+        # what an adapter id depends on besides the support set: the mapper, the frozen models (the same
+        # mapper over another encoder file gives other fast weights), the inner loop and the input
         self.model_id = (
-            f"{self.checkpoint_id}|{cfg.model.llm}|{cfg.model.prompt_layout}|{cfg.meta.inner_steps}|"
-            f"{cfg.meta.inner_lr}|{cfg.data.fs}|{cfg.data.window_s}|{cfg.data.window}|{cfg.data.leads}"
+            f"{self.checkpoint_id}|{encoder_id(cfg)}|{cfg.model.llm}|{cfg.model.prompt_layout}|"
+            f"{cfg.meta.inner_steps}|{cfg.meta.inner_lr}|{cfg.data.fs}|{cfg.data.window_s}|{cfg.data.window}|"
+            f"{cfg.data.leads}"
         )
         self.adapter_bytes = params_bytes(dict(mapper.named_parameters()))
 
@@ -180,6 +157,17 @@ class QAEngine:
                 results[i] = {"answer": text, "scores": None}
         return results
 
+    def probe(self) -> float:
+        """A real forward of a flat 12-lead probe ECG (encoder, mapper, option scoring): the seconds it took.
+        Raises when the models no longer give finite scores (the replica's health check)."""
+        import time
+
+        t = time.perf_counter()
+        n = self.cfg.data.n_samples
+        ecg = Canonical(np.zeros((12, n), np.float32), np.ones(12, bool), 0)
+        self.answer([Query(ecg, "does this ecg show sinus rhythm?", ["yes", "no"], None)])
+        return time.perf_counter() - t
+
     def info(self) -> dict:
         from ecgray.config import to_dict
 
@@ -215,11 +203,13 @@ def load_engine(checkpoint: str | Path, llm: str | None = None, device: str | No
     return QAEngine(cfg, state, device)
 
 
-def serve_limits_check(engine: QAEngine, cfg: ServeConfig) -> None:
-    """Fail at start-up when the adapter cache cannot hold even one adapter."""
+def adapters_per_replica(engine: QAEngine, cfg: ServeConfig) -> int:
+    """How many adapters an answer replica keeps loaded within serve.adapter_cache_mb; at least one fits,
+    else start-up fails."""
     cap = int(cfg.adapter_cache_mb * 2**20)
     if cap < engine.adapter_bytes:
         raise ValueError(
             f"serve.adapter_cache_mb={cfg.adapter_cache_mb} ({cap} bytes) cannot hold one adapter "
             f"({engine.adapter_bytes} bytes for {engine.cfg.model.llm})"
         )
+    return cap // engine.adapter_bytes

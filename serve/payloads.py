@@ -20,16 +20,39 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
-from ecgray.data.signals import Canonical, SignalError, check_fs, lead_index, to_canonical
+from ecgray.data.signals import MAX_FS, MIN_FS, Canonical, SignalError, check_fs, lead_index, to_canonical
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _DTYPES = {"float32": "<f4", "float16": "<f2"}
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+"""Ray Serve's multiplexed-model header: a client may name the adapter there instead of in the body."""
+ADAPTER_ID_PATTERN = r"^ad-[0-9a-f]{32}$"
+ADAPTER_ID_SCHEMA = {"type": "string", "pattern": ADAPTER_ID_PATTERN}
+# The schema states what validation enforces, so a schema-driven client generates only requests it accepts.
+# Lead names, base64, sampling rates and blank strings are checked by the code below (with messages that
+# name the field and the expectation); the schema states the same rules.
+_LEAD_PATTERN = r"^([Ii]|[Ii][Ii]|[Ii][Ii][Ii]|[Aa][Vv][RrLlFf]|[Vv][1-6])$"
+_BASE64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
+_NOT_BLANK = r"\S"
+_LEAD_HELP = "one of " + ", ".join(LEAD_NAMES) + " (any letter case)"
+LeadName = Annotated[
+    str, WithJsonSchema({"type": "string", "pattern": _LEAD_PATTERN, "description": _LEAD_HELP})
+]
+Text = Annotated[
+    str,
+    Field(min_length=1, max_length=1000),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1000, "pattern": _NOT_BLANK}),
+]
+Base64 = Annotated[
+    str, Field(min_length=1), WithJsonSchema({"type": "string", "minLength": 1, "pattern": _BASE64_PATTERN})
+]
+Hertz = Annotated[float, WithJsonSchema({"type": "number", "minimum": MIN_FS, "maximum": MAX_FS})]
 
 
 class PayloadError(ValueError):
@@ -44,6 +67,9 @@ class PayloadError(ValueError):
     def to_json(self) -> dict:
         return {"error": f"{self.field}: {self.message}", "field": self.field, "message": self.message}
 
+    def __reduce__(self):  # raised inside a replica, re-raised in the ingress: keep the three fields
+        return (PayloadError, (self.field, self.message, self.status))
+
 
 # ----------------------------------------------------------------------------------------- request models
 class _Strict(BaseModel):
@@ -52,18 +78,39 @@ class _Strict(BaseModel):
 
 class WFDBIn(_Strict):
     header: str = Field(min_length=1, max_length=65536, description="text of the .hea file")
-    dat: str = Field(min_length=1, description="base64 of the .dat file")
+    dat: Base64 = Field(description="base64 of the .dat file")
+
+
+_NOT_ARRAY = [{"required": [name]} for name in ("fs", "leads", "dtype", "shape")]
+_ECG_FORMS = {"oneOf": [
+    {"required": ["signal", "fs", "leads"], "not": {"anyOf": [{"required": ["dtype"]}, {"required": ["shape"]}]}},
+    {"required": ["data", "dtype", "shape", "fs", "leads"]},
+    {"required": ["wfdb"], "not": {"anyOf": _NOT_ARRAY}},
+]}  # fmt: skip
 
 
 class ECGIn(_Strict):
-    """One ECG: exactly one of `signal`, `data` (+ dtype, shape) or `wfdb`."""
+    """One ECG: exactly one of `signal`, `data` (+ dtype, shape) or `wfdb`. Each lead name at most once
+    (letter case ignored); `signal` has one row per lead, all of one length; `data` holds exactly
+    shape[0] x shape[1] values of dtype; at most serve.max_duration_s seconds at fs."""
 
-    fs: float | None = Field(None, description="sampling rate in Hz (signal / data forms)")
-    leads: list[str] | None = Field(None, description="lead name of each row, e.g. I, II, aVR, V1")
-    signal: list[list[float]] | None = Field(None, description="leads x samples, mV")
-    data: str | None = Field(None, description="base64 of a little-endian (leads, samples) array")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ECG_FORMS)
+    fs: Hertz | None = Field(None, description="sampling rate in Hz (signal / data forms)")
+    leads: list[LeadName] | None = Field(
+        None, min_length=1, max_length=12, description="lead name of each row, e.g. I, II, aVR, V1"
+    )
+    signal: list[Annotated[list[float], Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=12, description="leads x samples, mV: one row per entry of `leads`"
+    )
+    data: Base64 | None = Field(
+        None,
+        description="base64 of a little-endian (leads, samples) array: shape[0] x shape[1] x 4 (float32) or "
+        "x 2 (float16) bytes",
+    )  # fmt: skip
     dtype: Literal["float32", "float16"] | None = None
-    shape: list[int] | None = Field(None, description="[leads, samples] of `data`")
+    shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=2, max_length=2, description="[leads, samples] of `data`; leads = len(leads)"
+    )
     wfdb: WFDBIn | None = None
 
     @model_validator(mode="after")
@@ -87,41 +134,65 @@ class ECGIn(_Strict):
 
 class SupportItem(_Strict):
     ecg: ECGIn
-    question: str = Field(min_length=1, max_length=1000)
-    answer: list[str] | str = Field(description="ECG-QA answer: a set of strings, or one string")
+    question: Text
+    answer: Annotated[list[Text], Field(min_length=1)] | Text = Field(
+        description="ECG-QA answer: a set of strings, or one string"
+    )
 
 
 class AdaptRequest(_Strict):
     support: list[SupportItem] = Field(min_length=1)
 
 
-class AnswerRequest(_Strict):
-    """Query ECG(s) + one question, answered with exactly one of adapter_id, support or zero_shot."""
+_MODES = {"oneOf": [
+    {"required": ["adapter_id"]},
+    {"required": ["support"]},
+    {"required": ["zero_shot"], "properties": {"zero_shot": {"const": True}}},
+]}  # fmt: skip
 
-    question: str = Field(min_length=1, max_length=1000)
+
+class AnswerRequest(_Strict):
+    """Query ECG(s) + one question, answered with exactly one of adapter_id, support or zero_shot (or the
+    adapter named in the serve_multiplexed_model_id header). Options are distinct (letter case ignored)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_MODES)
+    question: Text
     ecgs: list[ECGIn] = Field(min_length=1)
-    options: list[str] | None = Field(None, description="admissible answers, scored one by one")
+    options: list[Text] | None = Field(
+        None, min_length=1, description="admissible answers, scored one by one"
+    )
     template_id: int | None = Field(None, description="ECG-QA template: its admissible answers are scored")
-    adapter_id: str | None = Field(None, min_length=1, max_length=128)
+    adapter_id: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description="returned by /v1/adapt")
     support: list[SupportItem] | None = Field(None, min_length=1)
     zero_shot: bool = Field(False, description="answer with the meta-learned weights, no adaptation")
 
-    @model_validator(mode="after")
-    def _one_mode(self) -> AnswerRequest:
-        modes = [m for m, on in (("adapter_id", self.adapter_id is not None),
-                                 ("support", self.support is not None),
-                                 ("zero_shot", self.zero_shot)) if on]  # fmt: skip
-        if len(modes) != 1:
-            raise ValueError(
-                f"expected exactly one of adapter_id, support or zero_shot=true, got {modes or 'none'}"
+
+def answer_mode(req: AnswerRequest, header_id: str | None) -> str:
+    """adapter_id | support | zero_shot: exactly one, the adapter named in the body or the multiplexed-model
+    header (both: the same id)."""
+    if header_id:
+        if not re.match(ADAPTER_ID_PATTERN, header_id):
+            raise PayloadError(MULTIPLEX_HEADER, f"{header_id[:80]!r}: expected 'ad-' and 32 hex digits")
+        if req.adapter_id is not None and req.adapter_id != header_id:
+            raise PayloadError(
+                "adapter_id", f"{req.adapter_id} but the {MULTIPLEX_HEADER} header names {header_id}"
             )
-        return self
+    modes = [m for m, on in (("adapter_id", req.adapter_id is not None or bool(header_id)),
+                             ("support", req.support is not None),
+                             ("zero_shot", req.zero_shot)) if on]  # fmt: skip
+    if len(modes) != 1:
+        raise PayloadError(
+            "body", f"expected exactly one of adapter_id, support or zero_shot=true, got {modes or 'none'}"
+        )
+    return modes[0]
 
 
 # --------------------------------------------------------------------------------------- size limits
 def check_limits(req: AdaptRequest | AnswerRequest, cfg: ServeConfig) -> None:
     """Counts the configured limits allow (support size, queries, options)."""
     support = req.support or []
+    if isinstance(req, AnswerRequest) and not req.question.strip():
+        raise PayloadError("question", "blank; expected the question text")
     if len(support) > cfg.max_support:
         raise PayloadError(
             "support", f"{len(support)} items; at most serve.max_support={cfg.max_support}", 413

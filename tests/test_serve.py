@@ -68,7 +68,7 @@ def engine(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, checkpoint):
+def url(ray_session, checkpoint, tmp_path_factory):
     from ray import serve
 
     from ecgray.config import ServeConfig
@@ -76,7 +76,8 @@ def url(ray_session, checkpoint):
 
     port = free_port()
     cfg = ServeConfig(checkpoint=str(checkpoint), port=port, max_batch_size=8, batch_wait_timeout_s=0.05,
-                      max_payload_mb=1.0, max_support=16, max_queries=4, max_duration_s=30.0)  # fmt: skip
+                      max_payload_mb=1.0, max_support=16, max_queries=4, max_duration_s=30.0,
+                      adapter_store=str(tmp_path_factory.mktemp("adapters")))  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeArgs(serve=cfg)), name="ecgray-test", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -123,12 +124,12 @@ def info(url: str) -> dict:
 
 def test_adapt_then_answer_matches_the_library(url, engine):
     support = support_set()
-    before = info(url)["counters"]
+    before = info(url)["adaptation_replica"]
     r = post(url, "/v1/adapt", {"support": support})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["adapted"] is True and body["support_size"] == 6 and body["adapter_id"].startswith("ad-")
-    after = info(url)["counters"]
+    after = info(url)["adaptation_replica"]
     assert after["adaptations"] == before["adaptations"] + 1
     r = post(url, "/v1/answer", {"question": QUESTION, "ecgs": [ecg(1), ecg(2)], "adapter_id": body["adapter_id"],
                                  "options": ["yes", "no"]})  # fmt: skip
@@ -161,16 +162,16 @@ def test_adapt_then_answer_matches_the_library(url, engine):
 def test_cache_hit_skips_the_inner_loop(url):
     support = support_set(offset=50)
     first = post(url, "/v1/adapt", {"support": support}).json()
-    counters = info(url)["counters"]
+    counters = info(url)["adaptation_replica"]
     # the same support set in another order, inline with a question: same id, no inner loop
     r = post(url, "/v1/answer", {"question": QUESTION, "ecgs": [ecg(3)], "support": support[::-1]})
     assert r.status_code == 200, r.text
     assert r.json()["adapter_id"] == first["adapter_id"] and r.json()["adapted"] is False
     again = post(url, "/v1/adapt", {"support": support}).json()
     assert again == {**first, "adapted": False}
-    now = info(url)["counters"]
+    now = info(url)["adaptation_replica"]
     assert now["adaptations"] == counters["adaptations"]
-    assert now["adapter_cache_hits"] == counters["adapter_cache_hits"] + 2
+    assert now["store_hits"] == counters["store_hits"] + 2
     # one changed answer is another task
     changed = [dict(support[0], answer=["yes"])] + support[1:]
     assert post(url, "/v1/adapt", {"support": changed}).json()["adapted"] is True
@@ -192,7 +193,7 @@ def test_batching_returns_each_answer_to_its_own_request(url, engine):
         assert got["scores"]["yes"] == pytest.approx(want["scores"]["yes"], abs=1e-4)
         assert got["scores"]["no"] == pytest.approx(want["scores"]["no"], abs=1e-4)
     assert max(r.json()["answers"][0]["batch_size"] for r in responses) > 1
-    assert info(url)["counters"]["max_batch"] > 1
+    assert info(url)["answer_replica"]["max_batch"] > 1
 
 
 def test_wfdb_upload_and_errors(url, tmp_path):
@@ -221,7 +222,9 @@ def test_wfdb_upload_and_errors(url, tmp_path):
     r = httpx.post(f"{url}/v1/answer/upload", files={"hea": ("rec.hea", hea)}, data=data, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == "dat"
     r = post(url, "/v1/answer", {"question": QUESTION, "ecgs": [ecg(1)], "adapter_id": "ad-unknown"})
-    assert r.status_code == 404 and r.json()["field"] == "adapter_id"
+    assert r.status_code == 422 and r.json()["field"] == "adapter_id"  # not an adapter id at all
+    r = post(url, "/v1/answer", {"question": QUESTION, "ecgs": [ecg(1)], "adapter_id": "ad-" + "0" * 32})
+    assert r.status_code == 404 and r.json()["field"] == "adapter_id" and "/v1/adapt" in r.json()["message"]
     big = b"[" + b"0," * 600_000 + b"0]"
     r = httpx.post(f"{url}/v1/adapt", content=big, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "max_payload_mb" in r.json()["message"]
@@ -374,6 +377,9 @@ def test_ask_cli_and_client(url, tmp_path, capsys):
         again = client.answer([wfdb_payload(query)], QUESTION, adapter_id=adapter, options=["yes", "no"])
         assert again["answers"][0]["scores"] == pytest.approx(out["answers"][0]["scores"], abs=1e-5)
         with pytest.raises(ServiceError) as info:
-            client.answer([wfdb_payload(query)], QUESTION, adapter_id="ad-nope")
+            client.answer([wfdb_payload(query)], QUESTION, adapter_id="ad-" + "1" * 32)
         assert info.value.status == 404
-    assert main(["ask", "--url", url, "--adapter-id", "ad-nope", "--ecg", str(query), "--question", "q"]) == 1
+    assert (
+        main(["ask", "--url", url, "--adapter-id", "ad-" + "1" * 32, "--ecg", str(query), "--question", "q"])
+        == 1
+    )

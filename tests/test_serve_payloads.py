@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ from pydantic import ValidationError
 from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
 from ecgray.data.signals import to_canonical
 from serve.app import BodyLimit, _multipart, _validation_errors
-from serve.engine import DEFAULT_TEMPLATE_ANSWERS, AdapterCache, read_template_answers
+from serve.engine import DEFAULT_TEMPLATE_ANSWERS, read_template_answers
 from serve.payloads import (
     AdaptRequest,
     AnswerRequest,
     ECGIn,
     PayloadError,
     adapter_id,
+    answer_mode,
     canonical_ecg,
     canonical_support,
     check_limits,
@@ -148,9 +150,24 @@ def test_ecg_form_rules_are_schema_errors():
 def test_answer_request_modes_and_limits():
     ecg = json_ecg(record())
     base = {"question": "does this ecg show baseline drift?", "ecgs": [ecg]}
-    for modes in ({}, {"adapter_id": "x", "zero_shot": True}):
-        with pytest.raises(ValidationError, match="exactly one of adapter_id, support or zero_shot"):
-            AnswerRequest.model_validate({**base, **modes})
+    key = "ad-" + "0" * 32
+    for modes, header in (
+        ({}, None),
+        ({"adapter_id": key, "zero_shot": True}, None),
+        ({"zero_shot": True}, key),
+    ):
+        with pytest.raises(PayloadError, match="exactly one of adapter_id, support or zero_shot"):
+            answer_mode(AnswerRequest.model_validate({**base, **modes}), header)
+    assert answer_mode(AnswerRequest.model_validate(base), key) == "adapter_id"  # the header alone
+    assert answer_mode(AnswerRequest.model_validate({**base, "adapter_id": key}), key) == "adapter_id"
+    with pytest.raises(PayloadError, match="header names") as info:
+        answer_mode(AnswerRequest.model_validate({**base, "adapter_id": key}), "ad-" + "1" * 32)
+    assert info.value.field == "adapter_id"
+    with pytest.raises(PayloadError) as info:
+        answer_mode(AnswerRequest.model_validate(base), "model-7")
+    assert info.value.field == "serve_multiplexed_model_id"
+    with pytest.raises(ValidationError, match="pattern"):
+        AnswerRequest.model_validate({**base, "adapter_id": "ad-unknown"})
     req = AnswerRequest.model_validate({**base, "zero_shot": True, "ecgs": [ecg] * 3})
     with pytest.raises(PayloadError, match="at most serve.max_queries=2"):
         check_limits(req, LIMITS)
@@ -194,17 +211,46 @@ def test_adapter_id_is_a_content_hash_of_the_support_set():
     assert adapter_id(a, "m") == adapter_id(b, "m")
 
 
-def test_adapter_cache_is_lru_capped_by_bytes():
-    weights = lambda: {"w": torch.zeros(256)}  # 1,024 bytes  # noqa: E731
-    cache = AdapterCache(max_bytes=2500)
-    cache.put("a", weights())
-    cache.put("b", weights())
-    assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", weights())
-    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    assert cache.bytes == 2048 and cache.evictions == 1
-    with pytest.raises(ValueError, match="does not fit"):
-        cache.put("big", {"w": torch.zeros(1000)})
+def test_adapter_store_round_trip_and_refusals(tmp_path):
+    import pickle
+
+    from serve.adapters import AdapterNotFound, AdapterStore
+
+    key = "ad-" + "ab" * 16
+    weights = {"mapper.w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "mapper.b": torch.ones(2)}
+    for location in (str(tmp_path / "local"), f"file://{tmp_path}/uri"):
+        store = AdapterStore(location)
+        assert not store.exists(key)
+        store.save(key, weights, "model-1")
+        assert store.exists(key)
+        loaded = store.load(key, "model-1")
+        assert set(loaded) == set(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
+        assert not [p for p in Path(store.root).iterdir() if p.name.endswith(".tmp")]  # moved into place
+        with pytest.raises(ValueError, match="adapted for model 'model-1'"):
+            store.load(key, "model-2")
+        with pytest.raises(AdapterNotFound):
+            store.load("ad-" + "0" * 32, "model-1")
+        for bad in ("../../etc/passwd", "ad-XYZ", "ad-" + "0" * 31 + "/"):
+            with pytest.raises(ValueError, match="expected 'ad-' and 32 hex digits"):
+                store.exists(bad)
+    # safetensors on disk: no pickle anywhere
+    raw = (tmp_path / "local" / f"{key}.safetensors").read_bytes()
+    with pytest.raises(pickle.UnpicklingError):
+        pickle.loads(raw)
+    # a PayloadError raised in a replica crosses the process boundary intact
+    err = pickle.loads(pickle.dumps(PayloadError("adapter_id", "unknown", 404)))
+    assert (err.field, err.message, err.status) == ("adapter_id", "unknown", 404)
+
+
+def test_adapters_per_replica_follow_the_memory_cap():
+    from types import SimpleNamespace
+
+    from serve.engine import adapters_per_replica
+
+    engine = SimpleNamespace(adapter_bytes=2**20, cfg=SimpleNamespace(model=SimpleNamespace(llm="x")))
+    assert adapters_per_replica(engine, ServeConfig(adapter_cache_mb=10.5)) == 10
+    with pytest.raises(ValueError, match="cannot hold one adapter"):
+        adapters_per_replica(engine, ServeConfig(adapter_cache_mb=0.5))
 
 
 def test_template_answers_table():
@@ -290,10 +336,8 @@ def test_serve_and_ask_help_and_config_yaml():
     app = deploy["applications"][0]
     assert app["import_path"] == "serve.app:build_app" and deploy["http_options"]["host"] == "127.0.0.1"
     args = ServeArgs.model_validate(app["args"])
-    options = app["deployments"][0]
-    assert options["max_ongoing_requests"] >= args.serve.max_batch_size
-    assert options["ray_actor_options"]["num_cpus"] == args.replica_cpus
-    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
+    assert deploy["proxy_location"] == "EveryNode" and "deployments" not in app  # one place: ServeConfig
+    assert args.serve.max_replicas > args.serve.min_replicas and args.serve.adapter_max_replicas >= 1
     with pytest.raises(ValidationError):
         ServeArgs.model_validate({"serve": {"max_batch": 3}})
 
@@ -303,3 +347,104 @@ def test_serve_cli_refuses_model_overrides_before_starting_ray(capsys):
 
     assert main(["serve", "--checkpoint", "ckpt", "--set", "model.llm=tiny-llama"]) == 2
     assert "only serve.* keys apply" in capsys.readouterr().err
+
+
+def test_openapi_schema_states_what_validation_enforces(tmp_path):
+    """Every body the schema admits here is served, and bodies validation refuses for a rule the schema can
+    state (lead names, base64, sampling rate, one ECG form, one answer mode, the limits, template ids) are
+    refused by the schema too: a schema-driven client generates only requests the service accepts."""
+    import jsonschema
+
+    from serve.app import openapi_with_limits
+
+    templates = read_template_answers(DEFAULT_TEMPLATE_ANSWERS)
+    schema = openapi_with_limits(LIMITS, list(templates))
+    components = schema["components"]
+
+    def validator(name: str):
+        return jsonschema.Draft202012Validator(
+            {"$ref": f"#/components/schemas/{name}", "components": components}
+        )
+
+    answer, adapt = validator("AnswerRequest"), validator("AdaptRequest")
+    ecg = json_ecg(record())
+    key = "ad-" + "0" * 32
+    good = [
+        {"question": "q?", "ecgs": [ecg], "zero_shot": True, "options": ["yes", "no"]},
+        {"question": "q?", "ecgs": [b64_ecg(record())], "adapter_id": key, "template_id": 2},
+        {"question": "q?", "ecgs": [wfdb_ecg(record(), tmp_path)], "support": [{"ecg": ecg, "question": "q?", "answer": "yes"}]},
+        {"question": "q?", "ecgs": [json_ecg(record()[:2], ["i", "AVR"])], "zero_shot": True},
+    ]  # fmt: skip
+    for body in good:
+        assert answer.is_valid(body), list(answer.iter_errors(body))[:2]
+        req = AnswerRequest.model_validate(body)  # and the service takes it
+        check_limits(req, LIMITS)
+        answer_mode(req, None)
+        for i, e in enumerate(req.ecgs):
+            canonical_ecg(e, f"ecgs[{i}]", LIMITS, DATA)
+    bad = [
+        {"question": "q?", "ecgs": [json_ecg(record()[:2], ["I", "foo"])], "zero_shot": True},  # lead name
+        {"question": "q?", "ecgs": [{**b64_ecg(record()), "data": "@@@"}], "zero_shot": True},  # base64
+        {"question": "q?", "ecgs": [json_ecg(record(), fs=1e9)], "zero_shot": True},  # sampling rate
+        {"question": "q?", "ecgs": [{**ecg, "dtype": "float32"}], "zero_shot": True},  # dtype with signal
+        {"question": "q?", "ecgs": [{"fs": 100, "leads": ["I"]}], "zero_shot": True},  # no form
+        {"question": "q?", "ecgs": [ecg], "zero_shot": True, "adapter_id": key},  # two modes
+        {"question": "q?", "ecgs": [ecg]},  # no mode
+        {"question": "q?", "ecgs": [ecg], "adapter_id": "ad-unknown"},  # not an adapter id
+        {"question": "q?", "ecgs": [ecg] * 3, "zero_shot": True},  # > max_queries
+        {"question": "q?", "ecgs": [ecg], "zero_shot": True, "template_id": 999},  # unknown template
+        {"question": " ", "ecgs": [ecg], "zero_shot": True},  # blank question
+        {"question": "q?", "ecgs": [ecg], "zero_shot": True, "options": []},
+        {"question": "q?", "ecgs": [{**b64_ecg(record()), "shape": [12]}], "zero_shot": True},
+    ]  # fmt: skip
+    for body in bad:
+        assert not answer.is_valid(body), body
+        with pytest.raises((ValidationError, PayloadError)):
+            req = AnswerRequest.model_validate(body)
+            check_limits(req, LIMITS)
+            answer_mode(req, None)
+            if req.template_id is not None and req.template_id not in templates:  # the ingress's check
+                raise PayloadError("template_id", "unknown template")
+            for i, e in enumerate(req.ecgs):
+                canonical_ecg(e, f"ecgs[{i}]", LIMITS, DATA)
+    item = {"ecg": ecg, "question": "q?", "answer": ["yes"]}
+    assert adapt.is_valid({"support": [item] * 4})
+    for body in ({"support": [item] * 5}, {"support": []}, {"support": [{**item, "answer": [" "]}]}):
+        assert not adapt.is_valid(body), body
+
+
+def test_serve_cli_replica_flags_are_checked_before_starting_ray(capsys, tmp_path):
+    import argparse
+
+    from ecgray.cli import main
+    from serve.app import add_arguments, required_cpus, serve_config
+
+    assert main(["serve", "--checkpoint", "ckpt", "--replicas", "2", "--min-replicas", "1"]) == 2
+    assert "--replicas N is a fixed count" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "ckpt", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+    assert "expected 1 <= min <= max" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "ck", "--replicas", "3", "--adapter-store", "s3://b/a",
+                              "--replica-cpus", "0.5", "--gpu", "--set", "serve.adapter_max_replicas=2"])  # fmt: skip
+    cfg = serve_config(args)
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.adapter_store, cfg.use_gpu) == (3, 3, "s3://b/a", True)
+    assert required_cpus(cfg) == (3 + 2) * 0.5
+
+
+def test_build_app_options(tmp_path):
+    from serve.app import ServeArgs, build_app
+
+    cfg = ServeConfig(checkpoint="ckpt", adapter_store="adapters", min_replicas=1, max_replicas=3,
+                      use_gpu=True, replica_cpus=2, max_queued_requests=9, adapter_max_queued_requests=2)  # fmt: skip
+    app = build_app(ServeArgs(serve=cfg))
+    ingress = app._bound_deployment
+    adaptation, answering = ingress.init_args[1], ingress.init_args[2]
+    plain = ingress.init_args[0]["serve"]
+    assert Path(plain["checkpoint"]).is_absolute() and Path(plain["adapter_store"]).is_absolute()
+    a, b = answering._bound_deployment, adaptation._bound_deployment
+    assert (a.name, b.name, ingress.name) == ("Answering", "Adaptation", "ECGQAService")
+    assert a.ray_actor_options == {"num_cpus": 2, "num_gpus": 1} == b.ray_actor_options
+    assert a._deployment_config.autoscaling_config.max_replicas == 3 and b.num_replicas == 1
+    assert a.max_queued_requests == 9 and b.max_queued_requests == 2
+    assert ingress.ray_actor_options["num_cpus"] == 0

@@ -65,13 +65,22 @@ def save_checkpoint(
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     """(mapper state, typed Config) from a checkpoint directory; nothing is unpickled."""
-    import yaml
     from safetensors.torch import load_file
 
     directory = Path(directory)
     for name in (MAPPER_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint {directory}: {name} is missing")
+    return load_file(str(directory / MAPPER_FILE)), load_checkpoint_config(directory)
+
+
+def load_checkpoint_config(directory: str | Path) -> Config:
+    """The typed Config a checkpoint was trained with (its config.yaml), without reading the tensors."""
+    import yaml
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {directory}: {CONFIG_FILE} is missing")
     try:
         tree = yaml.safe_load((directory / CONFIG_FILE).read_text())
     except yaml.YAMLError as err:
@@ -80,7 +89,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Con
         cfg = from_dict(tree or {})
     except ConfigError as err:
         raise ConfigError(f"checkpoint {directory}/{CONFIG_FILE}: {err}") from None
-    return load_file(str(directory / MAPPER_FILE)), cfg
+    return cfg
 
 
 def load_splits(directory: str | Path) -> dict | None:
