@@ -45,8 +45,9 @@ from serve.payloads import (
     PayloadError,
     adapter_id,
     answer_mode,
-    canonical_ecg,
+    canonical_item,
     canonical_support,
+    check_kinds,
     check_limits,
 )
 
@@ -211,7 +212,8 @@ def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None
     schema = api.openapi()
     models = schema["components"]["schemas"]
     answer, adapt = models["AnswerRequest"]["properties"], models["AdaptRequest"]["properties"]
-    answer["ecgs"]["maxItems"] = cfg.max_queries
+    array(answer["ecgs"])["maxItems"] = cfg.max_queries
+    array(answer["ecg_pairs"])["maxItems"] = cfg.max_queries
     array(answer["options"])["maxItems"] = cfg.max_options
     array(answer["support"])["maxItems"] = cfg.max_support
     adapt["support"]["maxItems"] = cfg.max_support
@@ -227,6 +229,14 @@ def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None
         )
     )
     return schema
+
+
+def comparison_templates() -> set[int]:
+    """ECG-QA's comparison templates (two ECGs per sample): their queries are pairs."""
+    from ecgray.config import COMPARISON_TYPES
+    from ecgray.synth.ecgqa import TEMPLATES
+
+    return {tid for tid, (qtype, _, _) in TEMPLATES.items() if qtype in COMPARISON_TYPES}
 
 
 # ------------------------------------------------------------------------------------------ deployments
@@ -416,6 +426,7 @@ class ECGQAService:
         api.state.max_body_bytes = int(cfg.max_payload_mb * 2**20)
         self.data_cfg = load_checkpoint_config(cfg.checkpoint).data
         self.templates = read_template_answers(cfg.template_answers or DEFAULT_TEMPLATE_ANSWERS)
+        self.comparison_templates = comparison_templates()
         self.adaptation, self.answering = adaptation, answering
         openapi_with_limits(cfg, list(self.templates), self.data_cfg)
         # as many batches in flight as there can be answer replicas to take them
@@ -426,9 +437,12 @@ class ECGQAService:
         self.started = time.time()
 
     # -------------------------------------------------------------------------------------- helpers
-    async def _canonical_ecgs(self, ecgs) -> list:
+    async def _canonical_queries(self, req: AnswerRequest) -> list:
+        field = req.query_field
         return await asyncio.to_thread(
-            lambda: [canonical_ecg(e, f"ecgs[{i}]", self.cfg, self.data_cfg) for i, e in enumerate(ecgs)]
+            lambda: [
+                canonical_item(e, f"{field}[{i}]", self.cfg, self.data_cfg) for i, e in enumerate(req.queries)
+            ]
         )
 
     async def _adapt(self, items, field: str = "support") -> tuple[dict, int]:
@@ -469,15 +483,16 @@ class ECGQAService:
         await asyncio.gather(*(run(key, index) for key, index in groups.items()))
         return out
 
-    async def _answer(self, req: AnswerRequest, ecgs: list) -> dict:
+    async def _answer(self, req: AnswerRequest) -> dict:
         check_limits(req, self.cfg)
+        check_kinds(req, self.comparison_templates)
         mode = answer_mode(req, serve.get_multiplexed_model_id())
         options, source = self._options(req)
         adapted, key = False, req.adapter_id or serve.get_multiplexed_model_id() or None
         if mode == "support":
             out, _ = await self._adapt(req.support)
             key, adapted = out["adapter_id"], out["adapted"]
-        queries = await self._canonical_ecgs(ecgs)
+        queries = await self._canonical_queries(req)
         answers = await asyncio.gather(
             *(self._answer_batch((key or "", ecg, req.question, options)) for ecg in queries)
         )
@@ -516,6 +531,7 @@ class ECGQAService:
     async def adapt(self, req: AdaptRequest) -> dict:
         """Run the inner loop on a support set once; answer later with the returned adapter_id."""
         check_limits(req, self.cfg)
+        check_kinds(req, self.comparison_templates)
         out, size = await self._adapt(req.support)
         return {**out, "support_size": size}
 
@@ -528,7 +544,7 @@ class ECGQAService:
     )  # fmt: skip
     async def answer(self, req: AnswerRequest) -> dict:
         """Answer the question for each ECG in `ecgs`."""
-        return await self._answer(req, req.ecgs)
+        return await self._answer(req)
 
     @api.post(
         "/v1/answer/upload",
@@ -565,7 +581,7 @@ class ECGQAService:
         except ValidationError as err:
             _, errors = _validation_errors(err.errors())
             raise PayloadError(errors[0]["field"], errors[0]["message"]) from None
-        return await self._answer(req, req.ecgs)
+        return await self._answer(req)
 
 
 # ----------------------------------------------------------------------------------------- application

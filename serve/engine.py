@@ -37,7 +37,8 @@ DEFAULT_TEMPLATE_ANSWERS = (
 
 @dataclass
 class Query:
-    ecg: Canonical
+    ecg: Canonical | tuple[Canonical, Canonical]
+    """One ECG, or a comparison question's pair (first, second)."""
     question: str
     options: list[str] | None
     fast_weights: Params | None
@@ -98,10 +99,16 @@ class QAEngine:
         self.adapter_bytes = params_bytes(dict(mapper.named_parameters()))
 
     # ------------------------------------------------------------------------------------------- encode
-    def _encode(self, lm, ecgs: list[Canonical]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.stack([e.signal for e in ecgs])).to(self.device)  # (B, 12, T)
-        mask = torch.from_numpy(np.stack([e.lead_mask for e in ecgs])).to(self.device)  # (B, 12)
+    def _encode(self, lm, ecgs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canonical ECGs -> pooled (B, D_enc), tokens (B, N, D_enc); pairs (all items pairs) -> (B, 2, D_enc),
+        (B, 2, N, D_enc), both ECGs of all pairs in one encoder pass."""
+        pairs = isinstance(ecgs[0], tuple)
+        flat = [e for pair in ecgs for e in pair] if pairs else ecgs
+        x = torch.from_numpy(np.stack([e.signal for e in flat])).to(self.device)  # (B, 12, T)
+        mask = torch.from_numpy(np.stack([e.lead_mask for e in flat])).to(self.device)  # (B, 12)
         tokens, pooled = lm.encode(x, mask)
+        if pairs:
+            return pooled.unflatten(0, (len(ecgs), 2)), tokens.unflatten(0, (len(ecgs), 2))
         return pooled, tokens
 
     # -------------------------------------------------------------------------------------------- adapt
@@ -122,7 +129,18 @@ class QAEngine:
     @torch.no_grad()
     def answer(self, queries: list[Query]) -> list[dict]:
         """Answer a batch: one encoder pass, one mapper call per distinct fast-weight set, one LLM pass for
-        the option-scored rows and one greedy decode for the rest."""
+        the option-scored rows and one greedy decode for the rest -- per kind (one ECG, or pairs: their
+        prefixes differ in width)."""
+        kinds: dict[bool, list[int]] = {}
+        for i, q in enumerate(queries):
+            kinds.setdefault(isinstance(q.ecg, tuple), []).append(i)
+        results: list[dict] = [{} for _ in queries]
+        for index in kinds.values():
+            for i, result in zip(index, self._answer_kind([queries[i] for i in index]), strict=True):
+                results[i] = result
+        return results
+
+    def _answer_kind(self, queries: list[Query]) -> list[dict]:
         lm = self.lm
         pooled, tokens = self._encode(lm, [q.ecg for q in queries])
         groups: dict[int, list[int]] = {}

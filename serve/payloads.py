@@ -132,12 +132,26 @@ class ECGIn(_Strict):
         return self
 
 
+Pair = Annotated[list[ECGIn], Field(min_length=2, max_length=2, description="first ECG, then second")]
+
+
 class SupportItem(_Strict):
-    ecg: ECGIn
+    """One labelled example: `ecg`, or `ecg_pair` (first, second) for a comparison question."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["ecg"]},
+                                                                           {"required": ["ecg_pair"]}]})  # fmt: skip
+    ecg: ECGIn | None = None
+    ecg_pair: Pair | None = None
     question: Text
     answer: Annotated[list[Text], Field(min_length=1)] | Text = Field(
         description="ECG-QA answer: a set of strings, or one string"
     )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SupportItem:
+        if (self.ecg is None) == (self.ecg_pair is None):
+            raise ValueError("expected exactly one of ecg or ecg_pair (two ECGs: a comparison question)")
+        return self
 
 
 class AdaptRequest(_Strict):
@@ -155,9 +169,13 @@ class AnswerRequest(_Strict):
     """Query ECG(s) + one question, answered with exactly one of adapter_id, support or zero_shot (or the
     adapter named in the serve_multiplexed_model_id header). Options are distinct (letter case ignored)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_MODES)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        _MODES, {"oneOf": [{"required": ["ecgs"]}, {"required": ["ecg_pairs"]}]}]})  # fmt: skip
     question: Text
-    ecgs: list[ECGIn] = Field(min_length=1)
+    ecgs: list[ECGIn] | None = Field(None, min_length=1, description="query ECGs, one answer each")
+    ecg_pairs: list[Pair] | None = Field(
+        None, min_length=1, description="a comparison question's queries: two ECGs each (first, second)"
+    )
     options: list[Text] | None = Field(
         None, min_length=1, description="admissible answers, scored one by one"
     )
@@ -165,6 +183,52 @@ class AnswerRequest(_Strict):
     adapter_id: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description="returned by /v1/adapt")
     support: list[SupportItem] | None = Field(None, min_length=1)
     zero_shot: bool = Field(False, description="answer with the meta-learned weights, no adaptation")
+
+    @model_validator(mode="after")
+    def _one_query_form(self) -> AnswerRequest:
+        if (self.ecgs is None) == (self.ecg_pairs is None):
+            raise ValueError(
+                "expected exactly one of ecgs or ecg_pairs (two ECGs each: a comparison question)"
+            )
+        return self
+
+    @property
+    def queries(self) -> list:
+        """The query items: ECGs, or pairs of them."""
+        return self.ecgs if self.ecgs is not None else self.ecg_pairs
+
+    @property
+    def query_field(self) -> str:
+        return "ecgs" if self.ecgs is not None else "ecg_pairs"
+
+
+def check_kinds(req: AdaptRequest | AnswerRequest, comparison_templates: set[int]) -> None:
+    """One ECG per item or two (a comparison question), alike across a request: its support items, its
+    queries, and its template (a comparison template needs pairs)."""
+    support = req.support or []
+    kinds = {"pair" if item.ecg_pair is not None else "single" for item in support}
+    if len(kinds) > 1:
+        first = next(
+            i
+            for i, item in enumerate(support)
+            if (item.ecg_pair is not None) != (support[0].ecg_pair is not None)
+        )
+        raise PayloadError(f"support[{first}]", "a support set is all `ecg` items or all `ecg_pair` items")
+    if not isinstance(req, AnswerRequest):
+        return
+    pair = req.ecg_pairs is not None
+    if req.template_id in comparison_templates and not pair:
+        raise PayloadError(
+            "ecgs", f"template {req.template_id} is a comparison question: send `ecg_pairs`, two ECGs per "
+            "query (first, second)",
+        )  # fmt: skip
+    if req.template_id is not None and req.template_id not in comparison_templates and pair:
+        raise PayloadError("ecg_pairs", f"template {req.template_id} asks about one ECG: send `ecgs`")
+    if kinds and (kinds == {"pair"}) != pair:
+        raise PayloadError(
+            req.query_field, f"the support items have {'two ECGs' if kinds == {'pair'} else 'one ECG'} each; "
+            f"the queries must too ({'ecg_pairs' if kinds == {'pair'} else 'ecgs'})",
+        )  # fmt: skip
 
 
 def answer_mode(req: AnswerRequest, header_id: str | None) -> str:
@@ -198,9 +262,11 @@ def check_limits(req: AdaptRequest | AnswerRequest, cfg: ServeConfig) -> None:
             "support", f"{len(support)} items; at most serve.max_support={cfg.max_support}", 413
         )
     if isinstance(req, AnswerRequest):
-        if len(req.ecgs) > cfg.max_queries:
+        if len(req.queries) > cfg.max_queries:
             raise PayloadError(
-                "ecgs", f"{len(req.ecgs)} ECGs; at most serve.max_queries={cfg.max_queries}", 413
+                req.query_field,
+                f"{len(req.queries)} queries; at most serve.max_queries={cfg.max_queries}",
+                413,
             )
         if req.options is not None:
             if not 1 <= len(req.options) <= cfg.max_options:
@@ -366,14 +432,16 @@ def normalise_answer(answer: list[str] | str) -> list[str]:
 class SupportSample:
     """One canonicalised support item."""
 
-    ecg: Canonical
+    ecg: Canonical | tuple[Canonical, Canonical]
+    """One ECG, or a comparison question's pair (first, second)."""
     question: str
     answer: list[str]
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.ecg.signal, dtype="<f4").tobytes())
-        h.update(self.ecg.lead_mask.astype(np.uint8).tobytes())
+        for ecg in self.ecg if isinstance(self.ecg, tuple) else (self.ecg,):  # a pair: both, in order
+            h.update(np.ascontiguousarray(ecg.signal, dtype="<f4").tobytes())
+            h.update(ecg.lead_mask.astype(np.uint8).tobytes())
         h.update(self.question.strip().lower().encode())
         h.update(b"\0" + "\x1f".join(self.answer).encode())
         return h.hexdigest()
@@ -384,11 +452,19 @@ def canonical_support(
 ) -> list[SupportSample]:
     """Canonicalise and sort by content (the support set is a set: its order never changes the adapter)."""
     out = [
-        SupportSample(canonical_ecg(item.ecg, f"{field}[{i}].ecg", cfg, data_cfg), item.question,
-                      normalise_answer(item.answer))
+        SupportSample(canonical_item(item.ecg if item.ecg is not None else item.ecg_pair,
+                                     f"{field}[{i}].{'ecg' if item.ecg is not None else 'ecg_pair'}", cfg, data_cfg),
+                      item.question, normalise_answer(item.answer))
         for i, item in enumerate(items)
     ]  # fmt: skip
     return sorted(out, key=SupportSample.digest)
+
+
+def canonical_item(item: ECGIn | list[ECGIn], where: str, cfg: ServeConfig, data_cfg: DataConfig):
+    """One ECG -> Canonical; a pair -> (first, second) Canonicals, each named by its index."""
+    if isinstance(item, list):
+        return tuple(canonical_ecg(e, f"{where}[{j}]", cfg, data_cfg) for j, e in enumerate(item))
+    return canonical_ecg(item, where, cfg, data_cfg)
 
 
 def adapter_id(support: list[SupportSample], model_id: str) -> str:

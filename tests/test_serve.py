@@ -383,3 +383,45 @@ def test_ask_cli_and_client(url, tmp_path, capsys):
         main(["ask", "--url", url, "--adapter-id", "ad-" + "1" * 32, "--ecg", str(query), "--question", "q"])
         == 1
     )
+
+
+def test_comparison_question_served_end_to_end(url, engine):
+    """Two ECGs per item for a comparison question: adapt on pairs, answer pairs, the same numbers as the
+    library; order matters; a one-ECG item for a comparison template and mixed support sets are 4xx."""
+    from ecgray.config import ServeConfig
+    from serve.app import comparison_templates
+    from serve.engine import DEFAULT_TEMPLATE_ANSWERS, Query, read_template_answers
+    from serve.payloads import AdaptRequest, AnswerRequest, canonical_item, canonical_support
+
+    table = read_template_answers(DEFAULT_TEMPLATE_ANSWERS)
+    tid = min(t for t in comparison_templates() if table[t] == ["no", "yes"])
+    q2 = "did the second ecg newly show symptoms of baseline drift compared to the first?"
+    support = [{"ecg_pair": [ecg(700 + 2 * i), ecg(701 + 2 * i)], "question": q2, "answer": ["yes" if i % 2 else "no"]}
+               for i in range(4)]  # fmt: skip
+    r = post(url, "/v1/adapt", {"support": support})
+    assert r.status_code == 200, r.text
+    key = r.json()["adapter_id"]
+    pairs = [[ecg(1), ecg(2)], [ecg(2), ecg(1)]]
+    r = post(url, "/v1/answer", {"question": q2, "ecg_pairs": pairs, "adapter_id": key, "template_id": tid})
+    assert r.status_code == 200, r.text
+    got = r.json()["answers"]
+    limits = ServeConfig(max_duration_s=30.0)
+    items = canonical_support(
+        AdaptRequest.model_validate({"support": support}).support, limits, engine.cfg.data
+    )
+    fast, _ = engine.adapt([(s.ecg, s.question, s.answer) for s in items])
+    req = AnswerRequest.model_validate({"question": q2, "ecg_pairs": pairs, "zero_shot": True})
+    want = engine.answer([Query(canonical_item(p, "q", limits, engine.cfg.data), q2, ["no", "yes"], fast)
+                          for p in req.ecg_pairs])  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g["answer"] == w["answer"]
+        for option in ("yes", "no"):
+            assert g["scores"][option] == pytest.approx(w["scores"][option], abs=1e-4)
+    assert got[0]["scores"] != got[1]["scores"]  # first / second are told apart
+    r = post(url, "/v1/answer", {"question": q2, "ecgs": [ecg(1)], "zero_shot": True, "template_id": tid})
+    assert r.status_code == 422 and r.json()["field"] == "ecgs" and "ecg_pairs" in r.json()["message"]
+    r = post(url, "/v1/answer", {"question": q2, "ecgs": [ecg(1)], "support": support})
+    assert r.status_code == 422 and r.json()["field"] == "ecgs"
+    mixed = support[:2] + [{"ecg": ecg(9), "question": q2, "answer": ["no"]}]
+    r = post(url, "/v1/adapt", {"support": mixed})
+    assert r.status_code == 422 and r.json()["field"].startswith("support[")

@@ -448,3 +448,47 @@ def test_build_app_options(tmp_path):
     assert a._deployment_config.autoscaling_config.max_replicas == 3 and b.num_replicas == 1
     assert a.max_queued_requests == 9 and b.max_queued_requests == 2
     assert ingress.ray_actor_options["num_cpus"] == 0
+
+
+def test_comparison_items_carry_two_ecgs_in_order():
+    from serve.payloads import SupportItem, canonical_item, check_kinds
+
+    a, b = json_ecg(record(1)), json_ecg(record(2))
+    item = {"question": "q?", "answer": "yes"}
+    with pytest.raises(ValidationError, match="exactly one of ecg or ecg_pair"):
+        SupportItem.model_validate({**item, "ecg": a, "ecg_pair": [a, b]})
+    with pytest.raises(ValidationError):
+        SupportItem.model_validate({**item, "ecg_pair": [a]})
+    pair = canonical_support(
+        AdaptRequest.model_validate({"support": [{**item, "ecg_pair": [a, b]}]}).support, LIMITS, DATA
+    )
+    swapped = canonical_support(
+        AdaptRequest.model_validate({"support": [{**item, "ecg_pair": [b, a]}]}).support, LIMITS, DATA
+    )
+    assert isinstance(pair[0].ecg, tuple) and len(pair[0].ecg) == 2
+    assert adapter_id(pair, "m") != adapter_id(swapped, "m")  # first and second are not a set
+    with pytest.raises(PayloadError) as info:
+        canonical_item(
+            [ECGIn.model_validate(a), ECGIn.model_validate({**b, "leads": ["foo"] * 12})],
+            "ecg_pairs[0]",
+            LIMITS,
+            DATA,
+        )
+    assert info.value.field.startswith("ecg_pairs[0][1]")
+    with pytest.raises(ValidationError, match="exactly one of ecgs or ecg_pairs"):
+        AnswerRequest.model_validate(
+            {"question": "q?", "ecgs": [a], "ecg_pairs": [[a, b]], "zero_shot": True}
+        )
+    comparison = {50}
+    for body, field in (
+        ({"question": "q?", "ecgs": [a], "zero_shot": True, "template_id": 50}, "ecgs"),
+        ({"question": "q?", "ecg_pairs": [[a, b]], "zero_shot": True, "template_id": 2}, "ecg_pairs"),
+        ({"question": "q?", "ecgs": [a], "support": [{**item, "ecg_pair": [a, b]}]}, "ecgs"),
+        ({"question": "q?", "ecg_pairs": [[a, b]], "support": [{**item, "ecg_pair": [a, b]}, {**item, "ecg": a}]},
+         "support[1]"),
+    ):  # fmt: skip
+        with pytest.raises(PayloadError) as info:
+            check_kinds(AnswerRequest.model_validate(body), comparison)
+        assert info.value.field == field, (body, info.value)
+    check_kinds(AnswerRequest.model_validate({"question": "q?", "ecg_pairs": [[a, b]], "zero_shot": True,
+                                              "template_id": 50}), comparison)  # fmt: skip
