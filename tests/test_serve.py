@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from tolerances import rounding_tolerance
 
 from ecgray.config import from_dict
 
@@ -413,10 +414,11 @@ def test_comparison_question_served_end_to_end(url, engine):
     req = AnswerRequest.model_validate({"question": q2, "ecg_pairs": pairs, "zero_shot": True})
     want = engine.answer([Query(canonical_item(p, "q", limits, engine.cfg.data), q2, ["no", "yes"], fast)
                           for p in req.ecg_pairs])  # fmt: skip
-    for g, w in zip(got, want, strict=True):
-        assert g["answer"] == w["answer"]
-        for option in ("yes", "no"):
-            assert g["scores"][option] == pytest.approx(w["scores"][option], abs=1e-4)
+    assert [g["answer"] for g in got] == [w["answer"] for w in want]
+    # the same math, batched differently: equal to rounding (the longest sum is the vocabulary's log-softmax)
+    ref = torch.tensor([[w["scores"][o] for o in ("yes", "no")] for w in want])
+    torch.testing.assert_close(torch.tensor([[g["scores"][o] for o in ("yes", "no")] for g in got]), ref,
+                               **rounding_tolerance(ref, 32_000))  # fmt: skip
     assert got[0]["scores"] != got[1]["scores"]  # first / second are told apart
     r = post(url, "/v1/answer", {"question": q2, "ecgs": [ecg(1)], "zero_shot": True, "template_id": tid})
     assert r.status_code == 422 and r.json()["field"] == "ecgs" and "ecg_pairs" in r.json()["message"]
