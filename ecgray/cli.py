@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ecgray.synth.cli", "generate the embedded synthetic PTB-XL + ECG-QA world"),
     "prepare": ("ecgray.data.prepare", "read WFDB records + ECG-QA once into Parquet shards (Ray Data)"),
+    "features": ("ecgray.data.features", "frozen-encoder features of every prepared ECG, once (Ray Data)"),
     "episodes": ("ecgray.data.episodes_cli", "print N-way K-shot episodes as JSON lines"),
     "pretrain-encoder": ("ecgray.train.pretrain_encoder", "pretrain the built-in ECG encoder"),
     "convert-encoder": (
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    from ecgray.logs import quiet_frameworks
+
+    quiet_frameworks()  # before Ray is imported: its workers inherit the quiet settings
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"ecgray {name}", description=help_text)
     module.add_arguments(parser)
@@ -65,11 +69,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Load the typed config from `--config` / `--set`; a ConfigError exits with its message."""
-    from ecgray.config import ConfigError, load_config
+    """Load the typed config from `--config` / `--set`, relative locations made absolute here (where the
+    command was launched); a ConfigError exits with its message."""
+    from ecgray.config import ConfigError, load_config, resolve_locations
 
     try:
-        return load_config(args.config, args.overrides)
+        return resolve_locations(load_config(args.config, args.overrides))
     except ConfigError as err:
         print(f"ecgray: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -338,7 +338,10 @@ class TrainConfig:
     """CPUs Ray reserves for each worker (also its torch thread count)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage: 0 = plain data parallel (all-reduce of the meta-gradients, DDP semantics),
-    1/2 = optimizer state / + gradients partitioned, 3 = + parameters (the frozen LLM too)."""
+    1/2 = the mapper's AdamW state / + its gradients partitioned across workers; the frozen LLM is replicated
+    on every worker. 3 is refused before training starts: every worker would load the full LLM before
+    DeepSpeed partitions it, and ranks make different numbers of LLM calls per step, so ZeRO-3's parameter
+    all-gathers desynchronise and hang."""
     max_failures: int = 3
     """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
     storage_path: str = "runs"
@@ -347,16 +350,24 @@ class TrainConfig:
     """Run name: checkpoints go to storage_path/name."""
     resume: bool = True
     """Resume from the run's latest checkpoint (step, mapper, optimizer state) after a restart."""
-    tune_space: dict[str, list] = field(default_factory=dict)
-    """`ecgray tune`: dotted config key -> values to sweep (a grid), e.g. {"meta.inner_lr": [0.01, 0.05]}."""
+    tune_space: dict[str, list | dict[str, list]] = field(default_factory=dict)
+    """`ecgray tune`: dotted config key -> what to sweep: a list (a grid: every value, e.g.
+    {"meta.inner_lr": [0.01, 0.05]}) or one sampled distribution, {loguniform: [low, high]},
+    {uniform: [low, high]}, {randint: [low, high]} (high excluded) or {choice: [values]} (ray.tune's)."""
     tune_samples: int = 1
-    """`ecgray tune`: repetitions of the grid (each with its own seed offset)."""
+    """`ecgray tune`: Tune's num_samples: the grid is run this many times over, each time with fresh draws
+    of the sampled keys (repeats of a grid point keep `seed`; sweep `seed` as a grid to vary it)."""
     tune_metric: str = "meta_val_accuracy"
-    """`ecgray tune`: the reported metric ASHA maximises."""
+    """`ecgray tune`: the reported metric ASHA maximises (measured every meta.eval_every steps); the results
+    table keeps each trial's best value of it."""
     tune_grace_period: int = 1
-    """`ecgray tune`: meta-test reports a trial survives before ASHA may stop it."""
+    """`ecgray tune`: meta-val evaluations (one every meta.eval_every steps) a trial survives before ASHA
+    may stop it."""
     tune_reduction_factor: int = 2
     """`ecgray tune`: ASHA keeps 1 / reduction_factor of the trials at each rung."""
+    tune_max_concurrent: int = 0
+    """`ecgray tune`: trials run at once; 0 = as many as the cluster fits, each trial holding num_workers x
+    cpus_per_worker CPUs (and num_workers GPUs when use_gpu) and its own trial function no CPU."""
 
 
 @_forbid_extra
@@ -618,6 +629,40 @@ def load_config(
         tree = deep_merge(tree, loaded or {})
     tree = deep_merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)
+
+
+LOCATION_FIELDS = (
+    "data.ptbxl_dir",
+    "data.ecgqa_dir",
+    "data.mimic_dir",
+    "data.prepared_dir",
+    "encoder.checkpoint",
+    "train.storage_path",
+    "serve.checkpoint",
+    "serve.adapter_store",
+    "synth.out_dir",
+    "run_dir",
+)
+"""Config fields that name a location (a local path or a URI): made absolute once, at launch."""
+
+
+def resolve_locations(cfg: Config) -> Config:
+    """The config with every relative local path of LOCATION_FIELDS made absolute against the current
+    directory (URIs unchanged). Commands call it once where they are launched, so Ray workers, Tune trials
+    (which run in their own directories) and later stages read the same places."""
+    from ecgray.storage import resolve
+
+    changes: dict[str, dict] = {}
+    for dotted in LOCATION_FIELDS:
+        section, _, name = dotted.rpartition(".")
+        holder = getattr(cfg, section) if section else cfg
+        value = getattr(holder, name)
+        if value is not None and resolve(value) != value:
+            changes.setdefault(section, {})[name] = resolve(value)
+    top = changes.pop("", {})
+    for section, fields in changes.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **fields)
+    return dataclasses.replace(cfg, **top) if top else cfg
 
 
 def to_dict(cfg: Any) -> dict:

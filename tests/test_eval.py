@@ -636,7 +636,8 @@ def test_cli_help_and_bad_checkpoint(tmp_path, capsys):
     code = main(
         ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     )
-    assert code == 2 and "mapper.safetensors is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint {tmp_path}: no mapper.safetensors, and no checkpoint_* folder" in err
 
 
 def test_cli_names_bad_data(tmp_path, capsys):

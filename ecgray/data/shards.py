@@ -1,4 +1,5 @@
-"""Reading `ecgray prepare`'s Parquet shards back with pyarrow alone (no Ray): ECGStore and read_qa.
+"""Reading `ecgray prepare`'s Parquet shards back with pyarrow alone (no Ray), from a path or a URI:
+ShardRows (rows by key, read lazily), ECGStore and read_qa.
 
 `signal` is stored as fixed_size_list<fixed_size_list<float32>[T]>[12] (the [12, T] shape lives in the type),
 `lead_mask` as fixed_size_list<bool>[12].
@@ -6,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -97,69 +99,200 @@ def signals_from_arrow(column) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32).reshape(len(column), 12, t)
 
 
-def _shard_files(prepared_dir: str | Path, kind: str) -> list[Path]:
-    folder = Path(prepared_dir) / kind
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+def _shard_files(prepared_dir: str | Path, kind: str) -> list[str]:
+    """The Parquet files of `prepared_dir/kind` (a path or URI), as paths inside its filesystem."""
+    from ecgray import storage
+
+    folder = storage.join(str(prepared_dir), kind)
+    files = storage.list_files(folder, ".parquet")
     if not files:
         raise FileNotFoundError(f"{folder}: no Parquet shards (run `ecgray prepare` to write {kind}/)")
     return files
 
 
+class ShardRows:
+    """The rows of the Parquet files under a folder (a path or URI), found by an int64 key without holding
+    them: the key column (and `meta_columns`) of every file is read once; other columns are read on demand,
+    one row group at a time, through an LRU of decoded row groups bounded by `cache_mb`. Memory is
+    O(rows) for the key index and O(cache_mb) for the data, whatever the files hold."""
+
+    def __init__(self, location: str | Path, key: str = "ecg_id", meta_columns=(), cache_mb: float = 64.0):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ecgray import storage
+
+        self.location, self.key = str(location), key
+        self._fs, _ = storage.filesystem(self.location)
+        self.files = storage.list_files(self.location, ".parquet")
+        if not self.files:
+            raise FileNotFoundError(f"{self.location}: no Parquet shards")
+        self._handles: dict[int, pq.ParquetFile] = {}
+        keys, file_of, group_of, offset_of, metas = [], [], [], [], []
+        for f in range(len(self.files)):
+            pf = self._file(f)
+            if key not in pf.schema_arrow.names:
+                raise ValueError(f"{self.files[f]}: no {key!r} column (columns {pf.schema_arrow.names})")
+            table = pf.read(columns=[key, *meta_columns])
+            keys.append(table.column(key).to_numpy())
+            metas.append(table.select(list(meta_columns)))
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                file_of.append(np.full(n, f, dtype=np.int32))
+                group_of.append(np.full(n, g, dtype=np.int32))
+                offset_of.append(np.arange(n, dtype=np.int32))
+        self.keys = np.concatenate(keys).astype(np.int64)  # (N,) in file order
+        self.meta = pa.concat_tables(metas) if meta_columns else None
+        self._file_of = np.concatenate(file_of)
+        self._group_of = np.concatenate(group_of)
+        self._offset_of = np.concatenate(offset_of)
+        self._order = np.argsort(self.keys, kind="stable")
+        self._sorted = self.keys[self._order]
+        if len(self._sorted) > 1 and (dup := self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]).size:
+            raise ValueError(f"{self.location}: duplicated {key} {np.unique(dup)[:5].tolist()}")
+        self._cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cached = 0
+        self.groups_read = 0
+        """Row groups decoded so far (a bench / test reads it)."""
+
+    def _file(self, f: int):
+        import pyarrow.parquet as pq
+
+        if f not in self._handles:
+            self._handles[f] = pq.ParquetFile(self._fs.open_input_file(self.files[f]))
+        return self._handles[f]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key) -> bool:
+        i = np.searchsorted(self._sorted, int(key))
+        return bool(i < len(self._sorted) and self._sorted[i] == int(key))
+
+    def positions(self, keys) -> np.ndarray:
+        """Row positions (file order) of keys; an unknown key raises KeyError naming it."""
+        keys = np.atleast_1d(np.asarray(keys, dtype=np.int64))
+        i = np.minimum(np.searchsorted(self._sorted, keys), max(len(self._sorted) - 1, 0))
+        bad = self._sorted[i] != keys if len(self._sorted) else np.ones(len(keys), bool)
+        if bad.any():
+            raise KeyError(f"{self.key} {int(keys[bad][0])} is not in {self.location} ({len(self)} rows)")
+        return self._order[i]
+
+    def _group(self, f: int, g: int, columns: tuple):
+        entry = (f, g, columns)
+        if entry in self._cache:
+            self._cache.move_to_end(entry)
+            return self._cache[entry]
+        table = self._file(f).read_row_group(g, columns=list(columns))
+        self.groups_read += 1
+        self._cache[entry] = table
+        self._cached += table.nbytes
+        while self._cached > self._cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+        return table
+
+    def read(self, keys, columns: list[str]):
+        """pyarrow Table of `columns` for `keys`, in the order of keys (repeats allowed)."""
+        import pyarrow as pa
+
+        pos = self.positions(keys)
+        parts, order = [], []
+        where = np.stack([self._file_of[pos], self._group_of[pos]], axis=1)
+        for f, g in np.unique(where, axis=0):
+            sel = np.flatnonzero((where[:, 0] == f) & (where[:, 1] == g))
+            group = self._group(int(f), int(g), tuple(columns))
+            parts.append(group.take(pa.array(self._offset_of[pos[sel]])))
+            order.append(sel)
+        table = pa.concat_tables(parts) if parts else self._file(0).schema_arrow.empty_table().select(columns)
+        if not parts:
+            return table
+        inverse = np.empty(len(pos), dtype=np.int64)
+        inverse[np.concatenate(order)] = np.arange(len(pos))
+        return table.take(pa.array(inverse))
+
+
 class ECGStore:
-    """Every prepared ECG in memory: one contiguous float32 (N, 12, T) array and an ecg_id -> row index.
+    """The prepared ECGs by ecg_id: metadata (ids, lead masks, patients, sources, splits) in memory, signals
+    read on demand from the `ecgs/` shards (`ShardRows`: only the row groups asked for, an LRU bounded in
+    bytes), so a process's memory does not grow with the data set's signals. Built from arrays
+    (`ECGStore(ids, signals, ...)`) it holds them in memory instead (tests, small benches).
 
     ECG ids are unique per source; a store holding both PTB-XL and MIMIC ids keys them by ecg_id alone
     (PTB-XL ids are < 100,000, MIMIC study ids are 8 digits), and refuses to open if they collide.
     """
 
-    def __init__(self, ecg_ids, signals, lead_mask, patient_ids, sources, splits, fs: int):
+    META = ["source", "patient_id", "fs", "lead_mask", "split"]
+    features = None
+    """The frozen encoder's precomputed outputs of these ECGs (an `ecgray.data.features.FeatureStore`),
+    attached by train / eval: read instead of running the encoder on the signals (all leads only)."""
+
+    def __init__(self, ecg_ids, signals, lead_mask, patient_ids, sources, splits, fs: int, n_samples=None):
         self._ids = np.asarray(ecg_ids, dtype=np.int64)
-        self._signals = signals  # (N, 12, T) float32
-        self._lead_mask = lead_mask  # (N, 12) bool
+        self._signals = signals  # (N, 12, T) float32 array, or a ShardRows of the ecgs/ shards
+        self._lead_mask = np.asarray(lead_mask, dtype=bool)  # (N, 12)
         self._patient_ids = np.asarray(patient_ids, dtype=np.int64)
         self.sources = np.asarray(sources)
         self.splits = np.asarray(splits)
         self.fs = fs
-        self._row = {int(i): r for r, i in enumerate(self._ids)}
-        if len(self._row) != len(self._ids):
-            ids, counts = np.unique(self._ids, return_counts=True)
-            raise ValueError(f"ECG shards hold duplicated ecg_id {ids[counts > 1][:5].tolist()}")
+        self._n_samples = signals.shape[2] if n_samples is None else n_samples
+        self._order = np.argsort(self._ids, kind="stable")
+        self._sorted = self._ids[self._order]
+        if len(self._sorted) > 1 and (dup := self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]).size:
+            raise ValueError(f"ECG shards hold duplicated ecg_id {np.unique(dup)[:5].tolist()}")
 
     @classmethod
-    def open(cls, prepared_dir: str | Path) -> ECGStore:
-        """Load `prepared_dir/ecgs/*.parquet` once, shard by shard into one preallocated array."""
+    def open(cls, prepared_dir: str | Path, cache_mb: float = 64.0) -> ECGStore:
+        """The metadata of `prepared_dir/ecgs/*.parquet` (a path or URI) now, signals when asked for."""
         import pyarrow.parquet as pq
 
-        files = _shard_files(prepared_dir, "ecgs")
-        meta = pq.read_table(files, columns=["ecg_id", "source", "patient_id", "fs", "lead_mask", "split"])
+        from ecgray import storage
+
+        folder = storage.join(str(prepared_dir), "ecgs")
+        _shard_files(prepared_dir, "ecgs")  # the error that names `ecgray prepare`
+        rows = ShardRows(folder, "ecg_id", cls.META, cache_mb)
+        meta = rows.meta
         fs = set(meta.column("fs").to_pylist())
         if len(fs) > 1:
-            raise ValueError(f"{prepared_dir}/ecgs: shards mix sampling rates {sorted(fs)}")
-        t = pq.read_schema(files[0]).field("signal").type.value_type.list_size
-        signals = np.empty((meta.num_rows, 12, t), dtype=np.float32)  # (N, 12, T)
-        row = 0
-        for path in files:  # one shard in memory at a time besides the result
-            shard = signals_from_arrow(pq.read_table(path, columns=["signal"]).column("signal"))
-            if shard.shape[2] != t:
-                raise ValueError(f"{path}: windows of {shard.shape[2]} samples, other shards have {t}")
-            signals[row : row + len(shard)] = shard
-            row += len(shard)
+            raise ValueError(f"{folder}: shards mix sampling rates {sorted(fs)}")
+        lengths = set()
+        for f in range(len(rows.files)):
+            lengths.add(
+                pq.read_schema(rows._fs.open_input_file(rows.files[f]))
+                .field("signal")
+                .type.value_type.list_size
+            )
+        if len(lengths) > 1:
+            raise ValueError(f"{folder}: shards hold windows of different lengths {sorted(lengths)} samples")
         mask = meta.column("lead_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return cls(
-            ecg_ids=meta.column("ecg_id").to_numpy(),
-            signals=signals,
+            ecg_ids=rows.keys,
+            signals=rows,
             lead_mask=mask.astype(bool).reshape(-1, 12),  # (N, 12)
             patient_ids=meta.column("patient_id").to_numpy(),
             sources=meta.column("source").to_pylist(),
             splits=meta.column("split").to_pylist(),
             fs=fs.pop() if fs else 0,
+            n_samples=lengths.pop(),
         )
+
+    @classmethod
+    def load(cls, prepared_dir: str | Path) -> ECGStore:
+        """`open`, with every signal read into one in-memory (N, 12, T) array (what encoder pretraining's
+        random batches need; O(N) memory)."""
+        lazy = cls.open(prepared_dir)
+        return cls(
+            lazy._ids, lazy.signals(lazy._ids), lazy._lead_mask, lazy._patient_ids, lazy.sources,
+            lazy.splits, lazy.fs, lazy.n_samples,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __contains__(self, ecg_id) -> bool:
-        return int(ecg_id) in self._row
+        i = np.searchsorted(self._sorted, int(ecg_id))
+        return bool(i < len(self._sorted) and self._sorted[i] == int(ecg_id))
 
     @property
     def ecg_ids(self) -> np.ndarray:
@@ -168,18 +301,25 @@ class ECGStore:
 
     @property
     def n_samples(self) -> int:
-        return self._signals.shape[2]
+        return self._n_samples
 
     def rows(self, ecg_ids) -> np.ndarray:
         """Row indices of ecg_ids; an unknown id raises KeyError naming it."""
-        try:
-            return np.fromiter((self._row[int(i)] for i in np.atleast_1d(ecg_ids)), dtype=np.int64)
-        except KeyError as err:
-            raise KeyError(f"ecg_id {err.args[0]} is not in the prepared ECGs ({len(self)} ECGs)") from None
+        ids = np.atleast_1d(np.asarray(ecg_ids, dtype=np.int64))
+        i = np.minimum(np.searchsorted(self._sorted, ids), max(len(self._sorted) - 1, 0))
+        bad = self._sorted[i] != ids if len(self._sorted) else np.ones(len(ids), bool)
+        if bad.any():
+            raise KeyError(f"ecg_id {int(ids[bad][0])} is not in the prepared ECGs ({len(self)} ECGs)")
+        return self._order[i]
 
     def signals(self, ecg_ids) -> np.ndarray:
         """float32 (B, 12, T) for the given ids (a copy)."""
-        return self._signals[self.rows(ecg_ids)]
+        rows = self.rows(ecg_ids)
+        if isinstance(self._signals, np.ndarray):
+            return self._signals[rows]
+        column = self._signals.read(self._ids[rows], ["signal"]).column("signal")
+        out = signals_from_arrow(column)
+        return out if out.flags.writeable else out.copy()  # a view of Arrow's buffer is read-only
 
     def lead_mask(self, ecg_ids) -> np.ndarray:
         """bool (B, 12)."""
@@ -203,6 +343,9 @@ def read_qa(
     (ecgray.data.episodes.straddles)."""
     import pyarrow.parquet as pq
 
+    from ecgray import storage
+
+    fs, _ = storage.filesystem(str(prepared_dir))
     files = _shard_files(prepared_dir, "qa")
     filters = []
     if source is not None:
@@ -212,11 +355,17 @@ def read_qa(
     if question_types is not None:
         question_types = [question_types] if isinstance(question_types, str) else question_types
         filters.append(("question_type", "in", list(question_types)))
-    table = pq.read_table(files, filters=filters or None, schema=qa_schema())
+    table = pq.read_table(files, filters=filters or None, schema=qa_schema(), filesystem=fs)
     rows = table.to_pylist()
-    if ecg_splits and (Path(prepared_dir) / "ecgs").is_dir():
-        meta = pq.read_table(_shard_files(prepared_dir, "ecgs"), columns=["ecg_id", "split"])
-        split_of = dict(zip(meta.column("ecg_id").to_pylist(), meta.column("split").to_pylist(), strict=True))
+    ecgs = storage.join(str(prepared_dir), "ecgs")
+    if ecg_splits and storage.is_dir(ecgs):
+        meta = pq.read_table(_shard_files(prepared_dir, "ecgs"), columns=["ecg_id", "split"], filesystem=fs)
+        ids = meta.column("ecg_id").to_numpy()
+        splits = np.asarray(meta.column("split").to_pylist(), dtype=object)
+        order = np.argsort(ids, kind="stable")
         for row in rows:
-            row["ecg_split"] = [split_of.get(i) for i in row["ecg_id"]]
+            want = np.asarray(row["ecg_id"], dtype=np.int64)
+            i = np.minimum(np.searchsorted(ids, want, sorter=order), len(ids) - 1)
+            found = ids[order[i]] == want
+            row["ecg_split"] = [splits[order[j]] if ok else None for j, ok in zip(i, found, strict=True)]
     return rows

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecgray.cli import add_config_arguments
 
     parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint dir (mapper.safetensors + config.yaml)"
+        "--checkpoint",
+        required=True,
+        help="checkpoint dir (mapper.safetensors + config.yaml), or a run dir (train.storage_path/train.name: "
+        "its latest checkpoint); a path or a URI",
     )
-    parser.add_argument("--data", required=True, help="prepared dir (ecgs/, qa/) written by `ecgray prepare`")
+    parser.add_argument(
+        "--data", required=True, help="prepared dir (ecgs/, qa/) written by `ecgray prepare`; a path or a URI"
+    )
     parser.add_argument("--out", required=True, help="output dir for results.json and the PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser)
@@ -86,25 +93,54 @@ def summary_table(results: dict[str, dict], comparisons: list[dict] | None = Non
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ecgray.config import ConfigError, load_config
-    from ecgray.models.checkpoint import load_checkpoint
+def eval_config(args: argparse.Namespace):
+    """The checkpoint's config <- --config <- --set, locations absolute (where the command runs)."""
+    from ecgray.config import load_config, resolve_locations
+    from ecgray.models.checkpoint import load_checkpoint_config
 
+    base = load_checkpoint_config(args.checkpoint)
+    return resolve_locations(load_config(args.config, args.overrides, base=base))
+
+
+def before_task(args: argparse.Namespace) -> None:
+    """What `jobs.evaluate` runs on the driver before it sends the evaluation to a GPU task: the features
+    of the data (a Ray Data job of its own, which must not wait for the GPU the task holds)."""
+    from dataclasses import replace
+
+    from ecgray import storage
+    from ecgray.data.features import ensure_features
+
+    cfg = eval_config(args)
+    ensure_features(replace(cfg, data=replace(cfg.data, prepared_dir=storage.resolve(args.data))))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecgray import storage
+    from ecgray.config import ConfigError
+    from ecgray.models.checkpoint import resolve_checkpoint
+
+    args.checkpoint, args.data, args.out = (
+        storage.resolve(x) for x in (args.checkpoint, args.data, args.out)
+    )
     try:
-        _, checkpoint_cfg = load_checkpoint(args.checkpoint)
-        cfg = load_config(args.config, args.overrides, base=checkpoint_cfg)
+        args.checkpoint = resolve_checkpoint(args.checkpoint)  # a run directory: its latest checkpoint
+    except FileNotFoundError as err:
+        print(f"ecgray eval: {err}", file=sys.stderr)
+        return 2
+    try:
+        cfg = eval_config(args)
         payload = evaluate(cfg, args.checkpoint, args.data, args.out, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
         print(f"ecgray eval: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = args.out
     print(summary_table(payload["curves"], payload["comparisons"]))
     if payload["protocol"] == "paper":
         print(
             "note: paper protocol: inside an episode the question text names the answer (see text_lookup); "
             "--set episodes.protocol=grounded gives episodes the text cannot decide"
         )
-    print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_step.png'}, {out / 'per_class.png'}")
+    print(f"wrote results.json, accuracy_vs_step.png, per_class.png to {out}")
     return 0
 
 
@@ -115,8 +151,10 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     Bad data raises ValueError / FileNotFoundError naming it."""
     import torch
 
+    from ecgray import storage
     from ecgray.config import ConfigError, save_config, to_dict, versions
     from ecgray.data.episodes import EpisodeSampler, item_ecg_ids
+    from ecgray.data.features import FeatureStore, ensure_features
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
@@ -129,10 +167,13 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     state, checkpoint_cfg = load_checkpoint(checkpoint)
     check_encoder_checkpoint(cfg.encoder)
     cfg.data.prepared_dir = str(data)
-    out = Path(out)
+    target = str(out)
+    # results are written here, and uploaded when `out` is a URI
+    out = Path(tempfile.mkdtemp(prefix="ecgray-eval-")) if storage.is_uri(target) else Path(out)
     started = time.time()
 
-    store = ECGStore.open(data)
+    store = ECGStore.open(data)  # metadata now; signals only where a lead subset needs the encoder
+    store.features = FeatureStore.open(ensure_features(cfg, progress=progress))
     if store.fs != cfg.encoder.fs:
         raise ValueError(
             f"{data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs={cfg.encoder.fs} Hz"
@@ -223,6 +264,9 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     curves.update({f"leads {k}": v for k, v in leads.items()})
     plot_accuracy_vs_step(curves, out / "accuracy_vs_step.png")
     plot_per_class(results["meta_test"], out / "per_class.png")
+    if storage.is_uri(target):
+        storage.upload_dir(out, target)
+        shutil.rmtree(out)
     payload["curves"] = curves
     return payload
 

@@ -104,7 +104,9 @@ def encode_ecgs(
     leads: list[str] | None,
     cache: dict | None = None,
 ) -> Features:
-    """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None).
+    """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None); with all
+    leads and features attached to the store (`store.features`, ecgray.data.features), those are read
+    instead of running the encoder.
     cache: a dict reused across calls (and methods) holding pooled vectors by (leads, ecg_id), so each ECG
     is encoded once per lead subset; not used when the mapper reads the tokens (too large to keep)."""
     if cache is not None and not needs_tokens(model):
@@ -114,6 +116,11 @@ def encode_ecgs(
             pooled, _ = encode_ecgs(model, store, todo, leads)
             cache.update({(key, i): row for i, row in zip(todo, pooled, strict=True)})
         return torch.stack([cache[(key, int(i))] for i in ecg_ids]), None
+    features = getattr(store, "features", None)  # precomputed frozen features (`ecgray features`)
+    if leads is None and features is not None:
+        tokens, pooled = features.features([int(i) for i in ecg_ids])
+        device = device_of(model)
+        return pooled.to(device), (tokens.to(device) if needs_tokens(model) else None)
     signals, mask = mask_leads(store.signals(ecg_ids), store.lead_mask(ecg_ids), leads)
     if not mask.any(axis=1).all():
         bad = [int(i) for i, m in zip(ecg_ids, mask, strict=True) if not m.any()][:5]

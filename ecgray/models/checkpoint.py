@@ -4,7 +4,9 @@ evaluation can refuse data that splits differently).
 
 No pickle anywhere: tensors in safetensors, config as YAML validated back into a typed `Config`, metrics as
 JSON. Written into a temporary sibling directory and renamed into place, so a reader never sees half a
-checkpoint (a crash leaves the previous one intact).
+checkpoint (a crash leaves the previous one intact). Read from a directory or a URI (`ecgray.storage`);
+a checkpoint saved to a URI is written locally first and uploaded (config and mapper last-written files
+are read only when complete: the mapper file is uploaded after the others).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def save_checkpoint(
     import yaml
     from safetensors.torch import save_file
 
+    from ecgray import storage
+
+    if storage.is_uri(directory):
+        with tempfile.TemporaryDirectory(prefix="ecgray-checkpoint-") as tmp:
+            local = save_checkpoint(Path(tmp) / "checkpoint", mapper_state, cfg, metrics, splits)
+            for name in sorted(p.name for p in local.iterdir() if p.name != MAPPER_FILE) + [MAPPER_FILE]:
+                storage.write_bytes(storage.join(str(directory), name), (local / name).read_bytes())
+        return directory
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in mapper_state.items() if not isinstance(v, torch.Tensor)]
@@ -63,26 +73,59 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """(mapper state, typed Config) from a checkpoint directory; nothing is unpickled."""
-    from safetensors.torch import load_file
+def _read(directory: str | Path, name: str, required: bool = True) -> bytes | None:
+    """A checkpoint file's bytes from a directory or URI; a missing required file is named."""
+    from ecgray import storage
 
-    directory = Path(directory)
-    for name in (MAPPER_FILE, CONFIG_FILE):
-        if not (directory / name).is_file():
+    location = storage.join(str(directory), name)
+    if not storage.is_file(location):
+        if required:
             raise FileNotFoundError(f"checkpoint {directory}: {name} is missing")
-    return load_file(str(directory / MAPPER_FILE)), load_checkpoint_config(directory)
+        return None
+    return storage.read_bytes(location)
+
+
+def resolve_checkpoint(location: str | Path) -> str:
+    """A checkpoint directory (or URI) as given, or, for a run directory (`train.storage_path/train.name`,
+    which holds Ray Train's `checkpoint_*` folders), its checkpoint of the highest step. Neither: an error
+    naming what was found."""
+    from ecgray import storage
+
+    location = str(location)
+    if storage.is_file(storage.join(location, MAPPER_FILE)):
+        return location
+    steps = {}
+    for name in storage.list_names(location):
+        if name.startswith("checkpoint_"):
+            candidate = storage.join(location, name)
+            raw = _read(candidate, "train_state.json", required=False)
+            if raw is not None and storage.is_file(storage.join(candidate, MAPPER_FILE)):
+                steps[name] = (int(json.loads(raw).get("step", -1)), name)
+    if not steps:
+        found = storage.list_names(location)[:8]
+        raise FileNotFoundError(
+            f"checkpoint {location}: no {MAPPER_FILE}, and no checkpoint_* folder of a run in it "
+            f"(found {found or 'nothing'}); give a checkpoint directory or a run directory "
+            "(train.storage_path/train.name)"
+        )
+    return storage.join(location, max(steps.values())[1])
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """(mapper state, typed Config) from a checkpoint directory or URI; nothing is unpickled."""
+    from safetensors.torch import load
+
+    raw = _read(directory, MAPPER_FILE)
+    return load(raw), load_checkpoint_config(directory)
 
 
 def load_checkpoint_config(directory: str | Path) -> Config:
     """The typed Config a checkpoint was trained with (its config.yaml), without reading the tensors."""
     import yaml
 
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {directory}: {CONFIG_FILE} is missing")
+    text = _read(directory, CONFIG_FILE).decode()
     try:
-        tree = yaml.safe_load((directory / CONFIG_FILE).read_text())
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"checkpoint {directory}/{CONFIG_FILE}: not valid YAML ({err})") from None
     try:
@@ -94,13 +137,13 @@ def load_checkpoint_config(directory: str | Path) -> Config:
 
 def load_splits(directory: str | Path) -> dict | None:
     """The stored split keys ({question type: {side: [class keys]}}), or None for a checkpoint without them."""
-    path = Path(directory) / SPLITS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    raw = _read(directory, SPLITS_FILE, required=False)
+    return None if raw is None else json.loads(raw)
 
 
 def load_metrics(directory: str | Path) -> dict:
-    path = Path(directory) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    raw = _read(directory, METRICS_FILE, required=False)
+    return {} if raw is None else json.loads(raw)
 
 
 def load_mapper_state(

@@ -255,8 +255,11 @@ def check_encoder_checkpoint(cfg: EncoderConfig) -> None:
                 f"encoder.checkpoint is not set: the frozen encoder would be random. Point it at "
                 f"{_where_weights_come_from(cfg)}, or set encoder.random_init=true (tests only)"
             )
-    elif not Path(cfg.checkpoint).is_file():
-        raise FileNotFoundError(f"encoder.checkpoint={cfg.checkpoint}: no such file")
+    else:
+        from ecgray import storage
+
+        if not storage.is_file(cfg.checkpoint):
+            raise FileNotFoundError(f"encoder.checkpoint={cfg.checkpoint}: no such file")
 
 
 def _check_is_safetensors(path: Path) -> None:
@@ -286,7 +289,15 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", seed: i
             torch.manual_seed(seed)
             encoder = build_encoder(cfg)
         return freeze(encoder.to(device))
-    path = Path(cfg.checkpoint)
+    from ecgray import storage
+
+    if storage.is_uri(cfg.checkpoint) and storage.is_file(cfg.checkpoint):
+        with storage.local_file(cfg.checkpoint) as local:  # a temporary copy, removed after loading
+            return _load_encoder_file(cfg, local, device)
+    return _load_encoder_file(cfg, Path(cfg.checkpoint), device)
+
+
+def _load_encoder_file(cfg: EncoderConfig, path: Path, device) -> nn.Module:
     if not path.is_file():
         how = (
             "convert a fairseq checkpoint with `ecgray convert-encoder IN.pt OUT.safetensors` and point "

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -59,18 +61,22 @@ def read_ecg_table(prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray, li
     """(ecg_ids, split, metadata dicts, fs) from the ecgs/*.parquet shards (signals are not read)."""
     import pyarrow.parquet as pq
 
-    files = sorted((Path(prepared_dir) / "ecgs").glob("*.parquet"))
+    from ecgray import storage
+
+    files = storage.list_files(storage.join(str(prepared_dir), "ecgs"), ".parquet")
     if not files:
         raise FileNotFoundError(
             f"prepared dir {prepared_dir}: no ecgs/*.parquet (run `ecgray prepare` first)"
         )
+    filesystem, _ = storage.filesystem(str(prepared_dir))
     columns = ["ecg_id", "split", "metadata", "fs"]
     ids, splits, meta, fs = [], [], [], []
     for f in files:
-        table = pq.read_table(f)
-        missing = [c for c in columns if c not in table.column_names]
+        names = pq.read_schema(filesystem.open_input_file(f)).names
+        missing = [c for c in columns if c not in names]
         if missing:
             raise ValueError(f"{f}: missing column(s) {missing}; expected {columns} (prepared-shards format)")
+        table = pq.read_table(f, columns=columns, filesystem=filesystem)
         table = table.select(columns).to_pydict()
         ids += table["ecg_id"]
         splits += table["split"]
@@ -91,7 +97,7 @@ def open_prepared(prepared_dir: str | Path) -> PretrainData:
     rates = sorted({int(r) for r in fs})
     if len(rates) != 1:
         raise ValueError(f"prepared dir {prepared_dir}: ECGs at several sampling rates {rates}; expected one")
-    store = ECGStore.open(prepared_dir)
+    store = ECGStore.load(prepared_dir)  # every signal in memory: training draws random batches of them
     return PretrainData(ecg_ids, split, metadata, store.signals, store.lead_mask, rates[0])
 
 
@@ -433,29 +439,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecgray import storage
     from ecgray.cli import config_from_args
     from ecgray.config import save_config
 
     cfg = config_from_args(args)
+    data_dir, target = storage.resolve(args.data), storage.resolve(args.out)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # a URI output is written here first and uploaded at the end
+    out = Path(tempfile.mkdtemp(prefix="ecgray-encoder-")) if storage.is_uri(target) else Path(target)
     try:
-        data = open_prepared(args.data)
-        result = pretrain(cfg, data, args.out, device=device, progress=not args.no_progress)
+        data = open_prepared(data_dir)
+        result = pretrain(cfg, data, out, device=device, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as err:
         print(f"ecgray pretrain-encoder: {err}", file=sys.stderr)
         return 2
-    resolved = replace(
-        cfg, encoder=replace(cfg.encoder, checkpoint=str(Path(result["checkpoint"]).resolve()))
-    )
-    resolved = replace(resolved, data=replace(resolved.data, prepared_dir=str(args.data)))
-    save_config(resolved, args.out)
+    checkpoint = storage.join(target, Path(result["checkpoint"]).name)
+    resolved = replace(cfg, encoder=replace(cfg.encoder, checkpoint=checkpoint))
+    resolved = replace(resolved, data=replace(resolved.data, prepared_dir=data_dir))
+    save_config(resolved, out)
+    if storage.is_uri(target):
+        storage.upload_dir(out, target)
+        shutil.rmtree(out)
     summary = {
-        "checkpoint": str(result["checkpoint"]),
+        "checkpoint": checkpoint,
         "first_loss": result["probe"]["first_loss"],
         "final_loss": result["probe"]["final_loss"],
-        "probe": str(Path(args.out) / "probe.json"),
+        "probe": storage.join(target, "probe.json"),
     }
     print(json.dumps(summary))
     return 0
