@@ -7,10 +7,12 @@ ptbxl_database.csv and ECG-QA tree into a temporary directory, then times, on th
 - `wfdb_rdsamp`: a plain `wfdb.rdsamp` loop (raw signals only);
 - `fast_numpy`: `read_record_fast` loop, one header parse per layout (raw signals only);
 - `fast_numpy_canonical`: the same + `to_canonical` (what each Ray task does), one process;
-- `ray_data_read_cold` / `_warm`: `prepare.read_ecgs`, the Ray Data pipeline, consumed to the end (Ray
-  already started; the cold pass also starts the worker processes);
-- `prepare_end_to_end`: `prepare()` as the CLI runs it (after the above), with Parquet shards, QA, report.
-Prints one JSON object.
+- `ray_data_read_write_cold` / `_warm`: `prepare.write_ecgs`, the Ray Data pipeline (the workers read the
+  records and write the ECG shards to a staging folder; the driver gets status rows only), consumed to the
+  end (Ray already started; the cold pass also starts the worker processes);
+- `prepare_end_to_end`: `prepare()` as the CLI runs it (after the above), with QA, report and the swap.
+`driver_received_bytes_per_record`: what reaches the driver per record in the pipeline (the float32 window
+alone is 12 x n_samples x 4 bytes). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -114,9 +116,18 @@ def main() -> None:
         )
         ray_init = time.perf_counter() - t0
         _, items, _, _, _ = prep.collect(cfg)
+        rows_per_shard = prep.shard_size(len(items), cfg, args.num_cpus)
+        received = []
+
+        def pipeline(pass_name: str) -> None:
+            staging = root / f"staging-{pass_name}"
+            received.clear()
+            received.extend(t.nbytes for t in prep.write_ecgs(items, cfg, str(staging), rows_per_shard))
+
         # The first pass also starts Ray's worker processes and imports ecgray in them.
-        seconds["ray_data_read_cold"] = timed(lambda: sum(t.num_rows for t in prep.read_ecgs(items, cfg)))
-        seconds["ray_data_read_warm"] = timed(lambda: sum(t.num_rows for t in prep.read_ecgs(items, cfg)))
+        seconds["ray_data_read_write_cold"] = timed(lambda: pipeline("cold"))
+        seconds["ray_data_read_write_warm"] = timed(lambda: pipeline("warm"))
+        received_per_record = sum(received) / args.n
         report = {}
         seconds["prepare_end_to_end"] = timed(
             lambda: report.update(prep.prepare(cfg, root / "prepared", progress=False))
@@ -130,10 +141,14 @@ def main() -> None:
                 "records": args.n,
                 "records_per_s": {k: round(args.n / v, 1) for k, v in seconds.items()},
                 "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                "driver_received_bytes_per_record": round(received_per_record, 1),
+                "signal_bytes_per_record": 12 * cfg.n_samples * 4,
                 "conditions": {
                     "record": "12 leads x 5000 samples, 500 Hz, format 16 (PTB-XL records500)",
                     "window": f"{cfg.window_s} s at {cfg.fs} Hz -> float32 (12, {cfg.n_samples})",
                     "read_batch_size": args.batch_size,
+                    "shard_rows": rows_per_shard,
+                    "row_group_rows": prep.ECG_ROW_GROUP_ROWS,
                     "ray_num_cpus": args.num_cpus,
                     "machine_cpus": os.cpu_count(),
                     "ray_init_s": round(ray_init, 2),

@@ -4,6 +4,8 @@ shards read back through ECGStore / read_qa."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ecgray.config import LEAD_NAMES, DataConfig
-from ecgray.data.prepare import PrepareError, collect, prepare, read_batch
+from ecgray.data.prepare import PrepareError, collect, prepare, read_batch, shard_size
 from ecgray.data.ptbxl import record_path
 from ecgray.data.shards import ECGStore, read_qa
 
@@ -178,11 +180,9 @@ def test_prepare_end_to_end(tree, ray_session, tmp_path):
     assert report["qa"]["by"]["ptbxl/paraphrased/train/single-verify"] == 3
     assert report["qa"]["by"]["mimic/template/test/comparison_irrelevant-query"] == 1
     assert json.loads((out / "report.json").read_text())["records"] == report["records"]
-    assert sorted(p.name for p in (out / "ecgs").iterdir()) == [
-        "part-00000.parquet",
-        "part-00001.parquet",
-        "part-00002.parquet",
-    ]
+    # 8 records on 4 CPUs: one record a shard (below data.shard_rows=2); no file for the 2 failed ones
+    assert report["records"]["shard_rows"] == 1 and report["records"]["shards"] == 6
+    assert sorted(p.name for p in (out / "ecgs").iterdir()) == [f"part-{i:05d}.parquet" for i in range(6)]
 
     # shards read back with pyarrow alone
     table = pq.read_table(out / "ecgs")
@@ -281,14 +281,18 @@ def test_help_works(capsys):
     assert exit_info.value.code == 0 and "--strict" in capsys.readouterr().out
 
 
-def test_collect_on_the_real_ecgqa_samples(shared_data, tmp_path):
+@pytest.mark.parametrize("ecgqa_dir", ["ecgqa", "ecgqa/ptbxl"])
+def test_collect_on_the_real_ecgqa_samples(shared_data, tmp_path, ecgqa_dir):
+    """The real ECG-QA layout, given as its root (the MIMIC version then skipped: no --mimic) or as its
+    ptbxl/ folder (PTB-XL only)."""
     (tmp_path / "ptbxl").mkdir()
     (tmp_path / "ptbxl" / "ptbxl_database.csv").write_bytes(
         (shared_data / "ptbxl" / "ptbxl_database_subset.csv").read_bytes()
     )
-    cfg = DataConfig(ptbxl_dir=str(tmp_path / "ptbxl"), ecgqa_dir=str(shared_data / "ecgqa"))
+    cfg = DataConfig(ptbxl_dir=str(tmp_path / "ptbxl"), ecgqa_dir=str(shared_data / ecgqa_dir))
     samples, items, failures, skipped, unparsed = collect(cfg)
-    assert len(samples) == 2 * (10_000 + 2146) and list(skipped) == ["mimic"] and unparsed == 2
+    assert len(samples) == 2 * (10_000 + 2146) and unparsed == 2
+    assert list(skipped) == (["mimic"] if ecgqa_dir == "ecgqa" else [])
     # 6,018 distinct ECGs referenced; 2,355 of them are among the 8,988 database rows of the sample
     assert len(items) == 2355 and len(failures) == 6018 - 2355
     assert {f["reason"] for f in failures} == {"not in ptbxl_database.csv"}
@@ -383,3 +387,261 @@ def test_config_values_checked_before_any_work(tree, tmp_path, change, message):
     with pytest.raises(PrepareError, match=message):
         prepare(cfg_for(tree, **change), tmp_path / "o", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shards written by the Ray Data workers; the driver sees status rows only
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """relative path -> bytes of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_write_shard_writes_small_row_groups_and_returns_status_only(tree, tmp_path, monkeypatch):
+    """One worker task, run here without Ray: 3 records read at a time, row groups of 2 (the constant
+    lowered), the 2 failed records left out of the file and reported in the status rows."""
+    import ecgray.data.prepare as prep
+
+    monkeypatch.setattr(prep, "ECG_ROW_GROUP_ROWS", 2)
+    cfg = cfg_for(tree, read_batch_size=3)
+    items = collect(cfg).items  # ecg_ids 1, 2, 3, 4, 5 (missing), 7 (corrupt)
+    batch = {"shard": np.array([7]), "items": np.array([json.dumps(items)], dtype=object)}
+    status = prep.write_shard(batch, asdict(cfg), str(tmp_path))
+    assert status.column_names == prep.STATUS_COLUMNS and "signal" not in status.column_names
+    assert status.column("ecg_id").to_pylist() == [1, 2, 3, 4, 5, 7]
+    assert status.column("error_kind").to_pylist() == [None] * 4 + ["missing", "corrupt"]
+    assert set(status.column("shard").to_pylist()) == {7}
+    meta = pq.read_metadata(tmp_path / "ecgs" / "task-00007.parquet")
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [2, 2]
+    table = pq.read_table(tmp_path / "ecgs" / "task-00007.parquet")
+    assert (
+        table.column("ecg_id").to_pylist() == [1, 2, 3, 4]
+        and table.schema.field("signal").type.list_size == 12
+    )
+    # a shard whose records all failed writes no file
+    failed = {"shard": np.array([8]), "items": np.array([json.dumps(items[4:])], dtype=object)}
+    assert prep.write_shard(failed, asdict(cfg), str(tmp_path)).num_rows == 2
+    assert sorted(p.name for p in (tmp_path / "ecgs").iterdir()) == ["task-00007.parquet"]
+
+
+def test_shard_size_keeps_every_cpu_busy_and_caps_at_shard_rows():
+    cfg = DataConfig(shard_rows=1024)
+    # 16 CPUs: at least 4 shards each while the records allow, never more than data.shard_rows ECGs a shard
+    assert [shard_size(n, cfg, 16) for n in (1, 100, 16_000, 100_000)] == [1, 2, 250, 1024]
+    assert shard_size(10, DataConfig(shard_rows=2), 1) == 2
+
+
+@pytest.mark.slow
+def test_driver_receives_status_rows_not_signals(tree, ray_session, tmp_path, monkeypatch):
+    """Every table that reaches the driver is the small status of each record: no signal column, and far
+    fewer bytes than the records' signals (12 x 200 float32 = 9,600 bytes each here)."""
+    import ecgray.data.prepare as prep
+
+    received = []
+    pipeline = prep.write_ecgs
+
+    def counted(*args, **kwargs):
+        for table in pipeline(*args, **kwargs):
+            received.append((table.column_names, table.num_rows, table.nbytes))
+            yield table
+
+    monkeypatch.setattr(prep, "write_ecgs", counted)
+    report = prepare(cfg_for(tree, mimic_dir=str(tree / "mimic")), tmp_path / "out", progress=False)
+    assert report["records"]["read"] == 6
+    assert sum(rows for _, rows, _ in received) == 8  # every record read once, its status back
+    assert all(names == prep.STATUS_COLUMNS for names, _, _ in received)
+    signal_bytes = 8 * 12 * 200 * 4
+    assert sum(nbytes for _, _, nbytes in received) < signal_bytes / 8
+    assert pq.read_table(tmp_path / "out" / "ecgs").num_rows == 6
+
+
+@pytest.mark.slow
+def test_uri_output_round_trips_through_a_file_uri(tree, ray_session, tmp_path):
+    """--out as a file:// URI takes the object-store path (staging inside, report.json last): the same
+    shards as a local output, read back with pyarrow through the URI's filesystem; re-runs replace it."""
+    import pyarrow.fs as pafs
+
+    cfg = cfg_for(tree, mimic_dir=str(tree / "mimic"))
+    local = prepare(cfg, tmp_path / "local", progress=False)
+    uri = f"file://{tmp_path}/bucket/prepared/"
+    report = prepare(cfg, uri, progress=False)
+    out = tmp_path / "bucket" / "prepared"
+    assert report["inputs"]["out"] == f"file://{out}" and report["commit"] == "report.json written last"
+    assert sorted(p.name for p in out.iterdir()) == ["ecgs", "qa", "report.json"]  # no staging left
+    assert json.loads((out / "report.json").read_text())["records"] == report["records"] == local["records"]
+    fs, path = pafs.FileSystem.from_uri(uri)
+    for kind in ("ecgs", "qa"):
+        names = sorted(p.name for p in (tmp_path / "local" / kind).iterdir())
+        assert sorted(p.name for p in (out / kind).iterdir()) == names
+        for name in names:
+            back = pq.read_table(f"{path.rstrip('/')}/{kind}/{name}", filesystem=fs)
+            assert back.equals(pq.read_table(tmp_path / "local" / kind / name)), name
+    ecgs = pq.read_table(f"{path.rstrip('/')}/ecgs", filesystem=fs)
+    assert sorted(ecgs.column("ecg_id").to_pylist()) == [1, 2, 3, 4, 40000001, 40000002]
+    meta = pq.read_metadata(out / "ecgs" / "part-00000.parquet")
+    assert all(meta.row_group(g).num_rows <= 64 for g in range(meta.num_row_groups))
+    # a re-run replaces the output whole (what later stages derived from the old shards goes too)
+    first = _files(out)
+    (out / "features").mkdir()
+    (out / "features" / "part-0.parquet").write_bytes(b"derived from the old shards")
+    prepare(cfg, uri, progress=False)
+    again = _files(out)
+    assert first.keys() == again.keys()
+    assert all(first[k] == again[k] for k in first if k.endswith(".parquet"))
+    # --strict into a new URI: an error, and nothing written (not even the folder)
+    with pytest.raises(PrepareError, match="--strict: 3 records missing or corrupt"):
+        prepare(cfg, f"file://{tmp_path}/bucket/strict", strict=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "bucket").iterdir()) == ["prepared"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["path", "uri"])
+def test_a_failure_in_the_middle_leaves_the_old_output_intact(tree, ray_session, tmp_path, monkeypatch, kind):
+    """The workers have written every shard to staging when writing the QA tables fails: the old output is
+    byte for byte as it was, and no staging is left behind."""
+    import ecgray.data.prepare as prep
+
+    out = tmp_path / "prepared"
+    target = str(out) if kind == "path" else f"file://{out}"
+    cfg = cfg_for(tree)
+    prepare(cfg, target, progress=False)
+    before = _files(out)
+    staged = []
+
+    def failing_write_qa(staging, samples, ok):
+        staged.extend(sorted(p.name for p in (Path(staging.removeprefix("file://")) / "ecgs").iterdir()))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prep, "_write_qa", failing_write_qa)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(cfg_for(tree, fs=200), target, progress=False)  # a different window: different shards
+    assert staged and all(name.startswith("task-") for name in staged)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+    assert sorted(p.name for p in out.iterdir()) == ["ecgs", "qa", "report.json"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_uri_commit_reads_as_not_prepared_and_a_rerun_completes_it(
+    tree, ray_session, tmp_path, monkeypatch, capsys
+):
+    from ecgray import storage
+
+    out = tmp_path / "prepared"
+    cfg = cfg_for(tree)
+    prepare(cfg, f"file://{out}", progress=False)
+    complete = _files(out)
+    move, calls = storage.move, []
+
+    def failing_move(source, destination):
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError("connection reset")
+        move(source, destination)
+
+    monkeypatch.setattr(storage, "move", failing_move)
+    with pytest.raises(OSError, match="connection reset"):
+        prepare(cfg, f"file://{out}", progress=False)
+    assert not (out / "report.json").exists()  # not prepared: readers must not use it
+    assert [p.name for p in out.iterdir() if p.name.startswith("_staging")] == []
+    monkeypatch.setattr(storage, "move", move)
+    (out / "_staging-deadbeef" / "ecgs").mkdir(parents=True)  # what a killed run leaves behind
+    capsys.readouterr()
+    prepare(cfg, f"file://{out}", progress=False)  # a folder holding only prepare's own names is replaced
+    assert "holds the staging folders of interrupted runs (_staging-deadbeef)" in capsys.readouterr().err
+    assert (out / "_staging-deadbeef").is_dir()  # maybe another run's: named, not deleted
+    shutil.rmtree(out / "_staging-deadbeef")
+    again = _files(out)
+    assert again.keys() == complete.keys()
+    assert all(again[k] == complete[k] for k in complete if k.endswith(".parquet"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --ecgqa: the ECG-QA root or one of its version folders
+
+
+def test_ecgqa_version_folder_is_accepted_for_its_own_source(tree):
+    root = collect(cfg_for(tree, mimic_dir=str(tree / "mimic")))
+    ptb = collect(
+        DataConfig(ptbxl_dir=str(tree / "ptbxl"), mimic_dir=str(tree / "mimic"),
+                   ecgqa_dir=str(tree / "ecgqa" / "ptbxl"), **CFG)
+    )  # fmt: skip
+    assert ptb.items == [i for i in root.items if i["source"] == "ptbxl"]
+    assert ptb.samples == [s for s in root.samples if s["source"] == "ptbxl"] and len(ptb.samples) == 14
+    assert ptb.skipped == {} and [f["ecg_id"] for f in ptb.failures] == [6]
+    mimic = collect(DataConfig(mimic_dir=str(tree / "mimic"), ecgqa_dir=str(tree / "ecgqa" / "mimic-iv-ecg")))
+    assert [i["ecg_id"] for i in mimic.items] == [40000001, 40000002] and len(mimic.samples) == 1
+    # the version folder without its records: the skip reason names the flag to pass
+    with pytest.raises(PrepareError, match=r"mimic-iv-ecg is present but no --mimic DIR was given"):
+        collect(DataConfig(ptbxl_dir=str(tree / "ptbxl"), ecgqa_dir=str(tree / "ecgqa" / "mimic-iv-ecg")))
+
+
+def test_ecgqa_root_and_ptbxl_folder_of_the_synthetic_world_collect_the_same(tmp_path):
+    """`ecgray synth` writes WORLD/ecgqa/ptbxl: --ecgqa WORLD/ecgqa and WORLD/ecgqa/ptbxl both work, and
+    WORLD itself (the folder a user is likely to pass) is refused naming WORLD/ecgqa."""
+    from ecgray.synth.world import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, 10, seed=0, progress=False)
+    runs = [
+        collect(DataConfig(ptbxl_dir=str(world / "ptbxl"), ecgqa_dir=str(world / q), record_fs=100))
+        for q in ("ecgqa", "ecgqa/ptbxl")
+    ]
+    assert runs[0] == runs[1] and len(runs[0].samples) > 1000 and runs[0].items and not runs[0].failures
+    with pytest.raises(
+        PrepareError, match=rf"found ecgqa/, ptbxl/.*{re.escape(str(world / 'ecgqa'))} is an ECG-QA"
+    ):
+        collect(DataConfig(ptbxl_dir=str(world / "ptbxl"), ecgqa_dir=str(world), record_fs=100))
+
+
+@pytest.mark.parametrize(
+    "where, found, hint",
+    [
+        ("ecgqa/ptbxl/template", "found test/, train/", r"It is a template/ folder inside a version folder: "
+         r"pass \S*ecgqa/ptbxl\."),
+        ("ptbxl", "found ptbxl_database.csv, records500/", r"looks like the PTB-XL data set: pass it as --ptbxl"),
+        ("renamed", "found paraphrased/, t", r"under the name 'renamed': ECG-QA v1.0.2 names them 'ptbxl' and "
+         r"'mimic-iv-ecg'"),
+        ("", "found ecgqa/, mimic/, ptbxl/", r"\S*/ecgqa is an ECG-QA root: pass it\.$"),
+        ("empty", "found nothing", r"expected the ECG-QA root \(holding ptbxl/ and/or mimic-iv-ecg/\) or one of"),
+    ],
+)  # fmt: skip
+def test_a_wrong_ecgqa_folder_names_what_was_found_and_what_to_pass(tree, tmp_path, where, found, hint):
+    folder = tree / where
+    if where == "renamed":
+        folder = tmp_path / "renamed"
+        shutil.copytree(tree / "ecgqa" / "ptbxl", folder)
+    elif where == "empty":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    with pytest.raises(PrepareError) as err:
+        collect(DataConfig(ptbxl_dir=str(tree / "ptbxl"), ecgqa_dir=str(folder)))
+    message = str(err.value)
+    assert message.startswith(f"ECG-QA folder {folder} (--ecgqa): {found}"), message
+    assert re.search(hint, message), message
+
+
+def test_cli_wrong_ecgqa_folder_exits_1_before_any_reading(tree, tmp_path, capsys):
+    from ecgray.cli import main
+
+    code = main(["prepare", "--ptbxl", str(tree / "ptbxl"), "--ecgqa", str(tree / "ptbxl"),
+                 "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"ecgray prepare: ECG-QA folder {tree / 'ptbxl'} (--ecgqa): found ")
+    assert "pass it as --ptbxl" in err and not (tmp_path / "o").exists()
+
+
+def test_inputs_given_as_uris_are_refused_by_name(tree, tmp_path):
+    with pytest.raises(PrepareError, match=r"--ecgqa s3://b/ecgqa: inputs are read as local paths"):
+        collect(DataConfig(ptbxl_dir=str(tree / "ptbxl"), ecgqa_dir="s3://b/ecgqa"))
+
+
+def test_refuses_to_replace_a_foreign_uri_folder(tree, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(
+        PrepareError, match=r"is not a prepared directory \(no report.json, ecgs/ or qa/; holds notes.txt\)"
+    ):
+        prepare(cfg_for(tree), f"file://{tmp_path}/home", progress=False)
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"

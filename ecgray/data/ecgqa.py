@@ -1,7 +1,8 @@
 """ECG-QA v1.0.2 (PTB-XL and MIMIC-IV-ECG versions): samples, answer vocabularies, ECG splits, record paths.
 
 Layout (per version dir `ptbxl/` or `mimic-iv-ecg/`): answers.csv, answers_for_each_template.csv,
-{train,valid,test}_ecgs.tsv, {template,paraphrased}/{train,valid,test}/NNNNN.json.
+{train,valid,test}_ecgs.tsv, {template,paraphrased}/{train,valid,test}/NNNNN.json. Every `ecgqa_dir` argument
+is the ECG-QA root (holding `ptbxl/` and/or `mimic-iv-ecg/`) or one of those version folders (`version_dir`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,28 @@ class ECGQAError(ValueError):
     """A malformed ECG-QA file; the message names the file and the sample."""
 
 
+VERSION_ENTRIES = ("template", "paraphrased", "answers.csv", "train_ecgs.tsv", "test_ecgs.tsv")
+"""Names of which a version folder holds at least one."""
+
+
+def is_version_dir(folder: str | Path) -> bool:
+    """True when folder has the contents of an ECG-QA version folder (template/, answers.csv, ...)."""
+    return any((Path(folder) / name).exists() for name in VERSION_ENTRIES)
+
+
 def version_dir(ecgqa_dir: str | Path, source: str) -> Path:
-    """ECG-QA root + source ("ptbxl" | "mimic") -> the version folder."""
+    """ECG-QA root + source ("ptbxl" | "mimic") -> the version folder (which may not exist).
+
+    `ecgqa_dir` may also be that version folder itself (`.../ecgqa/ptbxl` for "ptbxl", `.../mimic-iv-ecg`
+    for "mimic"); then it is the version folder of its own source only.
+    """
     if source not in SOURCES:
         raise ValueError(f"ECG-QA source {source!r}: expected one of {list(SOURCES)}")
-    return Path(ecgqa_dir) / SOURCES[source]
+    root = Path(ecgqa_dir)
+    child = root / SOURCES[source]
+    if not child.is_dir() and root.name == SOURCES[source] and is_version_dir(root):
+        return root
+    return child
 
 
 def _check_sample(raw, where: str) -> dict:
