@@ -110,7 +110,9 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     if not ray.is_initialized():
         # one Ray for every stage, started here so that the Ray Train workers' progress reaches this
         # terminal (prepare alone starts its own Ray with worker output off)
-        ray.init(include_dashboard=False, configure_logging=False)
+        from ecgray.logs import runtime_env
+
+        ray.init(include_dashboard=False, configure_logging=False, runtime_env=runtime_env())
     with stage("prepare", (prepared_dir / "report.json").is_file()):
         if not (prepared_dir / "report.json").is_file():
             from ecgray.data.prepare import prepare
@@ -126,7 +128,13 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
             pretrain(cfg, open_prepared(prepared_dir), encoder_dir, device="cpu")
     cfg = replace(cfg, encoder=replace(cfg.encoder, checkpoint=str(encoder_file)))
 
-    # 4. meta-training on Ray Train; the final checkpoint is copied to out/checkpoint
+    # 4. the frozen encoder's features of every ECG, once (Ray Data); training and eval read these
+    from ecgray.data.features import ensure_features, features_complete
+
+    with stage("features", features_complete(cfg)):
+        ensure_features(cfg)
+
+    # 5. meta-training on Ray Train; the final checkpoint is copied to out/checkpoint
     cfg = replace(cfg, train=replace(cfg.train, storage_path=str(out / "ray_train")), run_dir=str(out))
     with stage("meta-train", (checkpoint_dir / "mapper.safetensors").is_file()):
         if not (checkpoint_dir / "mapper.safetensors").is_file():
@@ -142,7 +150,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                 tmp.rename(checkpoint_dir)
     save_config(cfg, out)
 
-    # 5. meta-test per question type, with the baselines, on the same episodes
+    # 6. meta-test per question type, with the baselines, on the same episodes
     from ecgray.eval.cli import evaluate
 
     evals: dict[str, dict[str, dict]] = {}  # protocol -> question type -> results payload
@@ -159,7 +167,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                     evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir)
                     evals[protocol][qt].pop("curves")
 
-    # 6. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
+    # 7. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
     served = None
     if serve_stage:
         with stage("serve", False):
@@ -167,7 +175,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     if owns_ray and ray.is_initialized():
         ray.shutdown()
 
-    # 7. report and figures
+    # 8. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
 

@@ -383,40 +383,6 @@ def test_real_shard_episodes(shard):
         EpisodeSampler(shard, EpisodeConfig(meta_val_fraction=0.0), "meta-train", 0)
 
 
-# ----------------------------------------------------------------------------- Ray Data
-
-
-@pytest.mark.slow
-def test_episode_dataset_shards_are_disjoint_and_cover_all(ray_session):
-    from ecgray.data.episodes import sampler_dataset
-
-    sampler = EpisodeSampler(world(), small_cfg(n_way=3), "meta-train", seed=1)
-    ds = sampler_dataset(sampler, 12)
-    shards = [[row for row in part.iter_rows()] for part in ds.split(2, equal=True)]
-    indices = [{row["index"] for row in rows} for rows in shards]
-    assert len(indices[0]) == len(indices[1]) == 6
-    assert not indices[0] & indices[1] and indices[0] | indices[1] == set(range(12))
-    expected = sampler.episodes(12)
-    for rows in shards:
-        for row in rows:
-            assert json.loads(row["episode"]) == expected[row["index"]]
-
-
-@pytest.mark.slow
-def test_episode_dataset_streaming_split(ray_session):
-    """What ray.train.get_dataset_shard does: streaming_split, consumed concurrently."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ecgray.data.episodes import sampler_dataset
-
-    ds = sampler_dataset(EpisodeSampler(world(), small_cfg(n_way=3), "meta-train", seed=2), 10)
-    iterators = ds.streaming_split(2, equal=True)
-    with ThreadPoolExecutor(2) as pool:
-        parts = list(pool.map(lambda it: [row["index"] for row in it.iter_rows()], iterators))
-    assert len(parts[0]) == len(parts[1]) == 5
-    assert sorted(parts[0] + parts[1]) == list(range(10))
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -469,20 +435,6 @@ def test_cli_prints_episodes_from_a_qa_table(tmp_path, capsys):
         assert all(it["sample_id"] % 30 >= 15 for it in ep["support"] + ep["query"])
     assert main([*args, "--n-way", "9"]) == 2
     assert "fewer than n_way=9" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_episode_dataset_from_prepared_dir(tmp_path, ray_session):
-    pytest.importorskip("ecgray.data.shards", reason="read_qa (ecgray/data/shards.py) has not landed yet")
-    from ecgray.data.episodes import episode_dataset
-
-    samples = world()
-    write_qa_parquet(tmp_path, samples)
-    cfg = small_cfg(n_way=3)
-    rows = episode_dataset(str(tmp_path), cfg, "meta-train", 6, seed=4).take_all()
-    assert [json.loads(r["episode"]) for r in sorted(rows, key=lambda r: r["index"])] == EpisodeSampler(
-        samples, cfg, "meta-train", 4
-    ).episodes(6)
 
 
 def test_patient_mode_on_real_ecg_ids_shares_no_patient(shared_data):

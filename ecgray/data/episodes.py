@@ -3,7 +3,7 @@
 Everything here works on plain ECG-QA sample dicts (the JSON fields: template_id, question_id,
 sample_id, question_type, attribute_type, question, answer, ecg_id, attribute, plus `split`
 (train/valid/test) when known), so it runs the same on `json.load`-ed files and on
-`ecgray.data.shards.read_qa` rows. Ray is imported only by `episode_dataset`.
+`ecgray.data.shards.read_qa` rows, without Ray (a training worker gets its episodes by index, `EpisodeSampler.episode`).
 
 Class keys are `{template_id}_{attrs}_{answer}` where `attrs` is the sorted attribute list joined with
 `ATTR_SEP` ("+"; the official code joins with "_", which collides with the key separator):
@@ -55,7 +55,6 @@ on the side of its first class key (sorted) only, so no sample is on two sides.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -649,35 +648,3 @@ def _item(sample: Sample, key: str, question_type: str) -> dict:
         # the candidates a choose question names ("... X or Y?"): part of the question, not of the answer
         "attribute": None if sample.get("attribute") is None else [str(a) for a in sample["attribute"]],
     }
-
-
-def episode_dataset(
-    prepared_dir: str,
-    cfg: EpisodeConfig,
-    split: str,
-    count: int,
-    seed: int,
-    *,
-    source: str | None = None,
-    variant: str | None = None,
-):
-    """A Ray Dataset of `count` episodes, one row each: `index` (int) and `episode` (JSON string).
-
-    The episodes are built on the driver from `read_qa(prepared_dir, source, variant)` with
-    `EpisodeSampler(..., seed).episodes(count)`, so the dataset is the same on every run, and
-    `ray.train.get_dataset_shard` (or `Dataset.split`) hands each worker a disjoint part of it.
-    """
-    from ecgray.data.shards import read_qa
-
-    samples = read_qa(prepared_dir, source=source, variant=variant, question_types=cfg.types())
-    return sampler_dataset(EpisodeSampler(samples, cfg, split, seed), count)
-
-
-def sampler_dataset(sampler: EpisodeSampler, count: int):
-    """Episodes 0..count-1 of `sampler` as a Ray Dataset (rows: `index`, `episode` JSON string)."""
-    import ray
-
-    episodes = sampler.episodes(count, progress=count >= 1000)
-    rows = [{"index": i, "episode": json.dumps(ep)} for i, ep in enumerate(episodes)]
-    # Several blocks, so that splitting the dataset across workers does not have to cut one block.
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(count, 64)))

@@ -3,8 +3,10 @@ sets, assign episodes to workers, and meta-test (method.md section 3). `meta_tra
 Train + DeepSpeed; bench/ uses them directly. Imports torch and ecgray only.
 
 Episode assignment: outer step s uses the global episodes s*G .. s*G+G-1 (G = meta.tasks_per_step);
-worker r of W takes the contiguous slots r*G/W .. (r+1)*G/W-1 of each step. The averaged meta-gradient is
-then exactly the G-task mean a single worker would compute, whatever W is.
+worker r of W takes the contiguous slots r*G/W .. (r+1)*G/W-1 of each step and draws them itself
+(`EpisodeSampler.episode(index)` is a pure function of the seed and the index: no list of every episode
+is built anywhere). The averaged meta-gradient is then exactly the G-task mean a single worker would
+compute, whatever W is, and a resumed run continues with the same episodes.
 """
 
 from __future__ import annotations
@@ -35,34 +37,49 @@ def local_tasks(tasks_per_step: int, world: int) -> int:
     return tasks_per_step // world
 
 
-def worker_of(index: int, tasks_per_step: int, world: int) -> tuple[int, int]:
-    """Global episode index -> (outer step, worker rank) under the module docstring's assignment."""
-    step, slot = divmod(index, tasks_per_step)
-    return step, slot // local_tasks(tasks_per_step, world)
+def episode_indices(step: int, tasks_per_step: int, rank: int, world: int) -> list[int]:
+    """The global episode indices worker `rank` of `world` runs at outer step `step` (module docstring)."""
+    per = local_tasks(tasks_per_step, world)
+    return [step * tasks_per_step + rank * per + j for j in range(per)]
 
 
 class FeatureCache:
-    """Frozen-encoder outputs per ecg_id, computed once per worker (the encoder never changes)."""
+    """Frozen-encoder outputs per ecg_id for the meta-gradient: read from the store's precomputed features
+    (`ecgray features`, attached as `store.features`) or, without them, the frozen encoder run on the
+    store's signals; the last `max_items` ECGs' outputs are kept (least recently used dropped first)."""
 
-    def __init__(self, lm: ECGLanguageModel, store, max_items: int = 100_000):
+    def __init__(self, lm: ECGLanguageModel, store, max_items: int = 20_000):
+        from collections import OrderedDict
+
         self.lm, self.store, self.max_items = lm, store, max_items
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[int, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
 
-    def features(self, ecg_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> tokens (B, N, D_enc), pooled (B, D_enc)."""
-        missing = sorted({i for i in ecg_ids if i not in self._cache})
+    def _compute(self, ecg_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        device = self.lm.embed.weight.device
+        features = getattr(self.store, "features", None)
+        if features is not None:
+            tokens, pooled = features.features(ecg_ids)
+            return (None if tokens is None else tokens.to(device)), pooled.to(device)
+        signals = torch.from_numpy(self.store.signals(ecg_ids)).to(device)  # (B, 12, T)
+        mask = torch.from_numpy(self.store.lead_mask(ecg_ids)).to(device)  # (B, 12)
+        tokens, pooled = self.lm.encode(signals, mask)
+        return (tokens if self.lm.cfg.mapper == "qformer" else None), pooled  # only the QFormer reads tokens
+
+    def features(self, ecg_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> tokens (B, N, D_enc) (None when only pooled vectors are stored), pooled (B, D_enc)."""
+        ecg_ids = [int(i) for i in ecg_ids]
+        missing = sorted(set(ecg_ids) - set(self._cache))
         if missing:
-            device = self.lm.embed.weight.device
-            signals = torch.from_numpy(self.store.signals(missing)).to(device)  # (B, 12, T)
-            mask = torch.from_numpy(self.store.lead_mask(missing)).to(device)  # (B, 12)
-            tokens, pooled = self.lm.encode(signals, mask)
-            if len(self._cache) + len(missing) > self.max_items:
-                self._cache.clear()
+            tokens, pooled = self._compute(missing)
             for j, i in enumerate(missing):
-                self._cache[i] = (tokens[j], pooled[j])
-        tokens = torch.stack([self._cache[i][0] for i in ecg_ids])
-        pooled = torch.stack([self._cache[i][1] for i in ecg_ids])
-        return tokens, pooled
+                self._cache[i] = (None if tokens is None else tokens[j], pooled[j])
+        rows = [self._cache[i] for i in ecg_ids]  # before evicting: this call's ECGs all stay readable
+        for i in ecg_ids:
+            self._cache.move_to_end(i)
+        while len(self._cache) > max(self.max_items, len(set(ecg_ids))):
+            self._cache.popitem(last=False)
+        tokens = None if rows[0][0] is None else torch.stack([r[0] for r in rows])
+        return tokens, torch.stack([r[1] for r in rows])
 
 
 def item_features(cache: FeatureCache, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +94,7 @@ def item_features(cache: FeatureCache, items: list[dict]) -> tuple[torch.Tensor,
     if counts != [2]:
         return cache.features([x[0] for x in ids])
     tokens, pooled = cache.features([i for x in ids for i in x])
-    return tokens.unflatten(0, (-1, 2)), pooled.unflatten(0, (-1, 2))
+    return (None if tokens is None else tokens.unflatten(0, (-1, 2))), pooled.unflatten(0, (-1, 2))
 
 
 def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -> tuple[TaskSet, TaskSet]:
@@ -123,7 +140,7 @@ def meta_test_sums(
 
 
 def eval_indices(n_episodes: int, rank: int, world: int) -> list[int]:
-    """This worker's meta-test episodes: every worker gets ceil(n / world) of them (the same number, so
-    ZeRO-3's collective parameter gathers stay in lockstep); the total is rounded up to a multiple."""
+    """This worker's meta-test episodes: every worker gets ceil(n / world) of them (the same number, so the
+    all-reduce of the sums waits for no one for long); the total is rounded up to a multiple."""
     per = math.ceil(n_episodes / world)
     return [rank * per + j for j in range(per)]

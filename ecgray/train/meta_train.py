@@ -1,9 +1,13 @@
 """`ecgray train`: meta-train the fusion module with Ray Train (TorchTrainer) + DeepSpeed.
 
-Recipe: the driver builds the meta-train episode stream (a Ray Dataset) and starts `train.num_workers`
-workers; each worker builds the model, wraps the mapper and the frozen LLM in a DeepSpeed engine
-(engine.py), and per outer step computes the meta-gradient of its share of the step's tasks
-(loop.py), which DeepSpeed averages across workers before AdamW. Every `meta.eval_every` steps the
+Recipe: the driver makes sure the frozen encoder's features of every prepared ECG exist (`ecgray
+features`, a Ray Data job, run once per encoder and data) and starts `train.num_workers` workers; each
+worker builds the model, wraps the mapper and the frozen LLM in a DeepSpeed engine (engine.py), and per
+outer step asks for its own share of the step's episodes by index and computes their meta-gradient from
+the features of their ECGs alone (loop.py), which DeepSpeed averages across workers before AdamW. One
+`EpisodeSource` actor per run holds the QA table and the episode samplers (a pure function of seed and
+index) and draws the episodes the workers ask for: no process holds the signals, the workers hold neither
+the QA table nor a list of every episode, so their memory does not grow with the data set. Every `meta.eval_every` steps the
 workers evaluate on meta-val episodes (classes / questions carved from the meta-train side: meta-test is
 never read while training); every `meta.checkpoint_every` steps (and at the end) a checkpoint
 (mapper + config + metrics + the split's class keys + optimizer state) is reported to Ray Train, which
@@ -13,6 +17,7 @@ restarts failed worker groups from the latest one (`train.max_failures`).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import tempfile
@@ -32,18 +37,40 @@ def run(args: argparse.Namespace) -> int:
     from ecgray.cli import config_from_args
 
     cfg = config_from_args(args)
-    result = meta_train(cfg)
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"metrics: {result.metrics}")
+    try:
+        result = meta_train(cfg)
+    except (ValueError, FileNotFoundError) as err:  # bad config or data, named before any worker starts
+        print(f"ecgray train: {err}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {checkpoint_location(cfg, result)}")
+    print(f"metrics: {json.dumps(result.metrics)}")
+    print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if result.error is not None:
+        print(f"ecgray train: failed: {result.error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def checkpoint_location(cfg: Config, result) -> str | None:
+    """The run's latest checkpoint as a path or URI (Ray gives a path inside the storage filesystem)."""
+    from ecgray import storage
+
+    if result.checkpoint is None:
+        return None
+    path = result.checkpoint.path
+    if storage.is_uri(cfg.train.storage_path) and not storage.is_uri(path):
+        return f"{cfg.train.storage_path.split('://', 1)[0]}://{path}"
+    return path
 
 
 def check_config(cfg: Config) -> None:
     """Fail on the driver, before any worker starts, with the key to fix."""
     from ecgray.models.ecg_lm import check_data_fits_encoder
     from ecgray.models.encoder import check_encoder_checkpoint
+    from ecgray.train.engine import check_zero_stage
     from ecgray.train.loop import local_tasks
 
+    check_zero_stage(cfg)
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
     check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
@@ -55,29 +82,71 @@ def check_config(cfg: Config) -> None:
     for key in ("outer_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         if getattr(cfg.meta, key) < 1:
             raise ValueError(f"meta.{key} must be >= 1, got {getattr(cfg.meta, key)}")
-    if not (Path(cfg.data.prepared_dir) / "qa").is_dir():
+    from ecgray import storage
+
+    if not storage.is_dir(storage.join(cfg.data.prepared_dir, "qa")):
         raise FileNotFoundError(
             f"data.prepared_dir={cfg.data.prepared_dir}: no qa/ shards (run `ecgray prepare` first)"
         )
 
 
+class EpisodeSource:
+    """The run's episode samplers (meta-train, seed `seed`; meta-val, seed `seed + 1`) over the QA table of
+    `data.prepared_dir`, in one Ray actor (`build_trainer` starts it with 0 CPUs): workers ask it for the
+    episodes of given indices. The QA table is read once per run, here, not in every worker."""
+
+    def __init__(self, config: dict):
+        from ecgray.data.episodes import EpisodeSampler, split_keys
+        from ecgray.data.shards import read_qa
+
+        cfg = from_dict(config)
+        self.problem = None
+        """Why the samplers could not be built (data that cannot give these episodes), else None."""
+        try:
+            qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
+            self._splits = split_keys(qa, cfg.episodes)
+            self._samplers = {
+                "meta-train": EpisodeSampler(qa, cfg.episodes, "meta-train", seed=cfg.seed),
+                "meta-val": EpisodeSampler(qa, cfg.episodes, "meta-val", seed=cfg.seed + 1),
+            }
+        except (ValueError, FileNotFoundError) as err:  # EpisodeError is a ValueError
+            self.problem = f"{cfg.data.prepared_dir}: {err}"
+
+    def check(self) -> str | None:
+        return self.problem
+
+    def episodes(self, side: str, indices: list[int]) -> list[dict]:
+        return [self._samplers[side].episode(i) for i in indices]
+
+    def splits(self) -> dict:
+        """The class keys of each side (`split_keys`), stored with every checkpoint."""
+        return self._splits
+
+    def peak_rss_mb(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None):
-    """The TorchTrainer of a meta-training run (also used by `ecgray tune`, one per trial)."""
+    """The TorchTrainer of a meta-training run (also used by `ecgray tune`, one per trial). The features of
+    the run's encoder and data are computed first when missing (`ecgray.data.features.ensure_features`;
+    `ecgray tune` computes them before its trials start)."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from ecgray.data.episodes import episode_dataset
+    from ecgray import storage
+    from ecgray.data.features import ensure_features
 
     check_config(cfg)
-    count = cfg.meta.outer_steps * cfg.meta.tasks_per_step
-    episodes = episode_dataset(
-        cfg.data.prepared_dir, cfg.episodes, "meta-train", count, cfg.seed,
-        source=cfg.data.source, variant=cfg.data.variant,
-    )  # fmt: skip
+    features = ensure_features(cfg)  # the frozen encoder's features of every ECG: computed once
+    # the samplers are built here, once, so a config whose episodes cannot be drawn fails before any worker
+    source = ray.remote(num_cpus=0)(EpisodeSource).remote(to_dict(cfg))
+    problem = ray.get(source.check.remote())
+    if problem is not None:
+        ray.kill(source)
+        raise ValueError(problem)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"cfg": to_dict(cfg), "features": features, "episodes": source},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -85,18 +154,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
-            storage_path=str(Path(cfg.train.storage_path).resolve())
-            if "://" not in cfg.train.storage_path
-            else cfg.train.storage_path,
+            storage_path=storage.resolve(cfg.train.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-        ),
-        datasets={"train": episodes},
-        # Every worker sees the whole (small, JSON) stream and keeps its own slots (loop.worker_of), in
-        # order: the step -> worker assignment is then exact, whatever Ray Data's block split would be.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
 
@@ -105,8 +166,11 @@ def meta_train(cfg: Config):
     """Run meta-training on the current Ray cluster (ray.init() when none is connected) -> ray.train.Result."""
     import ray
 
+    check_config(cfg)
+    from ecgray.logs import runtime_env
+
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=runtime_env())
     return build_trainer(cfg).fit()
 
 
@@ -114,15 +178,16 @@ def meta_train(cfg: Config):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(config)
-    import json
+    cfg = from_dict(config["cfg"])
+    from ecgray.logs import quiet_frameworks
 
+    quiet_frameworks()
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from ecgray.data.episodes import EpisodeSampler, split_keys
-    from ecgray.data.shards import ECGStore, read_qa
+    from ecgray.data.features import FeatureStore
+    from ecgray.data.shards import ECGStore
     from ecgray.meta.maml import meta_lr_at, set_lr
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
     from ecgray.models.ecg_lm import build_model
@@ -130,12 +195,12 @@ def train_loop_per_worker(config: dict) -> None:
     from ecgray.train import engine as eng
     from ecgray.train.loop import (
         FeatureCache,
+        episode_indices,
         eval_indices,
         local_tasks,
         meta_gradient,
         meta_test_sums,
         resolve_device,
-        worker_of,
     )  # fmt: skip
 
     ctx = ray.train.get_context()
@@ -165,16 +230,16 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[rank {rank}] resuming from step {start}", flush=True)
 
     engine, module = eng.build_engine(master, lm.llm, cfg, world)
-    # parameters this worker holds after DeepSpeed's partitioning (ZeRO-3: its shard of the LLM and mapper)
-    param_mb = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in module.parameters()) / 2**20
+    # parameters this worker holds (the frozen LLM is replicated: ZeRO 0-2 partition only optimizer state)
+    param_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
     if saved_opt is not None:
         eng.load_optimizer_state(engine, module, saved_opt, start)
 
-    store = ECGStore.open(cfg.data.prepared_dir)
+    store = ECGStore.open(cfg.data.prepared_dir)  # ids, lead masks, splits; signals only if read
+    store.features = FeatureStore.open(config["features"])  # read per ECG, as episodes need them
     cache = FeatureCache(lm, store)
-    qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
-    splits = split_keys(qa, cfg.episodes) if rank == 0 else None  # rank 0 writes the checkpoints
-    val_sampler = EpisodeSampler(qa, cfg.episodes, "meta-val", seed=cfg.seed + 1)
+    source = config["episodes"]  # the run's EpisodeSource actor
+    splits = ray.get(source.splits.remote()) if rank == 0 else None  # rank 0 writes the checkpoints
     my_eval = eval_indices(cfg.meta.eval_episodes, rank, world)
 
     def all_mean(values: list[float]) -> list[float]:
@@ -184,7 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def meta_val(theta) -> dict:
         sums = torch.tensor(
-            meta_test_sums(lm, theta, [val_sampler.episode(i) for i in my_eval], store, cfg),
+            meta_test_sums(lm, theta, ray.get(source.episodes.remote("meta-val", my_eval)), store, cfg),
             dtype=torch.float64,
         )
         dist.all_reduce(sums)
@@ -197,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
         }
 
     def save(step: int, metrics: dict):
-        # every worker takes part in gathering (a collective at ZeRO-3); rank 0 writes and reports the files
+        # every worker takes part (ZeRO-1/2's optimizer state is gathered); rank 0 writes and reports the files
         theta = eng.gather_theta(module)
         opt = eng.optimizer_state(engine, module)
         if rank != 0:
@@ -210,49 +275,40 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
 
     steps = cfg.meta.outer_steps
-    pending: dict[int, list[tuple[int, dict]]] = {}
-    step = start
     t_first = None  # end of this attempt's first step: the rate below leaves out its warm-up
-    shard = ray.train.get_dataset_shard("train")
-    for row in shard.iter_rows():
-        index = int(row["index"])
-        s, owner = worker_of(index, G, world)
-        if s < start or owner != rank:
-            continue
-        pending.setdefault(s, []).append((index, json.loads(row["episode"])))
-        while step in pending and len(pending[step]) == G // world:
-            episodes = [ep for _, ep in sorted(pending.pop(step), key=lambda x: x[0])]
-            theta = eng.gather_theta(module)
-            result = meta_gradient(lm, cache, theta, episodes, cfg)
-            loss = engine(result.grads)  # surrogate: its gradient w.r.t. theta is the meta-gradient
-            engine.backward(loss)
-            lr = meta_lr_at(step, cfg.meta)
-            set_lr(engine.optimizer, lr)
-            engine.step()
-            step += 1
-            t_first = t_first or time.perf_counter()
-            meta_loss, support_last = all_mean([result.meta_loss, float(result.support_losses[-1].mean())])
-            metrics = {
-                "step": step,
-                "meta_loss": meta_loss,
-                "meta_lr": lr,
-                "support_loss_last": support_last,
-                "episodes_per_s": (step - start - 1) * G / (time.perf_counter() - t_first)
-                if step > start + 1
-                else None,
-                "peak_rss_mb": all_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world),
-                "param_mb_per_worker": param_mb,
-            }
-            if rank == 0:
-                print(json.dumps(metrics), flush=True)
-            if step % cfg.meta.eval_every == 0 or step == steps:
-                metrics.update(meta_val(eng.gather_theta(module)))
-            if step % cfg.meta.checkpoint_every == 0 or step == steps:
-                save(step, metrics)
-            else:
-                ray.train.report(metrics)
-    if step != steps:
-        raise RuntimeError(f"[rank {rank}] episode stream ended at step {step} of meta.outer_steps={steps}")
+    for step in range(start, steps):
+        episodes = ray.get(source.episodes.remote("meta-train", episode_indices(step, G, rank, world)))
+        theta = eng.gather_theta(module)
+        result = meta_gradient(lm, cache, theta, episodes, cfg)
+        loss = engine(result.grads)  # surrogate: its gradient w.r.t. theta is the meta-gradient
+        engine.backward(loss)
+        lr = meta_lr_at(step, cfg.meta)
+        set_lr(engine.optimizer, lr)
+        engine.step()
+        done = step + 1
+        t_first = t_first or time.perf_counter()
+        meta_loss, support_last = all_mean([result.meta_loss, float(result.support_losses[-1].mean())])
+        metrics = {
+            "step": done,
+            "meta_loss": meta_loss,
+            "meta_lr": lr,
+            "support_loss_last": support_last,
+            "episodes_per_s": (done - start - 1) * G / (time.perf_counter() - t_first)
+            if done > start + 1
+            else None,
+            "peak_rss_mb": all_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world),
+            "param_mb_per_worker": param_mb,
+        }
+        if rank == 0:
+            print(json.dumps(metrics), flush=True)
+        if done % cfg.meta.eval_every == 0 or done == steps:
+            metrics.update(meta_val(eng.gather_theta(module)))
+        if done == steps:
+            metrics["episode_source_rss_mb"] = ray.get(source.peak_rss_mb.remote())
+        if done % cfg.meta.checkpoint_every == 0 or done == steps:
+            save(done, metrics)
+        else:
+            ray.train.report(metrics)
 
 
 def all_max(value: float, world: int) -> float:

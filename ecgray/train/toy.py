@@ -17,6 +17,7 @@ def write_toy_prepared(
     fs: int = 100,
     window_s: float = 1.0,
     seed: int = 0,
+    shard_rows: int = 1024,
 ) -> Path:
     """n_templates verify templates x {yes, no} classes of per_class samples (one question group each),
     one random ECG per sample at fs Hz for window_s seconds. Class split 80/20 -> 2 * n_templates classes."""
@@ -46,19 +47,23 @@ def write_toy_prepared(
     pq.write_table(pa.Table.from_pylist(qa, schema=qa_schema()), out / "qa" / "part-00000.parquet")
     n = len(ecg_ids)
     t_samples = int(round(fs * window_s))
-    signals = rng.standard_normal((n, 12, t_samples)).astype(np.float32)  # (N, 12, T)
-    columns = {
-        "ecg_id": pa.array(ecg_ids, pa.int64()),
-        "source": pa.array(["ptbxl"] * n),
-        "patient_id": pa.array(ecg_ids, pa.int64()),
-        "fs": pa.array([fs] * n, pa.int32()),
-        "signal": signals_to_arrow(signals),
-        "lead_mask": pa.array([[True] * 12] * n, pa.list_(pa.bool_(), 12)),
-        "split": pa.array(["train"] * n),
-        "nan_count": pa.array([0] * n, pa.int32()),
-        "metadata": pa.array([json.dumps({})] * n),
-    }
-    pq.write_table(pa.table(columns, schema=ecg_schema(t_samples)), out / "ecgs" / "part-00000.parquet")
+    for f, start in enumerate(range(0, n, shard_rows)):  # shards of shard_rows ECGs, as prepare writes them
+        ids = ecg_ids[start : start + shard_rows]
+        b = len(ids)
+        signals = rng.standard_normal((b, 12, t_samples)).astype(np.float32)  # (B, 12, T)
+        columns = {
+            "ecg_id": pa.array(ids, pa.int64()),
+            "source": pa.array(["ptbxl"] * b),
+            "patient_id": pa.array(ids, pa.int64()),
+            "fs": pa.array([fs] * b, pa.int32()),
+            "signal": signals_to_arrow(signals),
+            "lead_mask": pa.array([[True] * 12] * b, pa.list_(pa.bool_(), 12)),
+            "split": pa.array(["train"] * b),
+            "nan_count": pa.array([0] * b, pa.int32()),
+            "metadata": pa.array([json.dumps({})] * b),
+        }
+        table = pa.table(columns, schema=ecg_schema(t_samples))
+        pq.write_table(table, out / "ecgs" / f"part-{f:05d}.parquet", row_group_size=64)
     return out
 
 
