@@ -4,10 +4,14 @@ ecgray.meta computes each worker's meta-gradient g (functional fast weights on a
 mapper). DeepSpeed only has to average g across workers, clip it and step AdamW, at whatever ZeRO stage.
 `MetaModule.forward(g)` returns the surrogate loss sum_k <theta_k, g_k>, whose gradient w.r.t. the
 meta-parameters theta is exactly g, so `engine.backward` runs DeepSpeed's own reduction (all-reduce at
-stage 0, reduce-scatter at 1-3) and `engine.step` its clipping and optimizer.
+stage 0, reduce-scatter at 1-2) and `engine.step` its clipping and optimizer.
 
-The frozen LLM lives inside the module too, so ZeRO-3 partitions it across workers; the forward passes
-of the inner loop call its submodules directly and DeepSpeed's hooks gather their parameters.
+ZeRO stages 0-2 only: every worker holds the whole frozen LLM (replicated) and ZeRO at most shards the
+small mapper's optimizer state and gradients. ZeRO-3 is refused (`check_zero_stage`): it would partition
+the frozen LLM, but every worker loads the full LLM before DeepSpeed partitions it (peak memory above
+ZeRO-0's), and ranks make different numbers of LLM calls per outer step (one pass per length bucket and
+per option-trie chunk, different episodes on each rank), so ZeRO-3's per-call parameter all-gathers
+fall out of step and hang.
 
 Train state on disk (no pickle): the mapper via `ecgray.models.checkpoint`, the AdamW moments as full
 (unpartitioned) tensors in `optimizer.safetensors`, the step counter and history in `train_state.json`,
@@ -23,24 +27,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ecgray.config import ConfigError
+
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+def check_zero_stage(cfg) -> None:
+    """Refuse train.zero_stage=3 (and anything outside 0-2) with what to use instead. Called on the driver
+    (meta_train.check_config) before any worker starts, and again by `deepspeed_config`."""
+    stage = cfg.train.zero_stage
+    if stage == 3:
+        raise ConfigError(
+            "train.zero_stage=3 is not supported: every worker would load the full frozen LLM before DeepSpeed "
+            "partitions it (peak memory above ZeRO-0), and ranks make different numbers of LLM calls per outer "
+            "step (one pass per length bucket and per option-trie chunk, different episodes per rank), so "
+            "ZeRO-3's per-call parameter all-gathers fall out of step and hang. Replicate the frozen LLM "
+            "instead: set train.zero_stage=0 (or 1/2, which shard only the small mapper's optimizer state / "
+            "gradients); an 8B bf16 LLM (~16 GB) fits on one 40 GB GPU per worker."
+        )
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(f"train.zero_stage={stage}: expected one of {list(SUPPORTED_ZERO_STAGES)}")
 
 
 class MetaModule(nn.Module):
-    """mapper (the meta-parameters) + the frozen LLM, as one module for DeepSpeed."""
+    """mapper (the meta-parameters) + the frozen LLM (replicated on every worker), one module for DeepSpeed."""
 
-    def __init__(self, mapper: nn.Module, llm: nn.Module, zero_stage: int):
+    def __init__(self, mapper: nn.Module, llm: nn.Module):
         super().__init__()
         self.mapper = mapper
         self.llm = llm
-        if zero_stage == 3:
-            import deepspeed
-
-            # forward() reads the mapper's parameters without calling the mapper: tell ZeRO-3 to gather them.
-            for p in mapper.parameters():
-                deepspeed.zero.register_external_parameter(self, p)
 
     def forward(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
@@ -50,6 +68,7 @@ class MetaModule(nn.Module):
 
 
 def deepspeed_config(cfg, world: int) -> dict:
+    check_zero_stage(cfg)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -66,10 +85,11 @@ def deepspeed_config(cfg, world: int) -> dict:
 
 def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int):
     """-> (engine, MetaModule). `mapper` is the master copy; seeded identically on every worker."""
+    check_zero_stage(cfg)  # before DeepSpeed touches the LLM
     import deepspeed
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    module = MetaModule(mapper, llm, cfg.train.zero_stage)
+    module = MetaModule(mapper, llm)
     optimizer = torch.optim.AdamW(
         mapper.parameters(), lr=cfg.meta.meta_lr, weight_decay=cfg.meta.weight_decay
     )
@@ -85,19 +105,9 @@ def _cache_dir() -> Path:
     return cache_root()
 
 
-def _zero3(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
 def gather_theta(module: MetaModule) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of the meta-parameters (a collective at ZeRO-3: every worker must call it)."""
-    params = dict(module.mapper.named_parameters())
-    if any(_zero3(p) for p in params.values()):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {k: p.detach().float().clone() for k, p in params.items()}
-    return {k: p.detach().float().clone() for k, p in params.items()}
+    """Full fp32 copies of the meta-parameters (at ZeRO 0-2 every worker holds them whole)."""
+    return {k: p.detach().float().clone() for k, p in module.mapper.named_parameters()}
 
 
 def _plain_optimizer(engine) -> torch.optim.Optimizer | None:
@@ -107,7 +117,8 @@ def _plain_optimizer(engine) -> torch.optim.Optimizer | None:
 
 
 def optimizer_state(engine, module: MetaModule) -> dict[str, torch.Tensor]:
-    """`{param}.{exp_avg|exp_avg_sq}` as full fp32 tensors (a collective at ZeRO-3)."""
+    """`{param}.{exp_avg|exp_avg_sq}` as full fp32 tensors (an all-reduce of the partitions at ZeRO-1/2 and
+    under bf16: every worker must call it)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     out = {}
@@ -124,7 +135,7 @@ def optimizer_state(engine, module: MetaModule) -> dict[str, torch.Tensor]:
 
 
 def load_optimizer_state(engine, module: MetaModule, state: dict[str, torch.Tensor], step: int) -> None:
-    """Put saved AdamW moments back (at any ZeRO stage) and set AdamW's step count to `step`."""
+    """Put saved AdamW moments back (at any of ZeRO 0-2) and set AdamW's step count to `step`."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     plain = _plain_optimizer(engine)
