@@ -148,26 +148,6 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> Non
 
 
 @contextlib.contextmanager
-def local_dir(location: str | os.PathLike) -> Iterator[Path]:
-    """A local folder holding the location's files: the folder itself for a local path, else a temporary
-    download removed afterwards. A missing location raises FileNotFoundError naming it."""
-    if not is_uri(location):
-        path = Path(location).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{location}: no such directory")
-        yield path
-        return
-    import pyarrow.fs as pafs
-
-    if not is_dir(location):
-        raise FileNotFoundError(f"{location}: no such directory")
-    fs, path = filesystem(location)
-    with tempfile.TemporaryDirectory(prefix="ecgray-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
-@contextlib.contextmanager
 def local_file(location: str | os.PathLike) -> Iterator[Path]:
     """A local path holding the location's file (the file itself when local, else a temporary copy)."""
     if not is_uri(location):

@@ -110,6 +110,33 @@ def _shard_files(prepared_dir: str | Path, kind: str) -> list[str]:
     return files
 
 
+class KeyIndex:
+    """Positions of int64 keys in an array, by binary search over one sorted copy (no dict per key).
+    Duplicated keys are refused; `what` names the keys' home in the errors."""
+
+    def __init__(self, keys: np.ndarray, name: str, what: str):
+        self.name, self.what = name, what
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = np.asarray(keys, dtype=np.int64)[self._order]
+        if len(self._sorted) > 1 and (dup := self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]).size:
+            raise ValueError(f"{what} hold duplicated {name} {np.unique(dup)[:5].tolist()}")
+
+    def __contains__(self, key) -> bool:
+        i = np.searchsorted(self._sorted, int(key))
+        return bool(i < len(self._sorted) and self._sorted[i] == int(key))
+
+    def positions(self, keys) -> np.ndarray:
+        """Positions of keys in the original array; an unknown key raises KeyError naming it."""
+        keys = np.atleast_1d(np.asarray(keys, dtype=np.int64))
+        i = np.minimum(np.searchsorted(self._sorted, keys), max(len(self._sorted) - 1, 0))
+        bad = self._sorted[i] != keys if len(self._sorted) else np.ones(len(keys), bool)
+        if bad.any():
+            raise KeyError(
+                f"{self.name} {int(keys[bad][0])} is not in {self.what} ({len(self._sorted)} rows)"
+            )
+        return self._order[i]
+
+
 class ShardRows:
     """The rows of the Parquet files under a folder (a path or URI), found by an int64 key without holding
     them: the key column (and `meta_columns`) of every file is read once; other columns are read on demand,
@@ -130,7 +157,7 @@ class ShardRows:
         self._handles: dict[int, pq.ParquetFile] = {}
         keys, file_of, group_of, offset_of, metas = [], [], [], [], []
         for f in range(len(self.files)):
-            pf = self._file(f)
+            pf = self.parquet_file(f)
             if key not in pf.schema_arrow.names:
                 raise ValueError(f"{self.files[f]}: no {key!r} column (columns {pf.schema_arrow.names})")
             table = pf.read(columns=[key, *meta_columns])
@@ -146,17 +173,14 @@ class ShardRows:
         self._file_of = np.concatenate(file_of)
         self._group_of = np.concatenate(group_of)
         self._offset_of = np.concatenate(offset_of)
-        self._order = np.argsort(self.keys, kind="stable")
-        self._sorted = self.keys[self._order]
-        if len(self._sorted) > 1 and (dup := self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]).size:
-            raise ValueError(f"{self.location}: duplicated {key} {np.unique(dup)[:5].tolist()}")
+        self._index = KeyIndex(self.keys, key, self.location)
         self._cache_bytes = int(cache_mb * 2**20)
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._cached = 0
         self.groups_read = 0
         """Row groups decoded so far (a bench / test reads it)."""
 
-    def _file(self, f: int):
+    def parquet_file(self, f: int):
         import pyarrow.parquet as pq
 
         if f not in self._handles:
@@ -167,24 +191,18 @@ class ShardRows:
         return len(self.keys)
 
     def __contains__(self, key) -> bool:
-        i = np.searchsorted(self._sorted, int(key))
-        return bool(i < len(self._sorted) and self._sorted[i] == int(key))
+        return key in self._index
 
     def positions(self, keys) -> np.ndarray:
         """Row positions (file order) of keys; an unknown key raises KeyError naming it."""
-        keys = np.atleast_1d(np.asarray(keys, dtype=np.int64))
-        i = np.minimum(np.searchsorted(self._sorted, keys), max(len(self._sorted) - 1, 0))
-        bad = self._sorted[i] != keys if len(self._sorted) else np.ones(len(keys), bool)
-        if bad.any():
-            raise KeyError(f"{self.key} {int(keys[bad][0])} is not in {self.location} ({len(self)} rows)")
-        return self._order[i]
+        return self._index.positions(keys)
 
     def _group(self, f: int, g: int, columns: tuple):
         entry = (f, g, columns)
         if entry in self._cache:
             self._cache.move_to_end(entry)
             return self._cache[entry]
-        table = self._file(f).read_row_group(g, columns=list(columns))
+        table = self.parquet_file(f).read_row_group(g, columns=list(columns))
         self.groups_read += 1
         self._cache[entry] = table
         self._cached += table.nbytes
@@ -205,7 +223,11 @@ class ShardRows:
             group = self._group(int(f), int(g), tuple(columns))
             parts.append(group.take(pa.array(self._offset_of[pos[sel]])))
             order.append(sel)
-        table = pa.concat_tables(parts) if parts else self._file(0).schema_arrow.empty_table().select(columns)
+        table = (
+            pa.concat_tables(parts)
+            if parts
+            else self.parquet_file(0).schema_arrow.empty_table().select(columns)
+        )
         if not parts:
             return table
         inverse = np.empty(len(pos), dtype=np.int64)
@@ -237,15 +259,11 @@ class ECGStore:
         self.splits = np.asarray(splits)
         self.fs = fs
         self._n_samples = signals.shape[2] if n_samples is None else n_samples
-        self._order = np.argsort(self._ids, kind="stable")
-        self._sorted = self._ids[self._order]
-        if len(self._sorted) > 1 and (dup := self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]).size:
-            raise ValueError(f"ECG shards hold duplicated ecg_id {np.unique(dup)[:5].tolist()}")
+        self._index = KeyIndex(self._ids, "ecg_id", "the prepared ECGs")
 
     @classmethod
     def open(cls, prepared_dir: str | Path, cache_mb: float = 64.0) -> ECGStore:
         """The metadata of `prepared_dir/ecgs/*.parquet` (a path or URI) now, signals when asked for."""
-        import pyarrow.parquet as pq
 
         from ecgray import storage
 
@@ -256,13 +274,8 @@ class ECGStore:
         fs = set(meta.column("fs").to_pylist())
         if len(fs) > 1:
             raise ValueError(f"{folder}: shards mix sampling rates {sorted(fs)}")
-        lengths = set()
-        for f in range(len(rows.files)):
-            lengths.add(
-                pq.read_schema(rows._fs.open_input_file(rows.files[f]))
-                .field("signal")
-                .type.value_type.list_size
-            )
+        signal = [rows.parquet_file(f).schema_arrow.field("signal") for f in range(len(rows.files))]
+        lengths = {field.type.value_type.list_size for field in signal}
         if len(lengths) > 1:
             raise ValueError(f"{folder}: shards hold windows of different lengths {sorted(lengths)} samples")
         mask = meta.column("lead_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -291,8 +304,7 @@ class ECGStore:
         return len(self._ids)
 
     def __contains__(self, ecg_id) -> bool:
-        i = np.searchsorted(self._sorted, int(ecg_id))
-        return bool(i < len(self._sorted) and self._sorted[i] == int(ecg_id))
+        return ecg_id in self._index
 
     @property
     def ecg_ids(self) -> np.ndarray:
@@ -305,12 +317,7 @@ class ECGStore:
 
     def rows(self, ecg_ids) -> np.ndarray:
         """Row indices of ecg_ids; an unknown id raises KeyError naming it."""
-        ids = np.atleast_1d(np.asarray(ecg_ids, dtype=np.int64))
-        i = np.minimum(np.searchsorted(self._sorted, ids), max(len(self._sorted) - 1, 0))
-        bad = self._sorted[i] != ids if len(self._sorted) else np.ones(len(ids), bool)
-        if bad.any():
-            raise KeyError(f"ecg_id {int(ids[bad][0])} is not in the prepared ECGs ({len(self)} ECGs)")
-        return self._order[i]
+        return self._index.positions(ecg_ids)
 
     def signals(self, ecg_ids) -> np.ndarray:
         """float32 (B, 12, T) for the given ids (a copy)."""

@@ -96,9 +96,9 @@ def summary_table(results: dict[str, dict], comparisons: list[dict] | None = Non
 def eval_config(args: argparse.Namespace):
     """The checkpoint's config <- --config <- --set, locations absolute (where the command runs)."""
     from ecgray.config import load_config, resolve_locations
-    from ecgray.models.checkpoint import load_checkpoint_config
+    from ecgray.models.checkpoint import load_checkpoint_config, resolve_checkpoint
 
-    base = load_checkpoint_config(args.checkpoint)
+    base = load_checkpoint_config(resolve_checkpoint(args.checkpoint))  # a run dir: its latest checkpoint
     return resolve_locations(load_config(args.config, args.overrides, base=base))
 
 

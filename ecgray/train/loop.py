@@ -55,15 +55,10 @@ class FeatureCache:
         self._cache: OrderedDict[int, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
 
     def _compute(self, ecg_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        device = self.lm.embed.weight.device
-        features = getattr(self.store, "features", None)
-        if features is not None:
-            tokens, pooled = features.features(ecg_ids)
-            return (None if tokens is None else tokens.to(device)), pooled.to(device)
-        signals = torch.from_numpy(self.store.signals(ecg_ids)).to(device)  # (B, 12, T)
-        mask = torch.from_numpy(self.store.lead_mask(ecg_ids)).to(device)  # (B, 12)
-        tokens, pooled = self.lm.encode(signals, mask)
-        return (tokens if self.lm.cfg.mapper == "qformer" else None), pooled  # only the QFormer reads tokens
+        from ecgray.eval.meta_test import encode_ecgs  # features when attached, else the encoder; all leads
+
+        pooled, tokens = encode_ecgs(self.lm, self.store, ecg_ids, None)
+        return tokens, pooled
 
     def features(self, ecg_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """-> tokens (B, N, D_enc) (None when only pooled vectors are stored), pooled (B, D_enc)."""
