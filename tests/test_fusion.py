@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import rounding_tolerance
 
 from ecgray.config import ModelConfig
 from ecgray.models.fusion import AttentionMapper, MLPMapper, QFormerMapper, build_mapper
@@ -49,7 +50,9 @@ def test_attention_mapper_forward_is_the_spec():
     pooled = torch.randn(3, 24)
     out = m(pooled)
     assert out.shape == (3, 4, 32)
-    torch.testing.assert_close(out, reference_attention_mapper(m, pooled), rtol=1e-5, atol=1e-5)
+    # the same math with other kernels and sum orders: equal to the rounding of its longest reduction (D_llm)
+    ref = reference_attention_mapper(m, pooled)
+    torch.testing.assert_close(out, ref, **rounding_tolerance(ref, reduction=32))
     # initialisation: Xavier-uniform bound on Q/K/V, N(0,1) prefix
     bound = math.sqrt(6 / (24 + 32))
     assert m.q.weight.abs().max() <= bound and m.q.weight.abs().max() > 0.8 * bound

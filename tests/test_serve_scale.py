@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +23,9 @@ from ecgray.config import from_dict
 
 pytestmark = pytest.mark.slow
 
-# enough inner steps that one adaptation takes seconds: answers must not wait for it
+# enough inner steps that one adaptation takes a while: answers must not wait for it
 SCALE_TREE = {**TREE, "meta": {"inner_steps": 250, "inner_lr": 0.5}}
+MAX_ADAPTATIONS = 12
 
 
 @pytest.fixture(scope="module")
@@ -157,28 +159,43 @@ def test_a_killed_replica_is_replaced_and_answers_keep_succeeding(two):
 
 
 def test_adaptation_in_flight_does_not_delay_cached_answers(two):
-    """Bound: while an inner loop of 250 steps runs on the adaptation deployment, cached-adapter answers keep
-    completing, each within 3 s plus 3 x the idle latency -- far less than the adaptation itself."""
+    """While the adaptation deployment runs its inner loops, cached-adapter answers keep completing: at least
+    3 answers are sent after an adaptation began and come back before it ends. An answer that waited behind
+    the inner loop could not fit inside it, so the assertion is on ordering, never on a number of seconds.
+    Adaptations of distinct support sets run back to back until that happens, so a faster machine (shorter
+    inner loops) runs more of them instead of failing; MAX_ADAPTATIONS only bounds a broken service."""
     url, adapter = two
-    idle = []
-    for i in range(5):
-        t = time.perf_counter()
-        assert answer(url, adapter, seed=500 + i).status_code == 200
-        idle.append(time.perf_counter() - t)
-    bound = 3.0 + 3 * max(idle)
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(1) as pool:
-        t0 = time.perf_counter()
-        adapting = pool.submit(client.post, f"{url}/v1/adapt", json={"support": support_set(offset=70)})
-        latencies = []
+    adaptations, answers = [], []  # (sent, received) of each request, on one perf_counter clock
+    enough = threading.Event()
+
+    def adapt_back_to_back() -> None:
+        with httpx.Client(timeout=600) as client:
+            for k in range(MAX_ADAPTATIONS):
+                sent = time.perf_counter()
+                r = client.post(f"{url}/v1/adapt", json={"support": support_set(offset=70 + 10 * k)})
+                adaptations.append((sent, time.perf_counter()))
+                assert r.status_code == 200 and r.json()["adapted"], r.text
+                if enough.is_set():
+                    return
+
+    def inside_one_adaptation() -> int:
+        return max(
+            (sum(s0 <= a0 and a1 <= s1 for a0, a1 in answers) for s0, s1 in list(adaptations)), default=0
+        )
+
+    with ThreadPoolExecutor(1) as pool:
+        adapting = pool.submit(adapt_back_to_back)
         while not adapting.done():
-            t = time.perf_counter()
-            assert answer(url, adapter, seed=600 + len(latencies)).status_code == 200
-            if not adapting.done():
-                latencies.append(time.perf_counter() - t)
-        adapt_s = time.perf_counter() - t0
-        assert adapting.result().status_code == 200 and adapting.result().json()["adapted"]
-    assert adapt_s > bound, f"adaptation took {adapt_s:.1f} s: too short to show anything"
-    assert len(latencies) >= 3 and max(latencies) < bound, (latencies, bound, adapt_s)
+            sent = time.perf_counter()
+            assert answer(url, adapter, seed=600 + len(answers)).status_code == 200
+            answers.append((sent, time.perf_counter()))
+            if inside_one_adaptation() >= 3:
+                enough.set()
+        adapting.result()
+    assert inside_one_adaptation() >= 3, (
+        f"{len(answers)} answers over {len(adaptations)} adaptations, at most {inside_one_adaptation()} "
+        "inside one: answers wait for the inner loop"
+    )
 
 
 def test_overload_is_a_fast_503_with_retry_after(proxy, checkpoint, tmp_path_factory):

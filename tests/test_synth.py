@@ -385,7 +385,7 @@ def test_class_rules_on_a_hand_made_list():
 
 
 @pytest.mark.slow
-def test_default_world_size_class_counts_and_time(tmp_path):
+def test_default_world_size_and_class_counts(tmp_path):
     from ecgray.config import SynthConfig
 
     cfg = SynthConfig()
@@ -396,8 +396,7 @@ def test_default_world_size_class_counts_and_time(tmp_path):
     print(
         f"default world: {summary['records']} records, {summary['qa_samples']} samples, {seconds:.1f} s; train-split classes {counts}"
     )
-    assert all(n >= 25 for n in counts.values()), counts
-    assert seconds < 60
+    assert all(n >= 25 for n in counts.values()), counts  # its speed is bench/synth_speed.py's figure
     # the project's episode builder reads the same world and keeps the same classes
     from ecgray.config import EpisodeConfig
     from ecgray.data import ecgqa, episodes

@@ -204,7 +204,9 @@ def test_forward_equals_the_functional_reference(pretrained):
         ours = encoder(x)[1]
         ref = reference_forward(fairseq_model_state(TINY), TINY, x)
     torch.testing.assert_close(ours, ref, **rounding_tolerance(ref, reduction=TINY["d_enc"] * 2 * 49))
-    assert ours[0, :4].tolist() == pytest.approx(GOLDEN, abs=1e-4)  # pins the numbers under this seed
+    # pins the numbers under this seed: GOLDEN printed to 5 decimals (5e-6) from one CPU, plus the rounding
+    tol = 5e-6 + rounding_tolerance(ref, reduction=TINY["d_enc"] * 2 * 49)["atol"]
+    assert ours[0, :4].tolist() == pytest.approx(GOLDEN, abs=tol)
 
 
 GOLDEN = [-0.45518, 0.08275, 0.34874, -1.47409]
@@ -347,8 +349,9 @@ def test_per_lead_normalisation():
     z = normalize_lead(x, mask)
     present = mask.clone()
     present[1, 5] = False
-    assert torch.allclose(z[present].mean(-1), torch.zeros(int(present.sum())), atol=1e-6)
-    assert torch.allclose(z[present].pow(2).mean(-1), torch.ones(int(present.sum())), atol=1e-5)
+    n = int(present.sum())  # z-scores: mean 0 and mean square 1 up to the rounding of a T-term sum
+    torch.testing.assert_close(z[present].mean(-1), torch.zeros(n), **rounding_tolerance(z, reduction=T))
+    torch.testing.assert_close(z[present].pow(2).mean(-1), torch.ones(n), **rounding_tolerance(z.pow(2), T))
     assert torch.equal(z[0, 3], torch.zeros(T)) and torch.equal(z[1, 5], torch.zeros(T))
     # each lead's own gain and offset drop out (ECG-FM's input is per-lead standardised)
     gains = torch.rand(2, 12, 1, generator=g) * 5 + 0.1
