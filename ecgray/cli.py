@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"ecgray {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    from ecgray.logs import run_command
+
+    return run_command(module, args, f"ecgray {name}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +78,9 @@ def config_from_args(args: argparse.Namespace):
     try:
         return resolve_locations(load_config(args.config, args.overrides))
     except ConfigError as err:
-        print(f"ecgray: {err}", file=sys.stderr)
+        from ecgray.logs import say
+
+        say(f"ecgray: {err}", err=True)
         raise SystemExit(2) from None
 
 

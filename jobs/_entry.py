@@ -13,4 +13,6 @@ def main(module_name: str, prog: str, description: str, argv: list[str] | None =
     parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
     module.add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return int(module.run(args) or 0)
+    from ecgray.logs import run_command
+
+    return run_command(module, args, prog)

@@ -94,17 +94,17 @@ def run_in_task(module_name: str, args: argparse.Namespace, device: str, driver_
     """The task body: quiet logs, check inputs, run the module with `device` -> (exit code, files of a local
     --out when this is not the driver's node, else None)."""
     from ecgray import storage
-    from ecgray.logs import quiet_frameworks
+    from ecgray.logs import quiet_frameworks, say
 
     quiet_frameworks()
     for flag in INPUT_FLAGS:
         location = getattr(args, flag, None)
         if location and not storage.is_uri(location) and not Path(location).exists():
             where = "" if this_node == driver_node else f" on node {this_node}, where the job's task runs"
-            print(
+            say(
                 f"{module_name}: --{flag} {location}: not found{where}. On a multi-node cluster give object "
                 "storage (s3://<your-bucket>/...) or a filesystem every node mounts.",
-                file=sys.stderr,
+                err=True,
             )
             return 2, None
     args.overrides = [*args.overrides, f"device={device}"]
@@ -134,20 +134,27 @@ def main(module_name: str, prog: str, description: str, argv: list[str] | None =
     add_placement_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    import ray
-
     from ecgray import storage
-    from ecgray.logs import quiet_frameworks, runtime_env
+    from ecgray.logs import command_console
 
     out = getattr(args, "out", None)
     if out and not storage.is_uri(out):
         args.out = storage.resolve(out)  # the same absolute path on the task's node and back here
+    with command_console(module, args, prog):
+        return place_and_run(module, module_name, args, prog)
+
+
+def place_and_run(module, module_name: str, args: argparse.Namespace, prog: str) -> int:
+    """Connect to Ray, decide where the work runs, run it there -> the module's exit code."""
+    import ray
+
+    from ecgray.logs import quiet_frameworks, runtime_env, say
 
     quiet_frameworks()
     if not ray.is_initialized():
         ray.init(runtime_env=runtime_env())  # merged with a submitted job's own runtime_env
     where = placement(args.run_on, ray.cluster_resources(), autoscaler_node_types(), args.task_cpus)
-    print(f"{prog}: running on {where.device} ({where.reason})", file=sys.stderr, flush=True)
+    say(f"{prog}: running on {where.device} ({where.reason})", err=True)
     driver_node = ray.get_runtime_context().get_node_id()
     if where.num_gpus == 0:
         # CPU: here, in the driver, which reserves nothing, so the module's own Ray work (the features
@@ -162,7 +169,7 @@ def main(module_name: str, prog: str, description: str, argv: list[str] | None =
     code, files = ray.get(task.remote(module_name, args, where.device, driver_node))
     if files:
         write_back(args.out, files)
-        print(f"{prog}: copied {len(files)} files from the task's node to {args.out}", file=sys.stderr)
+        say(f"{prog}: copied {len(files)} files from the task's node to {args.out}", err=True)
     return code
 
 

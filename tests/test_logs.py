@@ -151,3 +151,124 @@ def test_ray_data_pipeline_is_quiet_on_driver_and_worker_consoles(tmp_path):
     session = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("session "))
     log_file = Path(session) / "logs" / "ray-data" / "ray-data.log"
     assert log_file.read_text().count("Starting execution of Dataset") >= 2
+
+
+# ------------------------------------------------------------------------------------------ the console
+
+
+def test_console_sends_framework_output_to_the_log_and_ecgray_lines_to_the_terminal(tmp_path, capfd):
+    with logs.console(str(tmp_path / "run"), "ecgray test") as con:
+        print("python-level chatter", flush=True)  # a framework's print or logging handler
+        os.write(2, b"fd-level chatter\n")  # C++ glog, a subprocess
+        subprocess.run([sys.executable, "-c", "print('child chatter')"], check=True)
+        logs.say("stage line")
+        logs.say("an error in one line", err=True)
+        with logs.progress(range(3), desc="bar") as bar:
+            for _ in bar:
+                pass
+    out, err = capfd.readouterr()
+    assert con.log_file == tmp_path / "run" / "logs" / "ecgray_test.log"
+    assert out == "stage line\n"
+    assert err.count(str(con.log_file)) == 1 and "an error in one line" in err and "bar: 100%" in err
+    assert "chatter" not in out + err
+    log = con.log_file.read_text()
+    for line in ("python-level chatter", "fd-level chatter", "child chatter", "stage line"):
+        assert line in log
+    print("after")  # fds restored
+    assert capfd.readouterr().out == "after\n"
+
+
+def test_worker_lines_tagged_for_the_console_are_shown_the_rest_kept_in_the_log(tmp_path, capfd):
+    with logs.console(str(tmp_path), "ecgray test") as con:
+        con.show_worker_lines({"lines": ["Reporting training result 1: TrainingReport(...)",
+                                         logs.TAG + "meta-train: rank 1 resumes from step 3"], "is_err": False})  # fmt: skip
+        record = {
+            "id": "7-1",
+            "desc": "meta-train",
+            "n": 0,
+            "total": 2,
+            "unit": "step",
+            "postfix": "",
+            "last": False,
+        }
+        lines = [logs.PROGRESS_TAG + json.dumps({**record, "n": n, "last": n == 2}) for n in (0, 1, 2)]
+        lines.append(logs.PROGRESS_TAG + json.dumps({**record, "n": 2, "last": True}))  # late duplicate
+        con.show_worker_lines({"lines": lines, "is_err": False})
+        assert not con.bars and con.finished == {"7-1"}
+    out, err = capfd.readouterr()
+    assert out == "meta-train: rank 1 resumes from step 3\n" and "TrainingReport" not in out + err
+    bars = [line for line in err.split("\n") if "meta-train" in line]  # a bar redraws with \r, ends with \n
+    assert len(bars) == 1 and "100%" in bars[0].split("\r")[-1] and "2/2" in bars[0]
+
+
+def test_worker_progress_prints_records_the_driver_draws(capsys):
+    bar = logs.WorkerProgress(total=3, desc="meta-train", unit="step", every_s=3600)
+    bar.update(1)  # within every_s of the first record: not printed
+    bar.set_postfix_str("meta_loss 0.7")
+    bar.update(2)
+    bar.close()
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line.removeprefix(logs.PROGRESS_TAG)) for line in lines]
+    assert all(line.startswith(logs.PROGRESS_TAG) for line in lines)
+    assert [(r["n"], r["last"], r["postfix"]) for r in records] == [
+        (0, False, ""),
+        (3, True, "meta_loss 0.7"),
+    ]
+
+
+def test_a_failing_command_is_one_console_line_and_its_traceback_in_the_log(tmp_path, capfd):
+    class Module:
+        @staticmethod
+        def log_location(args):
+            return str(tmp_path)
+
+        @staticmethod
+        def run(args):
+            raise RuntimeError("disk full at step 3")
+
+    with pytest.raises(SystemExit) as exit_info:
+        logs.run_command(Module, None, "ecgray boom")
+    assert exit_info.value.code == 1
+    out, err = capfd.readouterr()
+    log_file = tmp_path / "logs" / "ecgray_boom.log"
+    assert f"ecgray boom: failed: RuntimeError: disk full at step 3 (traceback in {log_file})" in err
+    assert "Traceback" not in out + err and "Traceback (most recent call last)" in log_file.read_text()
+
+
+CHATTER_PATTERNS = [
+    r"\(\w+ pid=\d+", r"pid=\d+", r"Reporting training result", r"TrainingReport", r"DeepSpeed",
+    r"Loading weights", r"Token authentication", r"PlacementGroupCleaner", r"core_worker", r"\bINFO\b",
+    r"\bWARNING\b", r"ServeReplica", r"ServeController", r"ProxyActor", r"Setting accelerator",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_demo_console_carries_no_framework_chatter_and_its_log_does(tmp_path):
+    """`ecgray demo` at a tiny size, as a person runs it (its own Ray; Ray Train, DeepSpeed and Serve for
+    real): the console holds ecgray's lines only, the run's log file the frameworks' output."""
+    import re
+
+    from test_demo import TINY
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0")
+    out_dir = tmp_path / "demo"
+    small = [*TINY, "eval.episodes_by_type={single-verify: 2, single-choose: 0, single-query: 0}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ecgray.cli", "demo", "--out", str(out_dir), "--set", *small],
+        env=env, capture_output=True, text=True, timeout=1800, start_new_session=True,
+    )  # fmt: skip
+    log_file = out_dir / "logs" / "ecgray_demo.log"
+    assert proc.returncode == 0, proc.stderr[-3000:] + (
+        log_file.read_text()[-3000:] if log_file.is_file() else ""
+    )
+    console = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+    chatter = [line for line in console if any(re.search(p, line) for p in CHATTER_PATTERNS)]
+    assert not chatter, chatter[:10]
+    assert sum(str(log_file) in line for line in console) == 1  # named once
+    assert "== ecgray demo: meta-train (running)" in console and "# ecgray demo report" in console
+    assert any(line.startswith("meta-train: 100%") for line in console)  # the workers' progress, drawn here
+    log = log_file.read_text()
+    for framework_line in ("pid=", "Reporting training result", "ServeReplica"):
+        assert framework_line in log, framework_line

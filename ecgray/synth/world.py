@@ -213,7 +213,7 @@ def _consistent_row(row: dict, codes: dict) -> dict:
 
 def generate_world(out_dir: str | Path, patients: int, seed: int, progress: bool = True) -> dict:
     """Write the whole world under out_dir; returns a summary (counts, class statistics inputs)."""
-    from tqdm import tqdm
+    from ecgray.logs import progress as progress_bar
 
     if patients < 10:
         raise ValueError(
@@ -238,7 +238,7 @@ def generate_world(out_dir: str | Path, patients: int, seed: int, progress: bool
 
     db_rows, feat_rows, facts = [], [], []
     for ecg_id, rec in enumerate(
-        tqdm(recordings, desc="ecgray synth: records", disable=not progress), start=1
+        progress_bar(recordings, desc="ecgray synth: records", disable=not progress), start=1
     ):
         rec_rng = np.random.default_rng([seed, ecg_id])
         codes = rec.row["codes"]

@@ -25,12 +25,20 @@ import time
 from pathlib import Path
 
 from ecgray.config import Config, from_dict, to_dict
+from ecgray.logs import progress, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecgray.cli import add_config_arguments
 
     add_config_arguments(parser)
+
+
+def log_location(args: argparse.Namespace) -> str:
+    """The run directory whose logs/ holds the framework output (`ecgray.logs.console`): run_dir."""
+    from ecgray.cli import config_from_args
+
+    return config_from_args(args).run_dir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = meta_train(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad config or data, named before any worker starts
-        print(f"ecgray train: {err}", file=sys.stderr)
+        say(f"ecgray train: {err}", err=True)
         return 2
-    print(f"checkpoint: {checkpoint_location(cfg, result)}")
-    print(f"metrics: {json.dumps(result.metrics)}")
-    print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    say(f"checkpoint: {checkpoint_location(cfg, result)}")
+    say(f"metrics: {json.dumps(result.metrics)}")
+    say(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0  # Train V2: a failed run raises from fit(), and the command exits non-zero
 
 
@@ -224,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
             saved_opt, saved = eng.read_train_state(Path(d))
         start = int(saved["step"])
         history = {"restarts": saved.get("restarts", []) + [start]}
-        print(f"[rank {rank}] resuming from step {start}", flush=True)
+        say(f"meta-train: rank {rank} resumes from step {start}")
 
     engine, module = eng.build_engine(master, lm.llm, cfg, world)
     # parameters this worker holds (the frozen LLM is replicated: ZeRO 0-2 partition only optimizer state)
@@ -273,6 +281,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     steps = cfg.meta.outer_steps
     t_first = None  # end of this attempt's first step: the rate below leaves out its warm-up
+    # rank 0's progress is the run's: a bar on the driver's console (every step's metrics go to the log)
+    bar = progress(total=steps, initial=start, desc="meta-train", unit="step", disable=rank != 0)
     for step in range(start, steps):
         episodes = ray.get(source.episodes.remote("meta-train", episode_indices(step, G, rank, world)))
         theta = eng.gather_theta(module)
@@ -300,12 +310,16 @@ def train_loop_per_worker(config: dict) -> None:
             print(json.dumps(metrics), flush=True)
         if done % cfg.meta.eval_every == 0 or done == steps:
             metrics.update(meta_val(eng.gather_theta(module)))
+        shown = {"meta_loss": meta_loss, "meta_val_acc": metrics.get("meta_val_accuracy")}
+        bar.set_postfix_str(", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None))
+        bar.update(1)
         if done == steps:
             metrics["episode_source_rss_mb"] = ray.get(source.peak_rss_mb.remote())
         if done % cfg.meta.checkpoint_every == 0 or done == steps:
             save(done, metrics)
         else:
             ray.train.report(metrics)
+    bar.close()
 
 
 def all_max(value: float, world: int) -> float:

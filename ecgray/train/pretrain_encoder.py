@@ -224,13 +224,12 @@ def pretrain(
     order = rng.permutation(train_ids)
     cursor = 0
     losses = []
-    from tqdm import tqdm
+    from ecgray.logs import progress as progress_bar
 
-    bar = tqdm(
+    bar = progress_bar(
         range(enc_cfg.pretrain_steps),
         desc=f"pretrain-encoder ({enc_cfg.pretrain_objective})",
         disable=not progress,
-        file=sys.stderr,
     )
     encoder.train()
     head.train()

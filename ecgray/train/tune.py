@@ -30,6 +30,7 @@ import math
 import sys
 
 from ecgray.config import LOCATION_FIELDS, Config, from_dict, to_dict
+from ecgray.logs import say
 
 TRIAL_MEMORY = 64 * 2**20
 """Bytes of Ray's `memory` resource a trial function reserves: its only resource (it holds no CPU)."""
@@ -49,23 +50,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+def log_location(args: argparse.Namespace) -> str:
+    """The run directory whose logs/ holds the framework output (`ecgray.logs.console`): run_dir."""
+    from ecgray.cli import config_from_args
+
+    return config_from_args(args).run_dir
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep; exit 1 when any trial failed (each named, with its error, on stderr)."""
     from ecgray.cli import config_from_args
 
     cfg = config_from_args(args)
     table = sweep(cfg)
-    print(table.to_string(index=False))
+    say(table.to_string(index=False))
     failed = table[table["error"].notna()]
     for _, row in failed.iterrows():
         params = ", ".join(f"{k}={row[k]}" for k in cfg.train.tune_space)
-        print(
+        say(
             f"ecgray tune: trial {row['trial_id']} ({params}) failed: {row['error']}\n"
             f"  full error: {row['error_file']}",
-            file=sys.stderr,
+            err=True,
         )
     if len(failed):
-        print(f"ecgray tune: {len(failed)} of {len(table)} trials failed", file=sys.stderr)
+        say(f"ecgray tune: {len(failed)} of {len(table)} trials failed", err=True)
     return 1 if len(failed) else 0
 
 
@@ -351,7 +359,7 @@ def sweep(cfg: Config):
     base = to_dict(cfg)
     base["train"]["tune_space"] = {}  # the trials' own configs sweep nothing
     storage, name, metric = cfg.train.storage_path, f"{cfg.train.name}_sweep", cfg.train.tune_metric
-    print(f"ecgray tune: {at_once} trial(s) at once on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    say(f"ecgray tune: {at_once} trial(s) at once on {ray.cluster_resources().get('CPU', 0):g} CPUs")
     tuner = tune.Tuner(
         tune.with_resources(_trial, TRIAL_RESOURCES),
         param_space={"base": base, "params": space},
@@ -451,7 +459,7 @@ def write_results(rows: list[dict], keys: list[str], metric: str, out_dir, log_k
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
     write_bytes(join(out_dir, "sweep.png"), png.getvalue())
-    print(f"sweep results: {join(out_dir, 'sweep.csv')}, sweep.json, sweep.png")
+    say(f"sweep results: {join(out_dir, 'sweep.csv')}, sweep.json, sweep.png")
     return table
 
 
