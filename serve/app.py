@@ -21,9 +21,9 @@ bodies above serve.max_payload_mb are refused before they are parsed.
 import argparse
 import asyncio
 import base64
+import copy
 import json
 import math
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from email.parser import BytesParser
@@ -37,8 +37,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgray.config import ServeConfig
+from ecgray.logs import say
 from serve.payloads import (
     ADAPTER_ID_SCHEMA,
+    MODES,
     MULTIPLEX_HEADER,
     AdaptRequest,
     AnswerRequest,
@@ -49,6 +51,8 @@ from serve.payloads import (
     canonical_support,
     check_kinds,
     check_limits,
+    kind_schema,
+    kinds_schema,
 )
 
 
@@ -63,6 +67,53 @@ class ServeArgs(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------- HTTP glue
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: `error` is "field: message"; `errors` lists each fault of a body that has several."""
+
+    error: str
+    field: str
+    message: str
+    errors: list[FieldError] | None = None
+
+
+_REFUSALS = {
+    400: "Malformed JSON, or a Content-Length that is not a number",
+    404: "Unknown adapter_id: never adapted by this service, or removed from its adapter store",
+    413: "A body above serve.max_payload_mb, more support items or queries than the service takes, or an ECG "
+    "longer than serve.max_duration_s",
+    415: "Not multipart/form-data with a boundary",
+    422: "A field breaks a rule: `field` names it, `message` says what was expected",
+    503: "At capacity (a deployment's queue is full): retry after Retry-After seconds",
+}
+
+
+def _responses(*codes: int) -> dict:
+    """The refusals of an operation, beside those of every request: 400 / 413 (BodyLimit, before routing)
+    and 503 (a full queue behind the ingress)."""
+    codes = sorted({400, 413, 503, *codes})
+    out = {code: {"model": ErrorBody, "description": _REFUSALS[code]} for code in codes}
+    out[503]["headers"] = {"Retry-After": {"description": "seconds", "required": True,
+                                           "schema": {"type": "integer", "minimum": 1}}}  # fmt: skip
+    return out
+
+
+_MULTIPLEX_PARAMETER = {
+    "name": MULTIPLEX_HEADER, "in": "header", "required": False, "schema": ADAPTER_ID_SCHEMA,
+    "description": "the adapter id, instead of `adapter_id` in the body (then the body names no other mode: "
+                   "no support, no zero_shot=true) or equal to it: Serve routes the request to replicas that "
+                   "hold that adapter",
+}  # fmt: skip
+_UPLOAD_JSON_PARTS = ("support", "template_id", "zero_shot")
+"""Parts of /v1/answer/upload read as JSON; question and adapter_id are text, options a text part per option
+(multipart's form of an array of strings), hea and dat bytes."""
+_UPLOAD_FIELDS = {"hea", "dat", "question", "adapter_id", "options", *_UPLOAD_JSON_PARTS}
+
+
 def _error(status: int, field: str, message: str, errors: list | None = None) -> JSONResponse:
     body = {"error": f"{field}: {message}", "field": field, "message": message}
     if errors:
@@ -167,7 +218,9 @@ def _validation_errors(errors: list) -> tuple[int, list[dict]]:
 async def _http_error(request: Request, err: StarletteHTTPException):
     # FastAPI's own refusals (undecodable body, unknown path, wrong method) in the same JSON shape
     field = {404: "path", 405: "method"}.get(err.status_code, "body")
-    return _error(err.status_code, field, str(err.detail))
+    response = _error(err.status_code, field, str(err.detail))
+    response.headers.update(err.headers or {})  # a 405 names the allowed methods (Allow), as RFC 9110 asks
+    return response
 
 
 @api.exception_handler(RequestValidationError)
@@ -177,8 +230,11 @@ async def _validation_error(request: Request, err: RequestValidationError):
     return _error(status, first["field"], first["message"], errors)
 
 
-def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
-    """multipart/form-data -> field name -> bytes (the standard library's MIME parser; no extra dependency)."""
+def _multipart(
+    content_type: str, body: bytes, repeated: tuple[str, ...] = ()
+) -> dict[str, bytes | list[bytes]]:
+    """multipart/form-data -> field name -> bytes, or the list of its parts for the names in `repeated` (the
+    standard library's MIME parser; no extra dependency)."""
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
         raise PayloadError(
             "content-type", f"{content_type[:80]!r}: expected multipart/form-data with a boundary", 415
@@ -188,28 +244,31 @@ def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
     )
     if not message.is_multipart():
         raise PayloadError("body", "not a multipart/form-data body")
-    fields: dict[str, bytes] = {}
+    fields: dict[str, bytes | list[bytes]] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not name:
             raise PayloadError("body", "a multipart part without a name")
-        if name in fields:
+        payload = part.get_payload(decode=True) or b""
+        if name in repeated:
+            fields.setdefault(str(name), []).append(payload)
+        elif name in fields:
             raise PayloadError(str(name), "given twice")
-        fields[str(name)] = part.get_payload(decode=True) or b""
+        else:
+            fields[str(name)] = payload
     return fields
 
 
 def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None) -> dict:
     """The OpenAPI schema with this service's limits stated (max items of ecgs / support / options, the
-    known template ids, the window its model reads), so a schema-driven client generates only requests
-    validation accepts. Relations JSON Schema cannot state (rows = leads, bytes = shape x dtype size,
-    seconds = samples / fs) are in the descriptions."""
+    known template ids and which kind of query each takes, the window its model reads), so a schema-driven
+    client generates only requests validation accepts. Relations JSON Schema cannot state (rows = leads,
+    bytes = shape x dtype size, seconds = samples / fs, a WFDB pair that parses) are in the descriptions."""
 
     def array(prop: dict) -> dict:  # the array branch of `list | None`
         return next((b for b in prop.get("anyOf", [prop]) if b.get("type") == "array"), prop)
 
-    api.openapi_schema = None
-    schema = api.openapi()
+    schema = copy.deepcopy(FastAPI.openapi(api))  # FastAPI's own, not the api.openapi that serves this one
     models = schema["components"]["schemas"]
     answer, adapt = models["AnswerRequest"]["properties"], models["AdaptRequest"]["properties"]
     array(answer["ecgs"])["maxItems"] = cfg.max_queries
@@ -219,6 +278,9 @@ def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None
     adapt["support"]["maxItems"] = cfg.max_support
     integer = next(b for b in answer["template_id"]["anyOf"] if b.get("type") == "integer")
     integer["enum"] = sorted(template_ids)
+    comparison = comparison_templates()
+    models["AnswerRequest"]["allOf"].append(kinds_schema(template_ids, comparison))
+    models["AnswerUpload"] = _upload_form(models["AnswerRequest"], template_ids, comparison)
     ecg = models["ECGIn"]
     ecg["description"] = ecg.get("description", "") + (
         f" Between the model's window and serve.max_duration_s={cfg.max_duration_s:g} s long"
@@ -229,6 +291,24 @@ def openapi_with_limits(cfg: ServeConfig, template_ids: list[int], data_cfg=None
         )
     )
     return schema
+
+
+def _upload_form(answer: dict, template_ids: list[int], comparison: set[int]) -> dict:
+    """The multipart form of /v1/answer/upload: AnswerRequest's fields, with one query ECG uploaded as a WFDB
+    pair (hea, dat) in place of ecgs / ecg_pairs; support, template_id and zero_shot are read as JSON, options
+    are a part each."""
+    form = copy.deepcopy(answer)
+    props = form["properties"]
+    del props["ecgs"], props["ecg_pairs"]
+    for name in set(props) - set(_UPLOAD_JSON_PARTS):  # a text part has no null ("null" is text)
+        props[name] = next((b for b in props[name].get("anyOf", []) if b.get("type") != "null"), props[name])
+    props["hea"] = {"type": "string", "format": "binary", "description": "the record's .hea file (text)"}
+    props["dat"] = {"type": "string", "format": "binary", "description": "the record's .dat file"}
+    form["required"] = ["hea", "dat", *form["required"]]
+    form["allOf"] = [MODES, kind_schema("single", template_ids, comparison)]  # its one query is one ECG
+    form["title"] = "AnswerUpload"
+    form.pop("description", None)
+    return form
 
 
 def comparison_templates() -> set[int]:
@@ -428,7 +508,9 @@ class ECGQAService:
         self.templates = read_template_answers(cfg.template_answers or DEFAULT_TEMPLATE_ANSWERS)
         self.comparison_templates = comparison_templates()
         self.adaptation, self.answering = adaptation, answering
-        openapi_with_limits(cfg, list(self.templates), self.data_cfg)
+        schema = openapi_with_limits(cfg, list(self.templates), self.data_cfg)
+        # served as built: FastAPI would regenerate its own when Serve registers the routes on this replica
+        api.openapi = lambda: schema
         # as many batches in flight as there can be answer replicas to take them
         self._answer_batch = serve.batch(
             max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
@@ -508,13 +590,13 @@ class ECGQAService:
         }
 
     # ------------------------------------------------------------------------------------- endpoints
-    @api.get("/healthz")
+    @api.get("/healthz", responses=_responses())
     async def healthz(self) -> dict:
         """A real probe forward on an answer replica (encoder, mapper, LLM option scoring)."""
         seconds = await _remote(self.answering.probe.remote(), "answering", self.cfg.retry_after_s)
         return {"status": "ok", "probe_ms": round(1000 * seconds, 1)}
 
-    @api.get("/v1/info")
+    @api.get("/v1/info", responses=_responses())
     async def info(self) -> dict:
         """The model, the limits, and counters of one answer and one adaptation replica."""
         from ecgray.config import to_dict, versions
@@ -527,7 +609,7 @@ class ECGQAService:
                 "adaptation_replica": adaptation,
                 "uptime_s": round(time.time() - self.started, 1)}  # fmt: skip
 
-    @api.post("/v1/adapt")
+    @api.post("/v1/adapt", responses=_responses(422))
     async def adapt(self, req: AdaptRequest) -> dict:
         """Run the inner loop on a support set once; answer later with the returned adapter_id."""
         check_limits(req, self.cfg)
@@ -536,29 +618,26 @@ class ECGQAService:
         return {**out, "support_size": size}
 
     @api.post(
-        "/v1/answer",
-        openapi_extra={"parameters": [{
-            "name": MULTIPLEX_HEADER, "in": "header", "required": False, "schema": ADAPTER_ID_SCHEMA,
-            "description": "the adapter id, instead of (or equal to) `adapter_id` in the body: Serve routes "
-                           "the request to replicas that hold that adapter"}]},
-    )  # fmt: skip
+        "/v1/answer", responses=_responses(404, 422), openapi_extra={"parameters": [_MULTIPLEX_PARAMETER]}
+    )
     async def answer(self, req: AnswerRequest) -> dict:
         """Answer the question for each ECG in `ecgs`."""
         return await self._answer(req)
 
     @api.post(
         "/v1/answer/upload",
-        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["hea", "dat", "question"],
-            "properties": {"hea": {"type": "string", "format": "binary"}, "dat": {"type": "string", "format": "binary"},
-                           "question": {"type": "string"}, "adapter_id": ADAPTER_ID_SCHEMA,
-                           "support": {"type": "string", "description": "JSON list of support items"},
-                           "zero_shot": {"type": "boolean"}, "template_id": {"type": "integer"},
-                           "options": {"type": "string", "description": "JSON list of options"}}}}}}},
+        responses=_responses(404, 415, 422),
+        openapi_extra={"parameters": [_MULTIPLEX_PARAMETER], "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AnswerUpload"},
+                                    "encoding": {"support": {"contentType": "application/json"}}}}}},
     )  # fmt: skip
     async def answer_upload(self, request: Request) -> dict:
         """One query ECG uploaded as a WFDB pair (multipart/form-data fields hea, dat) + the answer fields."""
-        fields = _multipart(request.headers.get("content-type", ""), await request.body())
+        content_type = request.headers.get("content-type", "")
+        fields = _multipart(content_type, await request.body(), repeated=("options",))
+        unknown = sorted(set(fields) - _UPLOAD_FIELDS)
+        if unknown:
+            raise PayloadError(unknown[0], "unknown field")
         for name in ("hea", "dat"):
             if name not in fields:
                 raise PayloadError(name, "missing: upload the record's .hea and .dat as multipart fields")
@@ -570,7 +649,9 @@ class ECGQAService:
         for name in ("question", "adapter_id"):
             if name in fields:
                 body[name] = fields[name].decode("utf-8", "replace")
-        for name in ("support", "options", "template_id", "zero_shot"):
+        if "options" in fields:
+            body["options"] = [part.decode("utf-8", "replace") for part in fields["options"]]
+        for name in _UPLOAD_JSON_PARTS:
             if name in fields:
                 try:
                     body[name] = json.loads(fields[name])
@@ -688,6 +769,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return cfg
 
 
+def log_location(args: argparse.Namespace) -> str:
+    """The run directory whose logs/ holds the framework output (`ecgray.logs.console`): run_dir."""
+    from ecgray.cli import config_from_args
+
+    return config_from_args(args).run_dir
+
+
 def run(args: argparse.Namespace) -> int:
     """Start (or join) Ray, deploy the app, serve until interrupted."""
     import os
@@ -696,9 +784,9 @@ def run(args: argparse.Namespace) -> int:
 
     outside = [o for o in args.overrides if not o.strip().startswith("serve.")]
     if outside:
-        print(
+        say(
             f"ecgray serve: only serve.* keys apply (the model comes from the checkpoint): {outside}",
-            file=sys.stderr,
+            err=True,
         )
         return 2
     try:
@@ -706,7 +794,7 @@ def run(args: argparse.Namespace) -> int:
         sargs = ServeArgs(serve=cfg, llm=args.llm)
         app = build_app(sargs)
     except (ValueError, ValidationError) as err:
-        print(f"ecgray serve: {err}", file=sys.stderr)
+        say(f"ecgray serve: {err}", err=True)
         return 2
     if args.address:
         ray.init(address=args.address, include_dashboard=False)
@@ -714,13 +802,13 @@ def run(args: argparse.Namespace) -> int:
         need = math.ceil(required_cpus(cfg))
         cpus = args.num_cpus or os.cpu_count() or 1
         if args.num_cpus is None and need > cpus:
-            print(f"ecgray serve: the replicas reserve {need} CPUs; the local Ray gets {need} logical CPUs "
-                  f"on {cpus} cores (replicas share them)", flush=True)  # fmt: skip
+            say(f"ecgray serve: the replicas reserve {need} CPUs; the local Ray gets {need} logical CPUs "
+                  f"on {cpus} cores (replicas share them)")  # fmt: skip
             cpus = need
         ray.init(num_cpus=cpus, include_dashboard=False)
     serve.start(proxy_location="EveryNode", http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name="ecgray", route_prefix="/", blocking=False)
-    print(f"ecgray serve: http://{cfg.host}:{cfg.port}/v1/info  (docs at /docs; Ctrl-C stops)", flush=True)
+    say(f"ecgray serve: http://{cfg.host}:{cfg.port}/v1/info  (docs at /docs; Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)

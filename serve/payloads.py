@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ecgray.config import LEAD_NAMES, DataConfig, ServeConfig
 from ecgray.data.signals import MAX_FS, MIN_FS, Canonical, SignalError, check_fs, lead_index, to_canonical
@@ -34,12 +34,21 @@ MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 """Ray Serve's multiplexed-model header: a client may name the adapter there instead of in the body."""
 ADAPTER_ID_PATTERN = r"^ad-[0-9a-f]{32}$"
 ADAPTER_ID_SCHEMA = {"type": "string", "pattern": ADAPTER_ID_PATTERN}
+MAX_ABS_VALUE = 1e6
+"""Largest sample magnitude taken (mV): far beyond any ECG, and far below what overflows the model's float32
+arithmetic (values near 1e37 make non-finite scores)."""
 # The schema states what validation enforces, so a schema-driven client generates only requests it accepts.
 # Lead names, base64, sampling rates and blank strings are checked by the code below (with messages that
-# name the field and the expectation); the schema states the same rules.
-_LEAD_PATTERN = r"^([Ii]|[Ii][Ii]|[Ii][Ii][Ii]|[Aa][Vv][RrLlFf]|[Vv][1-6])$"
-_BASE64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
-_NOT_BLANK = r"\S"
+# name the field and the expectation); the schema states the same rules. Its patterns spell out their
+# character classes: `\s` differs between Python, ECMA-262 and the regex engines of schema validators.
+_SPACE = "".join(f"\\u{i:04x}" for i in range(0x10000) if chr(i).isspace())  # what str.strip() removes
+_LEAD_NAME = "|".join(
+    "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in n) for n in LEAD_NAMES
+)
+_LEAD_PATTERN = f"^[{_SPACE}]*({_LEAD_NAME})[{_SPACE}]*$"  # lead_index: stripped, any letter case
+# exactly what base64.b64decode(validate=True) takes
+_BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_NOT_BLANK = f"[^{_SPACE}]"
 _LEAD_HELP = "one of " + ", ".join(LEAD_NAMES) + " (any letter case)"
 LeadName = Annotated[
     str, WithJsonSchema({"type": "string", "pattern": _LEAD_PATTERN, "description": _LEAD_HELP})
@@ -52,7 +61,13 @@ Text = Annotated[
 Base64 = Annotated[
     str, Field(min_length=1), WithJsonSchema({"type": "string", "minLength": 1, "pattern": _BASE64_PATTERN})
 ]
+# JSON Schema's integer: 1.0 is one (the models are strict: no "1", no true)
+Integral = BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
 Hertz = Annotated[float, WithJsonSchema({"type": "number", "minimum": MIN_FS, "maximum": MAX_FS})]
+# checked on the decoded array (decode_array), where the base64 and WFDB forms are checked too
+Sample = Annotated[
+    float, WithJsonSchema({"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE})
+]
 
 
 class PayloadError(ValueError):
@@ -72,8 +87,33 @@ class PayloadError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- request models
+_NOT_NULL = {"type": ["array", "boolean", "number", "object", "string"]}  # a `not` trips schema tools up
+
+
+def presence(given=(), absent=()) -> dict:
+    """JSON Schema of `value is not None` for the fields in `given` and `is None` for those in `absent`: an
+    explicit null counts as absent, as in the validators."""
+    out: dict = {"properties": {**{n: _NOT_NULL for n in given}, **{n: {"type": "null"} for n in absent}}}
+    if given:
+        out["required"] = list(given)
+    return out
+
+
+def one_of(*names: str) -> dict:
+    """JSON Schema of `_exactly_one`: exactly one of the fields is given (not null)."""
+    return {"oneOf": [presence(given=[n]) for n in names]}
+
+
+def _exactly_one(model: BaseModel, names: tuple[str, ...], what: str) -> str:
+    given = [n for n in names if getattr(model, n) is not None]
+    if len(given) != 1:
+        raise ValueError(f"expected exactly one of {what}, got {given or 'none'}")
+    return given[0]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as the schema states them (no "100" for a number, no 1 or "yes" for true)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class WFDBIn(_Strict):
@@ -81,25 +121,33 @@ class WFDBIn(_Strict):
     dat: Base64 = Field(description="base64 of the .dat file")
 
 
-_NOT_ARRAY = [{"required": [name]} for name in ("fs", "leads", "dtype", "shape")]
-_ECG_FORMS = {"oneOf": [
-    {"required": ["signal", "fs", "leads"], "not": {"anyOf": [{"required": ["dtype"]}, {"required": ["shape"]}]}},
-    {"required": ["data", "dtype", "shape", "fs", "leads"]},
-    {"required": ["wfdb"], "not": {"anyOf": _NOT_ARRAY}},
-]}  # fmt: skip
+_ECG_FORMS = {"signal": ("fs", "leads"), "data": ("fs", "leads", "dtype", "shape"), "wfdb": ()}
+"""Each ECG form and the fields it needs; every other field of the ECG must be absent (or null)."""
+_NEEDS = {"fs": "fs (Hz)", "leads": "leads (one name per row)", "dtype": "dtype (float32 | float16)",
+          "shape": "shape [leads, samples]"}  # fmt: skip
+
+
+def _ecg_form_schema() -> dict:
+    fields = [*_ECG_FORMS, *_NEEDS]
+    return {"oneOf": [presence(given=[form, *needs], absent=[n for n in fields if n not in (form, *needs)])
+                      for form, needs in _ECG_FORMS.items()]}  # fmt: skip
 
 
 class ECGIn(_Strict):
     """One ECG: exactly one of `signal`, `data` (+ dtype, shape) or `wfdb`. Each lead name at most once
     (letter case ignored); `signal` has one row per lead, all of one length; `data` holds exactly
-    shape[0] x shape[1] values of dtype; at most serve.max_duration_s seconds at fs."""
+    shape[0] x shape[1] values of dtype; at most serve.max_duration_s seconds at fs; |values| <= 1e6."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_ECG_FORMS)
-    fs: Hertz | None = Field(None, description="sampling rate in Hz (signal / data forms)")
-    leads: list[LeadName] | None = Field(
-        None, min_length=1, max_length=12, description="lead name of each row, e.g. I, II, aVR, V1"
+    model_config = ConfigDict(json_schema_extra=_ecg_form_schema())
+    fs: Hertz | None = Field(
+        None,
+        description="sampling rate in Hz (signal / data forms), a ratio of small integers (e.g. 500, 1000/3)",
     )
-    signal: list[Annotated[list[float], Field(min_length=1)]] | None = Field(
+    leads: list[LeadName] | None = Field(
+        None, min_length=1, max_length=12, json_schema_extra={"uniqueItems": True},
+        description="lead name of each row, e.g. I, II, aVR, V1",
+    )  # fmt: skip
+    signal: list[Annotated[list[Sample], Field(min_length=1)]] | None = Field(
         None, min_length=1, max_length=12, description="leads x samples, mV: one row per entry of `leads`"
     )
     data: Base64 | None = Field(
@@ -108,27 +156,21 @@ class ECGIn(_Strict):
         "x 2 (float16) bytes",
     )  # fmt: skip
     dtype: Literal["float32", "float16"] | None = None
-    shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+    shape: list[Annotated[int, Field(ge=1), Integral]] | None = Field(
         None, min_length=2, max_length=2, description="[leads, samples] of `data`; leads = len(leads)"
     )
     wfdb: WFDBIn | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> ECGIn:
-        forms = [name for name in ("signal", "data", "wfdb") if getattr(self, name) is not None]
-        if len(forms) != 1:
-            raise ValueError(f"expected exactly one of signal, data or wfdb, got {forms or 'none'}")
-        if forms[0] == "wfdb":
-            extra = [n for n in ("fs", "leads", "dtype", "shape") if getattr(self, n) is not None]
-            if extra:
-                raise ValueError(f"{extra}: not allowed with wfdb (the header carries them)")
-        else:
-            if self.fs is None or self.leads is None:
-                raise ValueError(f"{forms[0]} needs fs (Hz) and leads (one name per row)")
-            if forms[0] == "data" and (self.dtype is None or self.shape is None):
-                raise ValueError("data needs dtype (float32 | float16) and shape [leads, samples]")
-            if forms[0] == "signal" and (self.dtype is not None or self.shape is not None):
-                raise ValueError("dtype and shape belong to the base64 `data` form, not to `signal`")
+        form = _exactly_one(self, tuple(_ECG_FORMS), "signal, data or wfdb")
+        needs = _ECG_FORMS[form]
+        missing = [_NEEDS[n] for n in needs if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{form} needs {' and '.join(missing)}")
+        extra = [n for n in _NEEDS if n not in needs and getattr(self, n) is not None]
+        if extra:
+            raise ValueError(f"{extra}: not allowed with {form} (only {', '.join(needs) or 'the header'})")
         return self
 
 
@@ -138,8 +180,7 @@ Pair = Annotated[list[ECGIn], Field(min_length=2, max_length=2, description="fir
 class SupportItem(_Strict):
     """One labelled example: `ecg`, or `ecg_pair` (first, second) for a comparison question."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["ecg"]},
-                                                                           {"required": ["ecg_pair"]}]})  # fmt: skip
+    model_config = ConfigDict(json_schema_extra=one_of("ecg", "ecg_pair"))
     ecg: ECGIn | None = None
     ecg_pair: Pair | None = None
     question: Text
@@ -149,47 +190,58 @@ class SupportItem(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> SupportItem:
-        if (self.ecg is None) == (self.ecg_pair is None):
-            raise ValueError("expected exactly one of ecg or ecg_pair (two ECGs: a comparison question)")
+        _exactly_one(self, ("ecg", "ecg_pair"), "ecg or ecg_pair (two ECGs: a comparison question)")
         return self
 
 
+_KINDS = {"single": ("ecgs", "ecg"), "pair": ("ecg_pairs", "ecg_pair")}
+"""The two kinds of request (check_kinds): the field of their queries and of their support items' ECGs."""
+
+
+def _alike(kind: str) -> dict:  # JSON Schema: a support set of one kind
+    return {"items": presence(given=[_KINDS[kind][1]])}
+
+
 class AdaptRequest(_Strict):
-    support: list[SupportItem] = Field(min_length=1)
+    """A support set: all `ecg` items or all `ecg_pair` items."""
+
+    support: list[SupportItem] = Field(
+        min_length=1, json_schema_extra={"anyOf": [_alike(kind) for kind in _KINDS]}
+    )
 
 
-_MODES = {"oneOf": [
-    {"required": ["adapter_id"]},
-    {"required": ["support"]},
+MODES = {"oneOf": [
+    presence(given=["adapter_id"]),
+    presence(given=["support"]),
     {"required": ["zero_shot"], "properties": {"zero_shot": {"const": True}}},
 ]}  # fmt: skip
+"""answer_mode's rule: exactly one of adapter_id, support or zero_shot=true (or the header, see below)."""
 
 
 class AnswerRequest(_Strict):
     """Query ECG(s) + one question, answered with exactly one of adapter_id, support or zero_shot (or the
     adapter named in the serve_multiplexed_model_id header). Options are distinct (letter case ignored)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
-        _MODES, {"oneOf": [{"required": ["ecgs"]}, {"required": ["ecg_pairs"]}]}]})  # fmt: skip
+    model_config = ConfigDict(json_schema_extra={"allOf": [MODES, one_of("ecgs", "ecg_pairs")]})
     question: Text
     ecgs: list[ECGIn] | None = Field(None, min_length=1, description="query ECGs, one answer each")
     ecg_pairs: list[Pair] | None = Field(
         None, min_length=1, description="a comparison question's queries: two ECGs each (first, second)"
     )
     options: list[Text] | None = Field(
-        None, min_length=1, description="admissible answers, scored one by one"
+        None, min_length=1, json_schema_extra={"uniqueItems": True},
+        description="admissible answers, scored one by one; distinct after stripping, letter case ignored",
+    )  # fmt: skip
+    template_id: Annotated[int, Integral] | None = Field(
+        None, description="ECG-QA template: its admissible answers are scored"
     )
-    template_id: int | None = Field(None, description="ECG-QA template: its admissible answers are scored")
     adapter_id: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description="returned by /v1/adapt")
     support: list[SupportItem] | None = Field(None, min_length=1)
     zero_shot: bool = Field(False, description="answer with the meta-learned weights, no adaptation")
 
     @model_validator(mode="after")
     def _one_query_form(self) -> AnswerRequest:
-        if (self.ecgs is None) == (self.ecg_pairs is None):
-            raise ValueError(
-                "expected exactly one of ecgs or ecg_pairs (two ECGs each: a comparison question)"
-            )
+        _exactly_one(self, ("ecgs", "ecg_pairs"), "ecgs or ecg_pairs (two ECGs each: a comparison question)")
         return self
 
     @property
@@ -229,6 +281,18 @@ def check_kinds(req: AdaptRequest | AnswerRequest, comparison_templates: set[int
             req.query_field, f"the support items have {'two ECGs' if kinds == {'pair'} else 'one ECG'} each; "
             f"the queries must too ({'ecg_pairs' if kinds == {'pair'} else 'ecgs'})",
         )  # fmt: skip
+
+
+def kind_schema(kind: str, template_ids: list[int], comparison_templates: set[int]) -> dict:
+    """check_kinds as JSON Schema for a request of one kind: its support items and its templates."""
+    ids = sorted(t for t in template_ids if (t in comparison_templates) == (kind == "pair"))
+    return {"properties": {"support": _alike(kind), "template_id": {"enum": [*ids, None]}}}
+
+
+def kinds_schema(template_ids: list[int], comparison_templates: set[int]) -> dict:
+    """check_kinds as JSON Schema for an AnswerRequest: a branch per kind, named by its queries' field."""
+    return {"anyOf": [{"allOf": [presence(given=[queries]), kind_schema(kind, template_ids, comparison_templates)]}
+                      for kind, (queries, _) in _KINDS.items()]}  # fmt: skip
 
 
 def answer_mode(req: AnswerRequest, header_id: str | None) -> str:
@@ -306,6 +370,18 @@ def _check_duration(n_samples: int, fs: float, where: str, cfg: ServeConfig) -> 
         )  # fmt: skip
 
 
+def _check_values(x: np.ndarray, where: str) -> None:
+    """Finite values are at most MAX_ABS_VALUE in magnitude (NaN and Inf are to_canonical's: nan_policy, a
+    refusal naming the leads)."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(x) & (np.abs(x) > MAX_ABS_VALUE)
+    if big.any():
+        raise PayloadError(
+            where, f"{int(big.sum())} values beyond +-{MAX_ABS_VALUE:g} (mV expected; larger values overflow "
+            "the model's arithmetic)",
+        )  # fmt: skip
+
+
 def _fs(ecg: ECGIn, where: str) -> float:
     try:
         return check_fs(ecg.fs)
@@ -338,6 +414,7 @@ def decode_array(ecg: ECGIn, where: str, cfg: ServeConfig) -> tuple[np.ndarray, 
             raise PayloadError(f"{where}.signal", f"rows of different lengths {sorted(lengths)}")
         _check_duration(lengths.pop(), fs, f"{where}.signal", cfg)
         x = np.asarray(rows, dtype=np.float64)  # (C, T)
+        _check_values(x, f"{where}.signal")
     else:
         shape = ecg.shape or []
         if len(shape) != 2 or shape[0] != len(leads) or shape[1] < 1:
@@ -351,6 +428,7 @@ def decode_array(ecg: ECGIn, where: str, cfg: ServeConfig) -> tuple[np.ndarray, 
                 f"{where}.data", f"{len(raw)} bytes; shape {shape} of {ecg.dtype} needs {expected}"
             )
         x = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float64)  # (C, T)
+        _check_values(x, f"{where}.data")
     return x.T, leads, fs
 
 
@@ -401,6 +479,7 @@ def _read_wfdb(wf: WFDBIn, where: str, cfg: ServeConfig) -> tuple[np.ndarray, li
             ) from None
     if record.signal.shape[0] == 0:
         raise PayloadError(f"{where}.wfdb.dat", "the record has no samples")
+    _check_values(record.signal, f"{where}.wfdb")
     return record.signal, record.sig_names, record.fs
 
 

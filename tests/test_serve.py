@@ -43,6 +43,19 @@ def support_set(n: int = 6, offset: int = 0) -> list[dict]:
     ]
 
 
+def assert_scores_close(got, want) -> None:
+    """Option scores (log-probabilities; floats, lists or {option: score}) of the same adapter and ECG:
+    equal up to rounding, since batch composition and kernels change the order of the sums, the longest
+    being tiny-llama's log-softmax over its 32,000-token vocabulary."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        got, want = [got[k] for k in want], list(want.values())
+    want = torch.tensor(want, dtype=torch.float32)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float32), want, **rounding_tolerance(want, 32_000)
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +158,7 @@ def test_adapt_then_answer_matches_the_library(url, engine):
     for got, want in zip(out["answers"], ref, strict=True):
         assert got["answer"] == want["answer"]
         for option in ("yes", "no"):
-            assert got["scores"][option] == pytest.approx(want["scores"][option], abs=1e-4)
+            assert_scores_close(got["scores"][option], want["scores"][option])
     # the adapted weights differ from the meta-learned ones: zero-shot scores are not the same numbers
     zero = post(
         url, "/v1/answer", {"question": QUESTION, "ecgs": [ecg(1)], "zero_shot": True, "template_id": 2}
@@ -191,8 +204,9 @@ def test_batching_returns_each_answer_to_its_own_request(url, engine):
     assert [r.status_code for r in responses] == [200] * len(seeds)
     for r, want in zip(responses, ref, strict=True):
         got = r.json()["answers"][0]
-        assert got["scores"]["yes"] == pytest.approx(want["scores"]["yes"], abs=1e-4)
-        assert got["scores"]["no"] == pytest.approx(want["scores"]["no"], abs=1e-4)
+        assert_scores_close(
+            [got["scores"][o] for o in ("yes", "no")], [want["scores"][o] for o in ("yes", "no")]
+        )
     assert max(r.json()["answers"][0]["batch_size"] for r in responses) > 1
     assert info(url)["answer_replica"]["max_batch"] > 1
 
@@ -212,7 +226,7 @@ def test_wfdb_upload_and_errors(url, tmp_path):
     )
     hea, dat = (tmp_path / "rec.hea").read_bytes(), (tmp_path / "rec.dat").read_bytes()
     files = {"hea": ("rec.hea", hea), "dat": ("rec.dat", dat)}
-    data = {"question": QUESTION, "zero_shot": "true", "options": '["yes", "no"]'}
+    data = {"question": QUESTION, "zero_shot": "true", "options": ["yes", "no"]}  # a part per option
     r = httpx.post(f"{url}/v1/answer/upload", files=files, data=data, timeout=60)
     assert r.status_code == 200, r.text
     b64 = {"wfdb": {"header": hea.decode(), "dat": base64.b64encode(dat).decode()}}
@@ -332,9 +346,7 @@ def test_fuzz_no_5xx_and_still_answers(url):
     assert {400, 413, 422} <= set(statuses)
     again = post(url, "/v1/answer", valid)
     assert again.status_code == 200
-    assert again.json()["answers"][0]["scores"] == pytest.approx(
-        good.json()["answers"][0]["scores"], abs=1e-5
-    )
+    assert_scores_close(again.json()["answers"][0]["scores"], good.json()["answers"][0]["scores"])
 
 
 def test_64_concurrent_requests(url):
@@ -376,7 +388,7 @@ def test_ask_cli_and_client(url, tmp_path, capsys):
         adapter = client.adapt(load_support(tmp_path / "support.json"))
         assert adapter == out["adapter_id"]
         again = client.answer([wfdb_payload(query)], QUESTION, adapter_id=adapter, options=["yes", "no"])
-        assert again["answers"][0]["scores"] == pytest.approx(out["answers"][0]["scores"], abs=1e-5)
+        assert_scores_close(again["answers"][0]["scores"], out["answers"][0]["scores"])
         with pytest.raises(ServiceError) as info:
             client.answer([wfdb_payload(query)], QUESTION, adapter_id="ad-" + "1" * 32)
         assert info.value.status == 404

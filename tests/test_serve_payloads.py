@@ -342,8 +342,10 @@ def test_serve_and_ask_help_and_config_yaml():
         ServeArgs.model_validate({"serve": {"max_batch": 3}})
 
 
-def test_serve_cli_refuses_model_overrides_before_starting_ray(capsys):
+def test_serve_cli_refuses_model_overrides_before_starting_ray(capsys, tmp_path, monkeypatch):
     from ecgray.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the command's log goes to the default run_dir (runs/default/logs)
 
     assert main(["serve", "--checkpoint", "ckpt", "--set", "model.llm=tiny-llama"]) == 2
     assert "only serve.* keys apply" in capsys.readouterr().err
@@ -413,11 +415,13 @@ def test_openapi_schema_states_what_validation_enforces(tmp_path):
         assert not adapt.is_valid(body), body
 
 
-def test_serve_cli_replica_flags_are_checked_before_starting_ray(capsys, tmp_path):
+def test_serve_cli_replica_flags_are_checked_before_starting_ray(capsys, tmp_path, monkeypatch):
     import argparse
 
     from ecgray.cli import main
     from serve.app import add_arguments, required_cpus, serve_config
+
+    monkeypatch.chdir(tmp_path)  # the command's log goes to the default run_dir (runs/default/logs)
 
     assert main(["serve", "--checkpoint", "ckpt", "--replicas", "2", "--min-replicas", "1"]) == 2
     assert "--replicas N is a fixed count" in capsys.readouterr().err
