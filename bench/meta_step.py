@@ -8,8 +8,13 @@ Engines (each runs in its own subprocess so its peak RSS is its own):
   reference_tf   the same loop with ecgray's teacher-forced prompt (prefix first): the loss check's baseline
   fast_pf        ecgray's engine, prefix first, answer-position logits, per-step query gradients (no graph
                  kept), one task per step: its losses must equal reference_tf's on the same episodes
-  fast           ecgray's engine, question first with the question KV cache built once per episode,
+  fast_2pass     ecgray's engine, question first with the question KV cache built once per episode,
                  answer-position logits, --tasks tasks per meta-step sharing every LLM pass
+  fast           the same, and the query pass after inner step k merged with the support pass of step k + 1
+                 (same fast weights: one pass, one backward; `meta_step(query_then_support=...)`), as
+                 `ecgray train` runs it
+--dtype sets the frozen LLM's precision for every engine (float32 as before, or bfloat16: the demo's on a
+CPU with AMX / AVX512-BF16); the speedup is only ever between engines of one dtype, in one run.
 Episodes are the paper's shape (n_way x k_shot support, n_way x n_query query, single-verify-like questions,
 one question per class); ECG features are random (the encoder is frozen, its outputs are cached anyway).
 """
@@ -26,7 +31,7 @@ import time
 
 ATTRS = ["baseline drift", "static noise", "burst noise", "electrodes problems", "atrial fibrillation",
          "sinus rhythm", "left ventricular hypertrophy", "myocardial infarction"]  # fmt: skip
-ENGINES = ["reference", "reference_tf", "fast_pf", "fast"]
+ENGINES = ["reference", "reference_tf", "fast_pf", "fast_2pass", "fast"]
 
 
 def episodes(n: int, n_way: int, k_shot: int, n_query: int, d_enc: int, seed: int):
@@ -58,14 +63,14 @@ def run_engine(args) -> dict:
 
     torch.set_num_threads(args.threads)
     engine = args.engine
-    llm, tokenizer = load_llm(args.llm, "float32", "cpu")
-    layout = "question_first" if engine == "fast" else "prefix_first"
+    llm, tokenizer = load_llm(args.llm, args.dtype, "cpu")
+    layout = "question_first" if engine.startswith("fast") and engine != "fast_pf" else "prefix_first"
     cfg = ModelConfig(llm=args.llm, prompt_layout=layout, paper_compat=engine == "reference")
     torch.manual_seed(0)
     mapper = build_mapper(cfg, args.d_enc, llm_hidden_size(llm))
     model = ECGLanguageModel(None, mapper, llm, tokenizer, cfg).train()
     eps = episodes(args.episodes, args.n_way, args.k_shot, args.n_query, args.d_enc, args.seed)
-    tasks = args.tasks if engine == "fast" else 1
+    tasks = args.tasks if engine in ("fast", "fast_2pass") else 1
     kw = dict(inner_steps=args.inner_steps, inner_lr=0.05, query_from_step=2)
     query_losses, times = [], []
     for start in range(0, len(eps), tasks):
@@ -79,7 +84,11 @@ def run_engine(args) -> dict:
                 model.loss_fn(full_logits=True), model.mapper_params(), support, query, **kw
             )
         else:
-            out = meta_step(model.loss_fn(), model.mapper_params(), support, query, len(group), **kw)
+            both = model.task_set(query.tasks + support.tasks) if engine == "fast" else None
+            out = meta_step(
+                model.loss_fn(), model.mapper_params(), support, query, len(group), **kw,
+                query_then_support=both,
+            )  # fmt: skip
         times.append(time.perf_counter() - t0)
         query_losses += out.query_losses.T.tolist()  # per episode: the query loss after each step
         print(f"[{engine}] episodes {start + len(group)}/{len(eps)}: {times[-1]:.1f} s", file=sys.stderr)
@@ -106,6 +115,7 @@ def main() -> int:
     p.add_argument("--d-enc", type=int, default=768)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen LLM's")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {ENGINES}")
     p.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine in this process
     args = p.parse_args()
@@ -123,12 +133,18 @@ def main() -> int:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {
         "conditions": {k: v for k, v in vars(args).items() if k not in ("engine",)}
-        | {"torch_threads": args.threads, "cpu_count": os.cpu_count(), "dtype": "float32"},
+        | {"torch_threads": args.threads, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
         "engines": {k: {kk: vv for kk, vv in v.items() if kk != "query_losses"} for k, v in results.items()},
     }
-    if "reference" in results and "fast" in results:
-        report["speedup_fast_vs_reference"] = round(
-            results["fast"]["episodes_per_s"] / results["reference"]["episodes_per_s"], 2
+    for fast in ("fast_2pass", "fast"):
+        if "reference" in results and fast in results:
+            report[f"speedup_{fast}_vs_reference"] = round(
+                results[fast]["episodes_per_s"] / results["reference"]["episodes_per_s"], 2
+            )
+    if "fast_2pass" in results and "fast" in results:
+        a, b = results["fast_2pass"]["query_losses"], results["fast"]["query_losses"]
+        report["max_abs_query_loss_diff_fast_2pass_vs_fast"] = max(
+            abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)
         )
     if "reference_tf" in results and "fast_pf" in results:
         a, b = results["reference_tf"]["query_losses"], results["fast_pf"]["query_losses"]

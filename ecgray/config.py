@@ -412,9 +412,15 @@ class EvalConfig:
     (answers_for_each_template.csv); `support` = the answers of the episode's support items of the same
     template; `template+support` = both (see eval.meta_test.query_options)."""
     episodes_per_pass: int = 10
-    """Meta-test episodes adapted in lockstep and answered together: their support sets share one frozen-LLM
-    pass per inner step and their query sets one decoding pass (each episode keeps its own fast weights, so
-    the results are those of one episode at a time). Lower it when memory is short."""
+    """Meta-test episodes adapted in lockstep and answered together, with every adapting method (the model,
+    ecg_free, finetune_scratch, supervised) on each: their support sets share one frozen-LLM pass per inner
+    step and their query sets one decoding pass (each keeps its own fast weights, so the results are those
+    of one method on one episode at a time). Lower it when memory is short."""
+    curve_stride: int = 1
+    """The query sets are answered after inner steps 0, curve_stride, 2 curve_stride, ... and the last
+    (the accuracy-vs-inner-step curve); 1: after every step, as the paper reports. Answering costs about
+    as much as an inner step: a stride >= meta.inner_steps answers only at step 0 and the last, which is
+    what the tables report."""
     ci_level: float = 0.95
     """Confidence level of the intervals over episodes."""
     ci_method: Literal["bootstrap", "t", "normal"] = "bootstrap"

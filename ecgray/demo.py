@@ -24,14 +24,15 @@ import contextlib
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ecgray.config import COMPARISON_TYPES, SINGLE_TYPES, Config, save_config, to_dict, versions
+from ecgray.logs import say
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+LOGS = "logs"  # the run directory's folder of framework logs (ecgray.logs.console), not a stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,19 +47,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
 
 
+def log_location(args: argparse.Namespace) -> str:
+    """The run directory whose logs/ holds the framework output (`ecgray.logs.console`): --out."""
+    return args.out
+
+
 def run(args: argparse.Namespace) -> int:
     from ecgray.cli import config_from_args
 
     cfg = config_from_args(args)
     out = Path(args.out)
     if args.fresh and out.exists():
-        shutil.rmtree(out)
+        for path in out.iterdir():  # every stage's output; logs/ holds this run's open log file
+            if path.name != LOGS:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         report = run_demo(cfg, out, serve_stage=not args.skip_serve)
     except (FileNotFoundError, ValueError) as err:
-        print(f"ecgray demo: {err}", file=sys.stderr)
+        say(f"ecgray demo: {err}", err=True)
         return 2
-    print((out / "report.md").read_text())
+    say((out / "report.md").read_text())
     return 0 if report["completed"] else 1
 
 
@@ -70,11 +78,11 @@ class Stages:
 
     @contextlib.contextmanager
     def __call__(self, name: str, cached: bool):
-        print(f"\n== ecgray demo: {name} ({'cached, reusing' if cached else 'running'})", flush=True)
+        say(f"\n== ecgray demo: {name} ({'cached, reusing' if cached else 'running'})")
         t0 = time.perf_counter()
         yield
         self.seconds[name] = "cached" if cached else round(time.perf_counter() - t0, 1)
-        print(f"== {name}: {self.seconds[name]}{'' if cached else ' s'}", flush=True)
+        say(f"== {name}: {self.seconds[name]}{'' if cached else ' s'}")
 
 
 def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
@@ -151,9 +159,10 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     save_config(cfg, out)
 
     # 6. meta-test per question type, with the baselines, on the same episodes
-    from ecgray.eval.cli import evaluate
+    from ecgray.eval.cli import evaluate, load_model
 
     evals: dict[str, dict[str, dict]] = {}  # protocol -> question type -> results payload
+    model = None  # built once, at the first stage that runs, for all of them (they differ in episodes only)
     for protocol in protocols(cfg):
         evals[protocol] = {}
         for qt in eval_types(cfg):
@@ -163,9 +172,11 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                 if done:
                     evals[protocol][qt] = json.loads((eval_dir / "results.json").read_text())
                 else:
+                    model = model or load_model(cfg, checkpoint_dir)
                     qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
-                    evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir)
+                    evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir, model=model)
                     evals[protocol][qt].pop("curves")
+    del model
 
     # 7. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
     served = None
@@ -211,7 +222,7 @@ def check_run_config(cfg: Config, out: Path) -> None:
     record = out / "demo_config.yaml"
     current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if not record.is_file():
-        if any(p.name != record.name for p in out.iterdir()):
+        if any(p.name not in (record.name, LOGS) for p in out.iterdir()):
             raise ValueError(
                 f"{out} holds files but no {record.name} (not a demo run, or one from an older ecgray); "
                 "its cached stages cannot be checked against this config. Rerun with --fresh (deletes it) "

@@ -173,6 +173,30 @@ def test_task_losses_are_per_task_token_means(llm):
     assert_same_math(both[0], nll.sum() / batch.target_mask.sum())
 
 
+def test_weighted_distinct_rows_give_the_loss_and_gradient_of_every_row(llm):
+    """A set whose rows cannot differ beyond their prompts (an all-zero ECG, ecg_free) runs one row per
+    distinct prompt with its count as weight: the task's mean loss and its gradient are the full set's."""
+    m = make_model(llm, "question_first")
+    zeros = torch.zeros(5, D_ENC)
+    questions = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0], QUESTIONS[0], QUESTIONS[1]]
+    answers = [["yes"], ["v1", "lead i"], ["yes"], ["no"], ["lead i", "v1"]]
+    full = m.task_data(zeros, None, questions, answers)
+    distinct = m.task_data(
+        zeros[:3], None, [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]], [["yes"], ["v1", "lead i"], ["no"]]
+    )
+    distinct.weights = [2, 2, 1]
+    other = m.task_data(torch.randn(2, D_ENC), None, QUESTIONS[:2], [["no"], ["v2"]])  # unweighted beside it
+    w = {k: v.detach().clone().requires_grad_() for k, v in m.mapper_params().items()}
+    expected = m.task_losses([w, w], [full, other])
+    actual = m.task_losses([w, w], [distinct, other])
+    assert_same_math(actual, expected)
+    assert torch.equal(actual[1], expected[1])  # a task without weights is computed exactly as before
+    g_full = torch.autograd.grad(expected[0], list(w.values()))
+    g_distinct = torch.autograd.grad(actual[0], list(w.values()))
+    for a, e in zip(g_distinct, g_full, strict=True):
+        assert_same_math(a, e, reference=g_full)
+
+
 def test_length_buckets_split_where_rows_grow_past_the_ratio():
     assert length_buckets([3, 10, 4, 45, 7]) == [[0, 2], [4, 1], [3]]
     assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
@@ -397,9 +421,11 @@ def test_single_ecg_outputs_are_pinned_from_before_two_ecg_support(llm, layout, 
         prefix = m.fuse(pooled, tokens)
         scores = m.score_options(prefix, QUESTIONS, OPTIONS)
         greedy = m.greedy_ids(prefix, QUESTIONS, max_new_tokens=3)
-    assert losses.tolist() == pytest.approx(losses_0, abs=2e-5)
+    # pinned on one CPU to 6 significant digits (losses < 10: 5e-6; scores > -100: 5e-5); another CPU
+    # differs by the rounding of its sums, the longest the vocabulary's log-softmax
+    assert losses.tolist() == pytest.approx(losses_0, abs=5e-6 + rounding_tolerance(losses, 512)["atol"])
     for s, s0 in zip(scores, scores_0, strict=True):
-        assert s.tolist() == pytest.approx(s0, abs=2e-4)
+        assert s.tolist() == pytest.approx(s0, abs=5e-5 + rounding_tolerance(s, 512)["atol"])
     assert greedy == greedy_0
     paper = mapped_model(llm, paper_compat=True)
     assert rows_hash(paper.prompt_rows(QUESTIONS, ANSWERS)) == PINNED_PAPER_ROWS

@@ -264,6 +264,44 @@ def test_lm_task_batched_equals_sequential_and_reference(tiny):
     assert all(p.grad is None for p in m.llm.parameters())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lm_query_pass_merged_with_the_next_support_pass_gives_the_same_step(tiny, dropout):
+    """meta_step(query_then_support=...): the query loss after step k and the support loss of step k + 1
+    in one pass (one backward, each through its own copy of the fast weights) give the two-pass step's
+    losses and meta-gradient; the mapper's dropout draws come in the same order, so with dropout too."""
+    m = lm(tiny, "question_first", dropout=dropout).train()
+    support, query = lm_tasks(m, 1, 2), lm_tasks(m, 2, 2)
+    params, kw = m.mapper_params(), dict(inner_steps=4, inner_lr=0.05, query_from_step=2)
+    runs = []
+    for merged in (False, True):
+        torch.manual_seed(3)
+        both = m.task_set(query + support) if merged else None
+        runs.append(
+            meta_step(
+                m.loss_fn(), params, m.task_set(support), m.task_set(query), 2, **kw, query_then_support=both
+            )
+        )
+    two, one = runs
+    assert_same_grads(one.grads, two.grads)
+    for a, b in ((one.support_losses, two.support_losses), (one.query_losses, two.query_losses)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **rounding_tolerance(b, 512))
+    assert one.meta_loss == pytest.approx(
+        two.meta_loss, abs=rounding_tolerance(two.query_losses, 512)["atol"]
+    )
+    # from the first step on (query_from_step=1) and with one inner step (nothing to merge) as well
+    for steps, q_from in ((3, 1), (1, 1)):
+        kw = dict(inner_steps=steps, inner_lr=0.05, query_from_step=q_from)
+        torch.manual_seed(3)
+        a = meta_step(m.loss_fn(), params, m.task_set(support), m.task_set(query), 2, **kw)
+        torch.manual_seed(3)
+        b = meta_step(m.loss_fn(), params, m.task_set(support), m.task_set(query), 2, **kw,
+                      query_then_support=m.task_set(query + support))  # fmt: skip
+        assert_same_grads(b.grads, a.grads)
+        assert b.query_losses.shape == a.query_losses.shape == (steps - q_from + 1, 2)
+    assert all(p.grad is None for p in m.llm.parameters())
+
+
 def test_lm_second_order_task_batched_equals_sequential(tiny):
     """Full MAML through the frozen LLM (double backward): M tasks in lockstep from the same meta-parameters
     give the mean of the one-task meta-gradients, which differ from FOMAML's."""

@@ -46,19 +46,23 @@ import torch
 
 from ecgray.config import Config
 from ecgray.eval.meta_test import (
+    Adapting,
     Answer,
     Features,
     Params,
     StepScore,
-    answer_query,
     canonical_answer,
     copy_params,
+    decode,
     device_of,
+    distinct_prompts,
     ecg_features,
     encode_items,
     load_template_answers,
+    meta_learned,
     meta_test,
     needs_tokens,
+    run_adapting,
     run_episodes,
     score_predictions,
 )
@@ -238,8 +242,12 @@ def blind_llm(
 
     def answerer(m, params, support_features, query_features, episode, options):
         q = episode["query"]
-        prefix = torch.zeros(len(q), 0, m.d_llm, device=device_of(m))  # (B, 0, D_llm): no prefix
-        return answer_query(m, prefix, [i["question"] for i in q], [i["answer"] for i in q], options)
+        first, inverse = distinct_prompts(q, options)  # no ECG: one row per distinct prompt
+        prefix = torch.zeros(len(first), 0, m.d_llm, device=device_of(m))  # (B, 0, D_llm): no prefix
+        picked = decode(
+            m, prefix, [q[j]["question"] for j in first], [options[j] for j in first] if options else []
+        )
+        return score_predictions(m, [picked[j] for j in inverse], [i["answer"] for i in q])
 
     return run_episodes(
         view, None, episodes, features, cfg, template_answers=_options(model, cfg, template_answers),
@@ -250,19 +258,10 @@ def blind_llm(
 # ------------------------------------------------------------------------------------------- ecg_free
 
 
-def ecg_free(
-    model,
-    meta_params,
-    episodes,
-    ecg_store,
-    cfg: Config,
-    *,
-    template_answers=None,
-    progress=False,
-    feature_cache=None,
-):
-    """The meta-learned mapper on an all-zero ECG vector (and zero tokens), adapted like the model.
-    (feature_cache is accepted for a uniform call and unused: no ECG is encoded.)"""
+def ecg_free_method(model: ECGLanguageModel, meta_params: Params, ecg_store) -> Adapting:
+    """ecg_free as an `Adapting` method: the meta-learned mapper on an all-zero ECG vector (and zero
+    tokens; both ECGs of a comparison item), adapted like the model. It reads no ECG, so it runs one row
+    per distinct prompt (`Adapting.reads_ecg`)."""
     from ecgray.data.episodes import item_ecg_ids
 
     device = device_of(model)
@@ -278,24 +277,47 @@ def ecg_free(
         n_ecg = len(item_ecg_ids(episode["support"][0]))
         return zeros(len(episode["support"]), n_ecg), zeros(len(episode["query"]), n_ecg)
 
-    return run_episodes(
-        model, lambda index: copy_params(meta_params), episodes, features, cfg,
-        template_answers=_options(model, cfg, template_answers), method="ecg_free", progress=progress,
-    )  # fmt: skip
+    return Adapting("ecg_free", lambda index: copy_params(meta_params), features, reads_ecg=False)
+
+
+def ecg_free(
+    model,
+    meta_params,
+    episodes,
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers=None,
+    progress=False,
+    feature_cache=None,
+):
+    """The meta-learned mapper on an all-zero ECG vector (and zero tokens), adapted like the model.
+    (feature_cache is accepted for a uniform call and unused: no ECG is encoded.)"""
+    return run_adapting(
+        model, [ecg_free_method(model, meta_params, ecg_store)], episodes, cfg,
+        template_answers=_options(model, cfg, template_answers), progress=progress,
+    )["ecg_free"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- finetune_scratch
+
+
+def finetune_scratch_method(model: ECGLanguageModel, ecg_store, cfg: Config, feature_cache=None) -> Adapting:
+    """finetune_scratch as an `Adapting` method: a fresh mapper (seed eval.seed, the same init for every
+    episode) adapted on each support set with the meta-test's inner loop."""
+    init = fresh_mapper_params(model, cfg.eval.seed)
+    features = ecg_features(model, ecg_store, None, feature_cache)
+    return Adapting("finetune_scratch", lambda index: copy_params(init), features)
 
 
 def finetune_scratch(
     model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
 ):
     """A fresh mapper (seed eval.seed, the same init for every episode) fine-tuned on each support set."""
-    init = fresh_mapper_params(model, cfg.eval.seed)
-    return run_episodes(
-        model, lambda index: copy_params(init), episodes, ecg_features(model, ecg_store, None, feature_cache), cfg,
-        template_answers=_options(model, cfg, template_answers), method="finetune_scratch", progress=progress,
-    )  # fmt: skip
+    return run_adapting(
+        model, [finetune_scratch_method(model, ecg_store, cfg, feature_cache)], episodes, cfg,
+        template_answers=_options(model, cfg, template_answers), progress=progress,
+    )["finetune_scratch"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- supervised
@@ -360,9 +382,9 @@ def train_supervised(
     cursor, losses = 0, []
     iterator = range(steps)
     if progress:
-        from tqdm import tqdm
+        from ecgray.logs import progress as progress_bar
 
-        iterator = tqdm(iterator, desc="supervised", unit="step")
+        iterator = progress_bar(iterator, desc="supervised", unit="step")
     was = model.training
     model.train()
     try:
@@ -394,6 +416,13 @@ def train_supervised(
     finally:
         model.train(was)
     return {k: v.detach() for k, v in params.items()}, losses
+
+
+def supervised_method(
+    model: ECGLanguageModel, supervised_params: Params, ecg_store, feature_cache=None
+) -> Adapting:
+    """The supervised mapper (`train_supervised`) as an `Adapting` method, evaluated like the meta-learned one."""
+    return meta_learned(model, supervised_params, ecg_store, None, feature_cache, name="supervised")
 
 
 def supervised(
@@ -550,7 +579,7 @@ def in_context(
 
     return run_episodes(
         view, lambda index: meta_params, episodes, features, cfg,
-        template_answers=_options(model, cfg, template_answers), answerer=answerer, adapt_steps=0,
+        template_answers=_options(model, cfg, template_answers), answerer=answerer,
         method="in_context", progress=progress,
     )  # fmt: skip
 
@@ -560,14 +589,17 @@ __all__ = [
     "CONTROLS",
     "blind_llm",
     "ecg_free",
+    "ecg_free_method",
     "encoder_prototype",
     "finetune_scratch",
+    "finetune_scratch_method",
     "fresh_mapper_params",
     "in_context",
     "majority_answer",
     "meta_train_items",
     "prototype_answers",
     "supervised",
+    "supervised_method",
     "support_majority",
     "text_lookup",
     "text_lookup_answers",

@@ -25,10 +25,11 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ecgray.logs import say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +115,11 @@ def before_task(args: argparse.Namespace) -> None:
     ensure_features(replace(cfg, data=replace(cfg.data, prepared_dir=storage.resolve(args.data))))
 
 
+def log_location(args: argparse.Namespace) -> str:
+    """The run directory whose logs/ holds the framework output (`ecgray.logs.console`): --out."""
+    return args.out
+
+
 def run(args: argparse.Namespace) -> int:
     from ecgray import storage
     from ecgray.config import ConfigError
@@ -125,30 +131,47 @@ def run(args: argparse.Namespace) -> int:
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)  # a run directory: its latest checkpoint
     except FileNotFoundError as err:
-        print(f"ecgray eval: {err}", file=sys.stderr)
+        say(f"ecgray eval: {err}", err=True)
         return 2
     try:
         cfg = eval_config(args)
         payload = evaluate(cfg, args.checkpoint, args.data, args.out, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # EpisodeError is a ValueError
-        print(f"ecgray eval: {err}", file=sys.stderr)
+        say(f"ecgray eval: {err}", err=True)
         return 2
     out = args.out
-    print(summary_table(payload["curves"], payload["comparisons"]))
+    say(summary_table(payload["curves"], payload["comparisons"]))
     if payload["protocol"] == "paper":
-        print(
+        say(
             "note: paper protocol: inside an episode the question text names the answer (see text_lookup); "
             "--set episodes.protocol=grounded gives episodes the text cannot decide"
         )
-    print(f"wrote results.json, accuracy_vs_step.png, per_class.png to {out}")
+    say(f"wrote results.json, accuracy_vs_step.png, per_class.png to {out}")
     return 0
 
 
-def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True) -> dict:
+def load_model(cfg, checkpoint: str | Path, device: str | None = None):
+    """The model `evaluate` runs: the checkpoint's mapper with cfg's encoder and LLM. Build it once and pass
+    it to every `evaluate` of a run whose configs differ only in episodes.* (the demo's stages)."""
+    import torch
+
+    from ecgray.models.checkpoint import load_checkpoint
+    from ecgray.models.ecg_lm import build_model
+
+    state, _ = load_checkpoint(checkpoint)
+    if device is None:
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return build_model(cfg, device, mapper_state=state)
+
+
+def evaluate(
+    cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True, model=None
+) -> dict:
     """Meta-test the checkpoint's mapper on `cfg.eval.episodes_for(question type)` meta-test episodes drawn
     from the prepared dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
     results.json, the resolved config and the PNGs into `out`. Returns the results payload (+ "curves").
-    Bad data raises ValueError / FileNotFoundError naming it."""
+    model: `load_model(cfg, checkpoint)` made earlier with the same model.* and encoder.* (else built
+    here). Bad data raises ValueError / FileNotFoundError naming it."""
     import torch
 
     from ecgray import storage
@@ -158,7 +181,7 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
-    from ecgray.eval.meta_test import load_template_answers, meta_test
+    from ecgray.eval.meta_test import device_of, load_template_answers, meta_learned, meta_test, run_adapting
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
     from ecgray.models.checkpoint import load_checkpoint, load_splits
     from ecgray.models.ecg_lm import build_model
@@ -193,39 +216,64 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
     if missing:
         raise ValueError(f"{data}: qa rows refer to {len(missing)} ECGs not in ecgs/ (e.g. {missing[:5]})")
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg, device, mapper_state=state)
+    if model is None:
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_model(cfg, device, mapper_state=state)
+    elif model.cfg != cfg.model or getattr(model.encoder, "cfg", cfg.encoder) != cfg.encoder:
+        raise ValueError(
+            "evaluate: the model passed was built with another model.* / encoder.* than this run's"
+        )
+    else:  # the same checkpoint's mapper (a model reused across stages must not carry another's weights)
+        from ecgray.models.checkpoint import load_mapper_state
+
+        load_mapper_state(
+            model.mapper, {k: v.to(device_of(model)) for k, v in state.items()}, source=str(checkpoint)
+        )
+        device = device_of(model)
     meta_params = model.mapper_params()
     needs_options = model.cfg.decoding == "constrained" and cfg.eval.options != "support"
     template_answers = load_template_answers(cfg) if needs_options else None
     # every method sees the same ECGs: each is encoded once per lead subset
     common = {"template_answers": template_answers, "progress": progress, "feature_cache": {}}
 
-    results: dict[str, dict] = {"meta_test": meta_test(model, meta_params, episodes, store, cfg, **common)}
+    # the adapting methods run together, in lockstep (meta_test.run_adapting); the others one by one
+    adapting = [meta_learned(model, meta_params, store, None, common["feature_cache"])]
+    train_info: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name in cfg.eval.baselines:
         if name in ("blind_llm", "in_context") and model.cfg.paper_compat:
             skipped[name] = "not defined under model.paper_compat=True"
-            print(f"ecgray eval: skipping {name}: {skipped[name]}", file=sys.stderr)
-            continue
-        if name in ("text_lookup", "support_majority", "encoder_prototype"):
-            results[name] = getattr(B, name)(model, episodes, store, cfg, **common)
-        elif name == "blind_llm":
-            results[name] = B.blind_llm(model, episodes, store, cfg, **common)
+            say(f"ecgray eval: skipping {name}: {skipped[name]}", err=True)
         elif name == "ecg_free":
-            results[name] = B.ecg_free(model, meta_params, episodes, store, cfg, **common)
+            adapting.append(B.ecg_free_method(model, meta_params, store))
         elif name == "finetune_scratch":
-            results[name] = B.finetune_scratch(model, episodes, store, cfg, **common)
-        elif name == "in_context":
-            results[name] = B.in_context(model, meta_params, episodes, store, cfg, **common)
+            adapting.append(B.finetune_scratch_method(model, store, cfg, common["feature_cache"]))
         elif name == "supervised":
             items = B.meta_train_items(samples, cfg)
             params, losses = B.train_supervised(model, items, store, cfg, progress=progress)
-            results[name] = B.supervised(model, params, episodes, store, cfg, **common)
-            results[name]["train_losses"] = losses
-            results[name]["train_samples"] = len(items)
-        else:  # the config's Literal already rejects unknown names
+            adapting.append(B.supervised_method(model, params, store, common["feature_cache"]))
+            train_info[name] = {"train_losses": losses, "train_samples": len(items)}
+        elif name not in B.BASELINES:  # the config's Literal already rejects unknown names
             raise ConfigError(f"eval.baselines: unknown baseline {name!r}; expected one of {B.BASELINES}")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    adapted = run_adapting(
+        model, adapting, episodes, cfg, template_answers=template_answers, progress=progress
+    )
+    seconds["+".join(adapted)] = round(time.perf_counter() - t0, 3)
+    results: dict[str, dict] = {"meta_test": adapted["meta_test"]}
+    for name in cfg.eval.baselines:  # in the config's order (tables and figures follow it)
+        if name in skipped:
+            continue
+        if name in adapted:
+            results[name] = adapted[name] | train_info.get(name, {})
+            continue
+        t0 = time.perf_counter()
+        if name in ("text_lookup", "support_majority", "encoder_prototype", "blind_llm"):
+            results[name] = getattr(B, name)(model, episodes, store, cfg, **common)
+        elif name == "in_context":
+            results[name] = B.in_context(model, meta_params, episodes, store, cfg, **common)
+        seconds[name] = round(time.perf_counter() - t0, 3)
     leads = {
         name: meta_test(
             model, meta_params, episodes, store, cfg, leads=subset, method=f"leads {name}", **common
@@ -251,6 +299,8 @@ def evaluate(cfg, checkpoint: str | Path, data: str | Path, out: str | Path, pro
         # patient split: samples dropped because their ECGs (a comparison sample's two) lie in different splits
         "straddling_samples": sampler.straddling,
         "seconds": round(time.time() - started, 2),
+        # wall time of each method (the adapting ones together: they run as one lockstep batch)
+        "seconds_by_method": seconds,
         "results": results,
         "comparisons": comparisons,
         "learning_evidence": metrics.learning_evidence(comparisons) if comparisons else {},
@@ -297,10 +347,7 @@ def held_out(samples: list[dict], episodes, trained, stored_splits: dict | None,
         actual = split_keys(samples, replace(rules, question_type="mixed", mixed_types=types))
         check_split_keys({qt: stored_splits[qt] for qt in types}, actual, where)
     elif stored_splits is None:
-        print(
-            f"ecgray eval: the checkpoint stores no split keys; {where}'s split is not checked",
-            file=sys.stderr,
-        )
+        say(f"ecgray eval: the checkpoint stores no split keys; {where}'s split is not checked", err=True)
     if same_protocol:
         return samples, episodes
     kept: set[tuple] = set()

@@ -6,13 +6,25 @@ For every episode:
      others are zero-filled and masked before the encoder, see `mask_leads`);
   2. step 0 answers the query set with the meta-learned weights themselves; then `ecgray.meta.adapt` runs
      `meta.inner_steps` plain SGD steps at `meta.inner_lr` on the support loss, starting from a detached
-     copy (first order: no meta-gradient is needed at test time), and the query set is answered after each;
+     copy (first order: no meta-gradient is needed at test time), and the query set is answered after the
+     reported steps (`reported_steps`: 0, every `eval.curve_stride`-th and the last; stride 1: every step);
   3. answers are option-constrained (`model.decoding=constrained`: the admissible answers of the question's
      template, see `query_options`, scored by log p(option + EOS | prompt); the chosen option is an answer
      list, scored by identity) or greedy (free text); under `model.paper_compat` the official prediction is
      used (argmax at every gold position, BOS included).
 The model is in eval mode throughout (mapper dropout off); its weights are never modified, and it is built
 once for all episodes. Results are deterministic for given episodes and weights.
+
+Every method that adapts (`Adapting`: the meta-learned mapper, and among the baselines ecg_free,
+finetune_scratch, supervised) runs through `run_adapting`, which puts all of them and
+`eval.episodes_per_pass` episodes in lockstep: one task per (episode, method), one frozen-LLM pass per inner
+step for all their support sets and one decoding pass per reported step for all their query sets. Why one
+batch rather than one method after the other: the work per task is the same, but the CPU's matrix kernels
+run far better on one tall batch than on several short ones, and a question shared by the methods' rows
+is run once for all of them (the question KV cache). A method fed no ECG (ecg_free) cannot tell its rows
+apart beyond their prompts, so it runs one row per distinct prompt (a grounded single-verify support set
+of 20 items holds 4). Rows never interact in the LLM and each task keeps its own fast weights, so every
+record is what one method on one episode at a time gives (pinned by tests/test_eval.py).
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import torch
 from ecgray.config import LEAD_NAMES, Config
 from ecgray.eval import metrics
 from ecgray.meta import adapt
-from ecgray.models.ecg_lm import ECGLanguageModel, answer_text
+from ecgray.models.ecg_lm import ECGLanguageModel, TaskData, answer_text
 
 log = logging.getLogger(__name__)
 
@@ -311,41 +323,39 @@ def answer_query(
     return score_predictions(model, decode(model, prefix, questions, options), golds)
 
 
-def answer_episodes(
-    model: ECGLanguageModel,
-    params: list[Params | None],
-    query_features: list[Features],
-    episodes: list[dict],
-    options: list[list[list[Answer]]],
-) -> list[StepScore]:
-    """`default_answerer` for several episodes at once: one decoding pass over all their query sets, each
-    with the prefixes of its own fast weights (one pass per prefix width when one- and two-ECG episodes
-    meet); scored per episode."""
-    if model.cfg.paper_compat:  # the quirk's token accuracy is per query set: one episode at a time
-        return [
-            default_answerer(model, p, None, f, e, o) for p, f, e, o in zip(params, query_features, episodes, options, strict=True)
-        ]  # fmt: skip
-    prefixes = [
-        model.fuse(pooled, tokens, p) for p, (pooled, tokens) in zip(params, query_features, strict=True)
-    ]
+def decode_blocks(
+    model: ECGLanguageModel, blocks: list[tuple[torch.Tensor, list[str], list[list[Answer]]]]
+) -> list[list[str | Answer]]:
+    """`decode` for several query sets at once, each (prefixes (B_k, width, D_llm), questions, options):
+    one decoding pass over all of them (one per prefix width when one- and two-ECG sets meet) -> the
+    predictions of each set. Rows are independent in the LLM, so each set's answers are its own."""
     by_width: dict[int, list[int]] = {}
-    for k, prefix in enumerate(prefixes):
+    for k, (prefix, _, _) in enumerate(blocks):
         by_width.setdefault(int(prefix.shape[1]), []).append(k)
-    predictions: list[list] = [[] for _ in episodes]
+    predictions: list[list] = [[] for _ in blocks]
     for members in by_width.values():
-        prefix = torch.cat([prefixes[k] for k in members])
-        questions = [i["question"] for k in members for i in episodes[k]["query"]]
-        flat_options = [o for k in members for o in options[k]]  # per query; empty lists when greedy
-        decoded = decode(model, prefix, questions, flat_options)
+        prefix = torch.cat([blocks[k][0] for k in members])
+        questions = [q for k in members for q in blocks[k][1]]
+        options = [o for k in members for o in blocks[k][2]]  # per query; empty lists when greedy
+        decoded = decode(model, prefix, questions, options)
         start = 0
         for k in members:
-            n = len(episodes[k]["query"])
+            n = len(blocks[k][1])
             predictions[k] = decoded[start : start + n]
             start += n
-    return [
-        score_predictions(model, predictions[k], [i["answer"] for i in e["query"]])
-        for k, e in enumerate(episodes)
-    ]
+    return predictions
+
+
+def distinct_prompts(items: list[dict], options: list[list[Answer]]) -> tuple[list[int], list[int]]:
+    """(first, inverse): the items whose prompts differ (question text and option set), and for every item
+    the index into `first` of its prompt. What a method that reads no ECG answers depends on nothing else."""
+    seen: dict[tuple, int] = {}
+    inverse = []
+    for item, opts in zip(items, options or [[]] * len(items), strict=True):
+        key = (item["question"], tuple(tuple(o) for o in opts))
+        inverse.append(seen.setdefault(key, len(seen)))
+    first = [inverse.index(u) for u in range(len(seen))]
+    return first, inverse
 
 
 # ------------------------------------------------------------------------------------- the episodes
@@ -380,75 +390,17 @@ def ecg_features(
     return features
 
 
-def run_episodes(
-    model: ECGLanguageModel,
-    start_params: Callable[[int], Params] | None,
-    episodes: list[dict],
-    features: FeatureFn,
-    cfg: Config,
-    *,
-    template_answers: dict[int, list[str]] | None,
-    answerer: Answerer = default_answerer,
-    adapt_steps: int | None = None,
-    method: str = "meta_test",
-    progress: bool = False,
-    answer_options: bool = True,
-) -> dict:
-    """The loop every method shares: per episode, answer the query set with `start_params(index)`
-    (step 0), then after each of `adapt_steps` (default `meta.inner_steps`; 0: no adaptation) SGD steps on
-    the support loss. start_params None: a method without trainable weights (step 0 only). With the
-    default answerer, `eval.episodes_per_pass` episodes run in lockstep (see `_run_group`).
-    answer_options False: the answerer picks its answers itself (the shortcut controls), so no option
-    sets are built and it gets empty ones. Intervals: eval.ci_level / ci_method / bootstrap_samples /
-    bootstrap_seed.
-    -> {"method", "steps", "summary" (metrics.summarize), "episodes" (per-episode records)}."""
-    steps = cfg.meta.inner_steps if adapt_steps is None else adapt_steps
-    if start_params is None:
-        steps = 0
-    need_options = answer_options and model.cfg.decoding == "constrained" and not model.cfg.paper_compat
-    per_pass = cfg.eval.episodes_per_pass
-    if per_pass < 1:
-        raise ValueError(f"eval.episodes_per_pass={per_pass}: must be >= 1")
-    if answerer is not default_answerer:
-        per_pass = 1  # a custom answerer sees one episode at a time
-    records = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def reported_steps(inner_steps: int, stride: int) -> list[int]:
+    """The inner steps after which the query sets are answered: 0, every `stride`-th, and the last."""
+    if stride < 1:
+        raise ValueError(f"eval.curve_stride={stride}: must be >= 1")
+    return sorted({0, inner_steps, *range(0, inner_steps + 1, stride)})
 
-        bar = tqdm(total=len(episodes), desc=method, unit="ep")
-    with eval_mode(model):
-        for first in range(0, len(episodes), per_pass):
-            group = list(range(first, min(first + per_pass, len(episodes))))
-            eps = [episodes[i] for i in group]
-            options = [
-                query_options(e, template_answers, cfg.eval.options) if need_options else [] for e in eps
-            ]
-            params = None if start_params is None else [start_params(i) for i in group]
-            group_scores = _run_group(
-                model, params, eps, [features(e) for e in eps], options, answerer, steps, cfg
-            )
-            for index, episode, scores in zip(group, eps, group_scores, strict=True):
-                records.append(
-                    metrics.episode_record(
-                        index,
-                        episode["query"][0]["question_type"],
-                        episode["classes"],
-                        list(range(steps + 1)),
-                        [s.correct for s in scores],
-                        [s.token_acc_bos for s in scores],
-                        [s.token_acc for s in scores],
-                        [i["class"] for i in episode["query"]],
-                        scores[-1].predictions,
-                    )
-                )
-            if bar is not None:
-                bar.update(len(group))
-    if bar is not None:
-        bar.close()
+
+def _result(method: str, records: list[dict], cfg: Config) -> dict:
     return {
         "method": method,
-        "steps": list(range(steps + 1)),
+        "steps": list(records[0]["steps"]) if records else [0],
         "summary": metrics.summarize(
             records,
             cfg.eval.ci_level,
@@ -460,33 +412,204 @@ def run_episodes(
     }
 
 
-def _run_group(model, params, episodes, features, options, answerer, steps, cfg) -> list[list[StepScore]]:
-    """Per episode, the query set's StepScore at step 0 and after each of `steps` inner steps; the episodes'
-    inner loops run in lockstep (one LLM pass per step for all their support sets, each with its own fast
-    weights). params: one dict per episode, or None (no trainable weights: step 0 only)."""
-    scores: list[list[StepScore]] = [[] for _ in episodes]
+def _record(index: int, episode: dict, steps: list[int], scores: list[StepScore]) -> dict:
+    return metrics.episode_record(
+        index,
+        episode["query"][0]["question_type"],
+        episode["classes"],
+        steps,
+        [s.correct for s in scores],
+        [s.token_acc_bos for s in scores],
+        [s.token_acc for s in scores],
+        [i["class"] for i in episode["query"]],
+        scores[-1].predictions,
+    )
 
-    def predict(step: int, fast: list[Params] | None) -> None:
-        fast = [None] * len(episodes) if fast is None else fast
+
+def _progress(total: int, desc: str, on: bool):
+    if not on:
+        return None
+    from ecgray.logs import progress
+
+    return progress(total=total, desc=desc, unit="ep")
+
+
+def run_episodes(
+    model: ECGLanguageModel,
+    start_params: Callable[[int], Params] | None,
+    episodes: list[dict],
+    features: FeatureFn,
+    cfg: Config,
+    *,
+    template_answers: dict[int, list[str]] | None,
+    answerer: Answerer = default_answerer,
+    method: str = "meta_test",
+    progress: bool = False,
+    answer_options: bool = True,
+) -> dict:
+    """The loop of the methods that do not adapt (the controls, blind_llm, in_context): per episode, answer
+    the query set once (step 0) with `start_params(index)` (None: a method without trainable weights).
+    Adapting methods run through `run_adapting`. answer_options False: the answerer picks its answers
+    itself (the shortcut controls), so no option sets are built and it gets empty ones. Intervals:
+    eval.ci_level / ci_method / bootstrap_samples / bootstrap_seed.
+    -> {"method", "steps" ([0]), "summary" (metrics.summarize), "episodes" (per-episode records)}."""
+    need_options = answer_options and model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    records = []
+    bar = _progress(len(episodes), method, progress)
+    with eval_mode(model), torch.no_grad():
+        for index, episode in enumerate(episodes):
+            options = query_options(episode, template_answers, cfg.eval.options) if need_options else []
+            params = None if start_params is None else start_params(index)
+            support_features, query_features = features(episode)
+            score = answerer(model, params, support_features, query_features, episode, options)
+            records.append(_record(index, episode, [0], [score]))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return _result(method, records, cfg)
+
+
+# ------------------------------------------------------------------------------ adapting in lockstep
+
+
+@dataclasses.dataclass
+class Adapting:
+    """A method that adapts a mapper on each episode's support set with the meta-test's inner loop (the
+    meta-learned model, ecg_free, finetune_scratch, supervised, ...): what `run_adapting` needs of it."""
+
+    name: str
+    start: Callable[[int], Params]
+    """episode index -> the weights the inner loop starts from (never written)."""
+    features: FeatureFn
+    """episode -> the (support, query) features its mapper reads."""
+    reads_ecg: bool = True
+    """False (an all-zero ECG): its rows depend on the prompt alone, so it runs one row per distinct
+    support prompt (weighted by its count) and answers one row per distinct query prompt."""
+
+
+@dataclasses.dataclass
+class _Task:
+    """One (episode, method) of a lockstep pass."""
+
+    method: int
+    episode: int
+    support: TaskData
+    query: Features
+    """The query rows' features; for a method that reads no ECG, those of the distinct prompts only."""
+    questions: list[str]
+    options: list[list[Answer]]
+    inverse: list[int] | None
+    """query item -> its row in `questions` (None: one row per item)."""
+
+
+def run_adapting(
+    model: ECGLanguageModel,
+    methods: list[Adapting],
+    episodes: list[dict],
+    cfg: Config,
+    *,
+    template_answers: dict[int, list[str]] | None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Every adapting method on every episode (module docstring): per pass of `eval.episodes_per_pass`
+    episodes, all (episode, method) inner loops run in lockstep as one task batch through the frozen LLM
+    (one forward + backward per inner step for all their support sets, the question KV cache computed once
+    per distinct question), and the query sets are answered in one decoding pass at each reported step
+    (`reported_steps(meta.inner_steps, eval.curve_stride)`). Each task keeps its own fast weights and rows
+    never interact in the LLM, so every record is the one-method, one-episode-at-a-time result.
+    -> {method name: {"method", "steps", "summary", "episodes"}} in the order of `methods`."""
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_adapting: method names repeat: {names}")
+    per_pass = cfg.eval.episodes_per_pass
+    if per_pass < 1:
+        raise ValueError(f"eval.episodes_per_pass={per_pass}: must be >= 1")
+    inner_steps = cfg.meta.inner_steps
+    steps = reported_steps(inner_steps, cfg.eval.curve_stride)
+    need_options = model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    records: dict[str, list[dict]] = {m.name: [] for m in methods}
+    bar = _progress(len(episodes), "+".join(names), progress)
+    with eval_mode(model):
+        for first in range(0, len(episodes), per_pass):
+            group = list(range(first, min(first + per_pass, len(episodes))))
+            options = {
+                i: query_options(episodes[i], template_answers, cfg.eval.options) if need_options else []
+                for i in group
+            }
+            tasks = [
+                _task(model, k, m, i, episodes[i], options[i]) for i in group for k, m in enumerate(methods)
+            ]
+            scores = _adapt_and_answer(model, tasks, [methods[t.method].start(t.episode) for t in tasks],
+                                       episodes, inner_steps, steps, cfg.meta.inner_lr)  # fmt: skip
+            for task, per_step in zip(tasks, scores, strict=True):
+                episode = episodes[task.episode]
+                records[methods[task.method].name].append(_record(task.episode, episode, steps, per_step))
+            if bar is not None:
+                bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return {name: _result(name, records[name], cfg) for name in names}
+
+
+def _task(model, method_index: int, method: Adapting, index: int, episode: dict, options) -> _Task:
+    (sp, st), (qp, qt) = method.features(episode)
+    support, query = episode["support"], episode["query"]
+    questions = [i["question"] for i in query]
+    if method.reads_ecg:
+        data = model.task_data(sp, st, [i["question"] for i in support], [i["answer"] for i in support])
+        return _Task(method_index, index, data, (qp, qt), questions, options, None)
+    # no ECG: identical prompts are identical rows, run once (support: weighted by their count)
+    counts: dict[tuple[str, str], int] = {}
+    rows: list[int] = []  # the first item of each distinct (question, answer)
+    for j, item in enumerate(support):
+        key = (item["question"], answer_text(item["answer"]))
+        if key not in counts:
+            counts[key] = 0
+            rows.append(j)
+        counts[key] += 1
+    data = model.task_data(
+        sp[rows], None if st is None else st[rows], [support[j]["question"] for j in rows],
+        [support[j]["answer"] for j in rows],
+    )  # fmt: skip
+    data.weights = list(counts.values())
+    if model.cfg.paper_compat:  # the quirk's prediction depends on the gold answer's length: every row
+        return _Task(method_index, index, data, (qp, qt), questions, options, None)
+    first, inverse = distinct_prompts(query, options)
+    return _Task(
+        method_index, index, data, (qp[first], None if qt is None else qt[first]),
+        [questions[j] for j in first], [options[j] for j in first] if options else [], inverse,
+    )  # fmt: skip
+
+
+def _adapt_and_answer(model, tasks: list[_Task], params: list[Params], episodes, inner_steps: int,
+                      steps: list[int], inner_lr: float) -> list[list[StepScore]]:  # fmt: skip
+    """Per task, the query set's StepScore at each of `steps` (inner steps, 0 = the start weights)."""
+    scores: list[list[StepScore]] = [[] for _ in tasks]
+
+    def answer(step: int, fast: list[Params]) -> None:
+        if step not in steps:
+            return
         with torch.no_grad():
-            if answerer is default_answerer:
-                answers = answer_episodes(model, fast, [f[1] for f in features], episodes, options)
-            else:
-                answers = [
-                    answerer(model, w, f[0], f[1], e, o)
-                    for w, f, e, o in zip(fast, features, episodes, options, strict=True)
-                ]
-        for out, answer in zip(scores, answers, strict=True):
-            out.append(answer)
+            prefixes = [model.fuse(*t.query, w) for t, w in zip(tasks, fast, strict=True)]
+            if model.cfg.paper_compat:  # the quirk's token accuracy is per query set: one set at a time
+                for t, prefix, out in zip(tasks, prefixes, scores, strict=True):
+                    q = episodes[t.episode]["query"]
+                    out.append(paper_compat_score(model, prefix, t.questions, [i["answer"] for i in q]))
+                return
+            decoded = decode_blocks(
+                model, [(p, t.questions, t.options) for t, p in zip(tasks, prefixes, strict=True)]
+            )
+        for t, predictions, out in zip(tasks, decoded, scores, strict=True):
+            if t.inverse is not None:  # one row per distinct prompt: back to every query item
+                predictions = [predictions[j] for j in t.inverse]
+            golds = [i["answer"] for i in episodes[t.episode]["query"]]
+            out.append(score_predictions(model, predictions, golds))
 
-    predict(0, params)
-    if steps > 0 and params is not None:
-        tasks = []
-        for episode, (support_features, _) in zip(episodes, features, strict=True):
-            support = episode["support"]
-            questions, answers = [i["question"] for i in support], [i["answer"] for i in support]
-            tasks.append(model.task_data(support_features[0], support_features[1], questions, answers))
-        adapt(model.loss_fn(), params, model.task_set(tasks), steps, cfg.meta.inner_lr, True, on_step=predict)
+    answer(0, params)
+    if inner_steps > 0:
+        support = model.task_set([t.support for t in tasks])
+        adapt(model.loss_fn(), params, support, inner_steps, inner_lr, True, on_step=answer)
     return scores
 
 
@@ -509,13 +632,21 @@ def meta_test(
     feature_cache: a dict shared across calls so the encoder runs once per ECG (see encode_ecgs)."""
     if template_answers is None and model.cfg.decoding == "constrained" and cfg.eval.options != "support":
         template_answers = load_template_answers(cfg)
-    return run_episodes(
-        model,
-        lambda index: copy_params(meta_params),
-        episodes,
-        ecg_features(model, ecg_store, leads, feature_cache),
-        cfg,
-        template_answers=template_answers,
-        method=method,
-        progress=progress,
+    method_ = meta_learned(model, meta_params, ecg_store, leads, feature_cache, name=method)
+    return run_adapting(
+        model, [method_], episodes, cfg, template_answers=template_answers, progress=progress
+    )[method]
+
+
+def meta_learned(
+    model: ECGLanguageModel,
+    meta_params: Params,
+    ecg_store,
+    leads: list[str] | None = None,
+    feature_cache: dict | None = None,
+    name: str = "meta_test",
+) -> Adapting:
+    """The meta-learned mapper as an `Adapting` method: a copy of `meta_params` adapted on the ECGs."""
+    return Adapting(
+        name, lambda index: copy_params(meta_params), ecg_features(model, ecg_store, leads, feature_cache)
     )

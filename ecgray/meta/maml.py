@@ -15,7 +15,8 @@ its own gradient: M inner loops cost one LLM forward + backward per step, not M.
 Engines (both return the same `MetaStep`):
 - `meta_step`: first_order=True is FOMAML: fast weights are detached after every update, the query gradient
   after each of the inner steps query_from_step..inner_steps is taken at once w.r.t. the fast weights and
-  accumulated, so no graph outlives the pass that made it. first_order=False is full second-order MAML
+  accumulated, so no graph outlives the pass that made it; given the query and support sets as one data
+  set, the query pass after step k shares one pass with the support pass of step k + 1 (same weights). first_order=False is full second-order MAML
   (inner gradients with create_graph; the graph of the whole inner loop is kept: memory grows with steps,
   and attention kernels must support double backward).
 - `reference_meta_step`: the official loop, one task: fast = theta - lr * detached grad (still attached
@@ -77,7 +78,15 @@ def _losses(loss_fn: LossFn, fast: list[Params], batched: bool, data: Any) -> to
 def _sgd_step(fast: list[Params], loss: torch.Tensor, inner_lr: float, first_order: bool) -> list[Params]:
     flat = [v for task in fast for v in task.values()]
     # sum over tasks: task m's loss depends only on task m's fast weights
-    grads = iter(torch.autograd.grad(loss.sum(), flat, create_graph=not first_order))
+    grads = torch.autograd.grad(loss.sum(), flat, create_graph=not first_order)
+    return _update(fast, list(grads), inner_lr, first_order)
+
+
+def _update(
+    fast: list[Params], grads: list[torch.Tensor], inner_lr: float, first_order: bool
+) -> list[Params]:
+    """fast - inner_lr * grads (grads flat, task by task in each task's key order)."""
+    grads = iter(grads)
     new = []
     for task in fast:
         step = {k: v - inner_lr * next(grads) for k, v in task.items()}
@@ -154,33 +163,62 @@ def meta_step(
     inner_lr: float = 0.05,
     query_from_step: int = 2,
     first_order: bool = True,
+    query_then_support: Any = None,
 ) -> MetaStep:
     """One outer step's meta-gradient for `n_tasks` tasks whose inner loops run in lockstep.
 
     loss_fn(list of n_tasks fast-weight dicts, support | query) -> (n_tasks,) losses; `support` / `query`
     hold the n_tasks tasks' data (opaque here). The query loss after each inner step
     query_from_step..inner_steps enters the meta-loss (the paper: 2..15, i.e. 14 losses).
-    first_order=False differentiates w.r.t. `params` themselves: they must require grad."""
+    first_order=False differentiates w.r.t. `params` themselves: they must require grad.
+
+    query_then_support (first order): the same tasks' query sets then their support sets as one data set
+    of 2 n_tasks tasks (loss_fn(list of 2 n_tasks dicts, it) -> (2 n_tasks,)). The query loss after step k
+    and the support loss of step k + 1 are taken at the same fast weights, so with it they run as one pass
+    (one call of loss_fn, one backward) instead of two: each through its own detached copy of the fast
+    weights, so the one backward still gives the two gradients apart. Same losses and gradients; half the
+    passes, each twice as tall (what a CPU's matrix kernels and a GPU's occupancy want)."""
     _check_steps(inner_steps, query_from_step)
     names = list(params)
     fast = _start([params] * n_tasks, first_order)  # every task gets its own start tensors
     support_losses, query_losses = [], []
     grads = {k: torch.zeros_like(v) for k, v in params.items()}
     kept = []  # second order: query losses with their graphs
+    merge = query_then_support is not None and first_order
+
+    def add_query_grads(q_grads) -> None:
+        for i, g in enumerate(q_grads):
+            grads[names[i % len(names)]] += g
+
+    pending = False  # the query loss at the current fast weights is still to be taken (merged pass)
     for step in range(1, inner_steps + 1):
-        loss = _losses(loss_fn, fast, True, support)
-        support_losses.append(loss.detach())
-        fast = _sgd_step(fast, loss, inner_lr, first_order)
+        if pending:
+            q_fast = [{k: v.detach().requires_grad_() for k, v in task.items()} for task in fast]
+            both = _losses(loss_fn, q_fast + fast, True, query_then_support)  # (2 n_tasks,)
+            q_loss, loss = both[:n_tasks], both[n_tasks:]
+            query_losses.append(q_loss.detach())
+            flat = [task[k] for task in q_fast + fast for k in names]
+            all_grads = torch.autograd.grad(both.sum(), flat)
+            cut = n_tasks * len(names)
+            add_query_grads(all_grads[:cut])
+            support_losses.append(loss.detach())
+            fast = _update(fast, list(all_grads[cut:]), inner_lr, first_order)
+        else:
+            loss = _losses(loss_fn, fast, True, support)
+            support_losses.append(loss.detach())
+            fast = _sgd_step(fast, loss, inner_lr, first_order)
         if step < query_from_step:
             continue
+        if merge and step < inner_steps:
+            pending = True  # taken with the next step's support loss
+            continue
+        pending = False
         q_loss = _losses(loss_fn, fast, True, query)
         query_losses.append(q_loss.detach())
         if first_order:
             # FOMAML: d(query loss)/d(fast weights) now; the graph of this pass is freed right here
             flat = [task[k] for task in fast for k in names]
-            q_grads = torch.autograd.grad(q_loss.sum(), flat)
-            for i, g in enumerate(q_grads):
-                grads[names[i % len(names)]] += g
+            add_query_grads(torch.autograd.grad(q_loss.sum(), flat))
         else:
             kept.append(q_loss)
     n_query_steps = len(query_losses)
@@ -264,8 +302,11 @@ def apply_meta_gradient(
     return float(norm)
 
 
-def run_meta_step(loss_fn: LossFn, params: Params, support: Any, query: Any, cfg) -> MetaStep:
-    """`meta_step` / `reference_meta_step` as chosen by a `MetaConfig` (n_tasks = cfg.tasks_per_step)."""
+def run_meta_step(
+    loss_fn: LossFn, params: Params, support: Any, query: Any, cfg, query_then_support: Any = None
+) -> MetaStep:
+    """`meta_step` / `reference_meta_step` as chosen by a `MetaConfig` (n_tasks = cfg.tasks_per_step);
+    query_then_support: see `meta_step` (the fast engine only)."""
     if cfg.engine == "reference":
         if cfg.tasks_per_step != 1 or not cfg.first_order:
             raise ValueError("meta.engine=reference runs one task, first order (meta.tasks_per_step=1)")
@@ -282,4 +323,5 @@ def run_meta_step(loss_fn: LossFn, params: Params, support: Any, query: Any, cfg
         cfg.inner_lr,
         cfg.query_from_step,
         cfg.first_order,
+        query_then_support,
     )

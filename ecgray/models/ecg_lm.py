@@ -131,6 +131,10 @@ class TaskData:
     pooled: torch.Tensor  # (B, D_enc); two ECGs per sample: (B, 2, D_enc)
     tokens: torch.Tensor | None  # (B, N, D_enc) | (B, 2, N, D_enc), or None when the mapper reads only pooled
     rows: PromptRows
+    weights: list[int] | None = None
+    """Row r stands for weights[r] identical rows of the set (None: every row once). A method whose rows
+    cannot depend on the ECG (an all-zero ECG) keeps one row per distinct prompt and its count: the task's
+    mean loss and its gradient are those of the full set, at a fraction of the LLM's work."""
 
 
 @dataclass
@@ -593,6 +597,10 @@ class ECGLanguageModel(nn.Module):
         inverse[torch.tensor(rows)] = torch.arange(len(rows))
         inverse = inverse.to(prefix.device)
         nll, count = torch.cat(row_nll)[inverse], torch.cat(row_count)[inverse]  # back in stacked row order
+        if any(t.weights is not None for t in tasks):  # rows standing for several identical ones
+            weights = [w for t in tasks for w in (t.weights or [1] * len(t.rows))]
+            weights = torch.tensor(weights, dtype=nll.dtype, device=nll.device)
+            nll, count = nll * weights, count * weights
         sizes = [len(t.rows) for t in tasks]
         per_task_nll = torch.stack([chunk.sum() for chunk in nll.split(sizes)])
         per_task_count = torch.stack([chunk.sum() for chunk in count.split(sizes)])

@@ -115,7 +115,11 @@ def meta_gradient(lm: ECGLanguageModel, cache: FeatureCache, theta: dict, episod
         # detached copies): give them leaves that require grad. detach() makes new tensor objects over the
         # same storage (nothing is copied, nothing written), so the caller's tensors keep requires_grad.
         theta = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
-    return run_meta_step(lm.loss_fn(), theta, support, query, meta_cfg)
+    # the query sets then the support sets as one set: FOMAML takes the query loss after inner step k and
+    # the support loss of step k + 1 at the same fast weights, in one pass (ecgray.meta.meta_step)
+    merged = meta_cfg.engine != "reference" and meta_cfg.first_order
+    both = lm.task_set(query.tasks + support.tasks) if merged else None
+    return run_meta_step(lm.loss_fn(), theta, support, query, meta_cfg, both)
 
 
 def meta_test_sums(

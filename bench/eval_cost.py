@@ -1,0 +1,256 @@
+"""Evaluation cost of the demo, before and after: seconds per meta-test episode per stage and method, on
+the demo's checkpoint and episodes, and whether both give the same per-episode, per-step exact matches.
+
+    .venv/bin/python bench/eval_cost.py                       # runs/demo, before = git HEAD, after = this tree
+    .venv/bin/python bench/eval_cost.py --run runs/demo --before 2c4bb41 --episodes 4 --stages grounded/single-verify
+
+"Before" is today's path of a git revision (`--before`, default HEAD): its `ecgray` package is exported
+with `git archive` into a temporary directory and run from there; "after" is the package of this working
+tree. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
+(`ecgray.demo`'s meta-test block: every protocol x question type, `ecgray.eval.cli.evaluate` with the run's
+config) on the same episodes: before builds the model in every stage as it does, after once for all (as
+the demo now does). Per method: the adapting methods run as one lockstep batch after, so they are timed
+together there (`seconds_by_method` of results.json).
+
+Identity: every method's per-episode exact match at every step after reports (0, every
+eval.curve_stride-th, the last) and its last-step predictions must be those of before. In fp32 they must be
+equal (bitwise: the cells are fractions of right answers). In bf16 the same arithmetic batched otherwise
+rounds otherwise, and the option scores of a query move by up to about `--margin-ulps` units of bf16
+rounding at their magnitude; a decision whose two best options lie closer than that can flip, and
+only such flips are allowed: the bench records every option score margin of before's decisions (by
+wrapping `score_options`) and accepts a differing cell only when each of its flipped queries had a margin
+under that bound. The last line is `eval speedup: <x>x, identical: <yes|no>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ one side (child)
+
+
+def run_side(args) -> dict:
+    """In a child process whose sys.path starts at the side's package: every stage, timed."""
+    import dataclasses
+
+    import torch
+    import yaml
+
+    import ecgray
+    from ecgray.config import from_dict
+    from ecgray.demo import eval_types, protocols
+    from ecgray.eval import baselines as B
+    from ecgray.eval import cli
+    from ecgray.eval import meta_test as mt
+    from ecgray.models import ecg_lm
+
+    run = Path(args.run).resolve()
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    if args.dtype:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=args.dtype))
+    if args.episodes:
+        by_type = {k: (args.episodes if v > 0 else 0) for k, v in cfg.eval.episodes_by_type.items()}
+        cfg = dataclasses.replace(
+            cfg, eval=dataclasses.replace(cfg.eval, episodes=args.episodes, episodes_by_type=by_type)
+        )
+    # per-method wall time of the path that has no `seconds_by_method`: wrap what evaluate calls
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    if not hasattr(cli, "load_model"):
+        mt.meta_test = timed("meta_test", mt.meta_test)
+        for name in B.BASELINES:
+            setattr(B, name, timed(name, getattr(B, name)))
+    # option score margins (best - second best) of every decoded query, in call order (bf16 check)
+    margins: list[float] = []
+    score_options = ecg_lm.ECGLanguageModel.score_options
+
+    def recording(self, prefix, questions, options, *a, **kw):
+        scores = score_options(self, prefix, questions, options, *a, **kw)
+        for s in scores:
+            top = torch.topk(s.float(), min(2, len(s))).values.tolist()
+            margins.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        return scores
+
+    ecg_lm.ECGLanguageModel.score_options = recording
+
+    checkpoint, prepared = run / "checkpoint", run / "data" / "prepared"
+    model, build_s = None, 0.0
+    if hasattr(cli, "load_model"):  # the after path builds the model once for every stage
+        t0 = time.perf_counter()
+        model = cli.load_model(cfg, checkpoint)
+        build_s = time.perf_counter() - t0
+    stages = {}
+    wanted = set(args.stages.split(",")) if args.stages else None
+    for protocol in protocols(cfg):
+        for qt in eval_types(cfg):
+            stage = f"{protocol}/{qt}"
+            if wanted is not None and stage not in wanted:
+                continue
+            qcfg = dataclasses.replace(
+                cfg, episodes=dataclasses.replace(cfg.episodes, question_type=qt, protocol=protocol)
+            )
+            timings.clear()
+            kw = {} if model is None else {"model": model}
+            with tempfile.TemporaryDirectory() as out:
+                t0 = time.perf_counter()
+                payload = cli.evaluate(qcfg, checkpoint, prepared, out, progress=False, **kw)
+                seconds = time.perf_counter() - t0
+            stages[stage] = {
+                "seconds": seconds,
+                "episodes": payload["episodes"],
+                "by_method": payload.get("seconds_by_method") or dict(timings),
+                "records": {
+                    name: [
+                        {k: r[k] for k in ("index", "steps", "exact_match", "predictions")}
+                        for r in result["episodes"]
+                    ]
+                    for name, result in payload["results"].items()
+                },
+            }
+            print(f"[{args.side}] {stage}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return {
+        "package": str(Path(ecgray.__file__).parent),
+        "dtype": str(next(model.llm.parameters()).dtype) if model is not None else None,
+        "build_seconds": build_s,
+        "threads": torch.get_num_threads(),
+        "stages": stages,
+        "margins": margins,
+    }
+
+
+# ------------------------------------------------------------------------------------ compare (parent)
+
+
+def compare(before: dict, after: dict, dtype: str, margin_bound: float) -> dict:
+    """Per stage and method: cells (episode, reported step) whose exact match differs, and whether each
+    difference is allowed (fp32: none is; bf16: see the module docstring)."""
+    import math
+
+    small = sum(1 for m in before["margins"] if m < margin_bound)
+    out = {"cells": 0, "differing_cells": 0, "differing_predictions": 0, "near_ties_before": small}
+    for stage, b in before["stages"].items():
+        a = after["stages"][stage]
+        for method, recs in a["records"].items():
+            old = {r["index"]: r for r in b["records"][method]}
+            for r in recs:
+                o = old[r["index"]]
+                for step, em in zip(r["steps"], r["exact_match"], strict=True):
+                    out["cells"] += 1
+                    if not math.isclose(em, o["exact_match"][o["steps"].index(step)], abs_tol=0.0):
+                        out["differing_cells"] += 1
+                out["differing_predictions"] += int(r["predictions"] != o["predictions"])
+    if dtype == "float32":
+        out["identical"] = out["differing_cells"] == 0 and out["differing_predictions"] == 0
+    else:
+        # a flipped decision needs a near tie: at most as many differing cells as near-tie decisions
+        out["identical"] = out["differing_cells"] <= small
+    return out
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """`git archive rev ecgray` unpacked into `into` (read-only use of the repository)."""
+    archive = subprocess.run(["git", "archive", rev, "ecgray"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--run", default="runs/demo", help="a demo run directory (config.yaml, checkpoint/, data/)"
+    )
+    p.add_argument("--before", default="HEAD", help="git revision whose evaluation is 'before'")
+    p.add_argument("--episodes", type=int, default=0, help="episodes per stage (0: the run's own)")
+    p.add_argument("--stages", default="", help="comma-separated protocol/question-type (default: all)")
+    p.add_argument("--dtype", default="", help="model.dtype for both sides (default: the run's)")
+    p.add_argument("--margin-ulps", type=float, default=64.0,
+                   help="bf16: allowed flips need a before margin under this many bf16 ulps of the score")  # fmt: skip
+    p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        Path(args.json).write_text(json.dumps(run_side(args)))
+        return 0
+    env = dict(os.environ, ECGRAY_CACHE=os.environ.get("ECGRAY_CACHE", str(REPO / ".cache" / "ecgray")))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        code = {"before": export_revision(args.before, Path(tmp)), "after": REPO}
+        for side in ("before", "after"):
+            out = Path(tmp) / f"{side}.json"
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--json", str(out)]
+            side_env = dict(env, PYTHONPATH=f"{code[side]}{os.pathsep}{env.get('PYTHONPATH', '')}")
+            subprocess.run(cmd, env=side_env, cwd=REPO, check=True)
+            results[side] = json.loads(out.read_text())
+    before, after = results["before"], results["after"]
+    if before["package"] == after["package"]:
+        raise SystemExit(f"both sides imported {before['package']}: PYTHONPATH did not take")
+    dtype = (after["dtype"] or "").removeprefix("torch.")
+    # bf16 rounding of an option score of magnitude ~|score|: margin-ulps units of 2^-8 relative
+    bound = args.margin_ulps * 2.0**-8 if dtype == "bfloat16" else 0.0
+    check = compare(before, after, dtype, bound)
+    table = []
+    total_before = total_after = 0.0
+    episodes_total = 0
+    for stage, b in before["stages"].items():
+        a = after["stages"][stage]
+        n = b["episodes"]
+        episodes_total += n
+        total_before += b["seconds"]
+        total_after += a["seconds"]
+        table.append(
+            {
+                "stage": stage,
+                "episodes": n,
+                "before_s_per_episode": round(b["seconds"] / n, 2),
+                "after_s_per_episode": round(a["seconds"] / n, 2),
+                "speedup": round(b["seconds"] / a["seconds"], 2),
+                "before_by_method_s_per_episode": {k: round(v / n, 2) for k, v in b["by_method"].items()},
+                "after_by_method_s_per_episode": {k: round(v / n, 2) for k, v in a["by_method"].items()},
+            }
+        )
+    total_after += after["build_seconds"]  # built once for every stage (before: inside each stage)
+    speedup = total_before / total_after
+    report = {
+        "conditions": {
+            "run": args.run,
+            "before": args.before,
+            "dtype": dtype,
+            "threads": after["threads"],
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "stages": table,
+        "after_model_build_s": round(after["build_seconds"], 2),
+        "total_s_per_episode": {
+            "before": round(total_before / episodes_total, 2),
+            "after": round(total_after / episodes_total, 2),
+        },
+        "identity": check,
+    }
+    print(json.dumps(report, indent=2))
+    print(f"eval speedup: {speedup:.2f}x, identical: {'yes' if check['identical'] else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
