@@ -270,6 +270,13 @@ def _in_ray_worker() -> bool:
     return worker is not None and getattr(worker.global_worker, "mode", None) == worker.WORKER_MODE
 
 
+def _worker_line(line: str, stream) -> None:
+    """One line from a Ray worker to the driver: written to the stream, not with print(), which Ray Train
+    patches in its workers to log every printed line a second time (both copies reach the driver)."""
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def say(message: str, err: bool = False) -> None:
     """One line for the person at the console: on the terminal under `console()`, tagged for the driver's
     console in a Ray worker, plain stdout / stderr otherwise."""
@@ -277,7 +284,7 @@ def say(message: str, err: bool = False) -> None:
         print(message, file=_console.err if err else _console.out, flush=True)
         print(message, flush=True)  # the log file too, in its place among the frameworks' lines
     elif _in_ray_worker():
-        print(TAG + message, file=sys.stderr if err else sys.stdout, flush=True)
+        _worker_line(TAG + message, sys.stderr if err else sys.stdout)
     else:
         print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
@@ -348,7 +355,7 @@ class WorkerProgress:
         self._last = now
         record = {"id": self.id, "desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit,
                   "postfix": self._postfix, "last": self._closed}  # fmt: skip
-        print(PROGRESS_TAG + json.dumps(record), flush=True)
+        _worker_line(PROGRESS_TAG + json.dumps(record), sys.stdout)
 
 
 @contextlib.contextmanager

