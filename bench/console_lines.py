@@ -37,7 +37,9 @@ def classify(lines: list[str]) -> tuple[int, collections.Counter, collections.Co
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="+", help="captured stdout / stderr of one command")
     parser.add_argument("--top", type=int, default=12, help="sources listed")
     args = parser.parse_args()
