@@ -11,7 +11,9 @@ The console (`console()`, entered by every `ecgray` command and job that names a
     `PROGRESS_TAG`, which Ray forwards to the driver, where `console()` shows them (the bar of a worker's
     progress drawn by the driver) and the log file keeps them as well.
 The console names the log file once, when it opens; a command that fails says so in one line naming the
-file that holds the traceback.
+file that holds the traceback. A Python warning raised from ecgray's own code (e.g. a random-init encoder)
+is one `warning: ...` line on the console as well (`show_own_warnings`); the frameworks' warnings stay in
+the log.
 
 Quiet Ray Data (`quiet_frameworks()`): Ray Data's per-dataset chatter and progress bars off, also in
 processes that have no console (tests, library use): `RAY_DATA_LOGGING_CONFIG` (read at `import ray.data`)
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 SETUP_HOOK = "ecgray.logs.quiet_frameworks"
@@ -96,6 +99,7 @@ def quiet_frameworks() -> None:
         os.environ.setdefault(key, value)
     # an explicit RAY_DATA_LOGGING_CONFIG of the user's wins
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(_ray_data_logging_file()))
+    show_own_warnings()  # in a Ray worker: ecgray's warnings reach the driver's console
     if "ray.data" in sys.modules:
         _quiet_imported_ray_data()
 
@@ -214,6 +218,7 @@ def console(run_dir: str, command: str):
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         _console = Console(log_file, out, err)
+        show_own_warnings()
         dispatcher = _ray_log_dispatcher()
         if dispatcher is not None:
             dispatcher.add_handler("ecgray_console", _console.show_worker_lines)
@@ -268,6 +273,27 @@ def _in_ray_worker() -> bool:
     """True in a Ray worker process (a task, an actor, a Train worker): its stdout goes to the driver."""
     worker = sys.modules.get("ray._private.worker")
     return worker is not None and getattr(worker.global_worker, "mode", None) == worker.WORKER_MODE
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_plain_showwarning = warnings.showwarning
+
+
+def show_own_warnings() -> None:
+    """Python warnings raised from ecgray's own code are also one console line (`say`: "warning: ...")
+    under `console()` and in a Ray worker, where the warning itself goes to the log file with the
+    frameworks' warnings. Idempotent; elsewhere warnings show as usual."""
+    global _plain_showwarning
+    if warnings.showwarning is not _show_warning:
+        _plain_showwarning = warnings.showwarning
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _plain_showwarning(message, category, filename, lineno, file, line)  # the log, with its place
+    own = os.path.abspath(filename).startswith(_PACKAGE_DIR)
+    if own and (_console is not None or _in_ray_worker()):
+        say(f"warning: {message}", err=True)
 
 
 def _worker_line(line: str, stream) -> None:

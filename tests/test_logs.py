@@ -178,6 +178,25 @@ def test_console_sends_framework_output_to_the_log_and_ecgray_lines_to_the_termi
     assert capfd.readouterr().out == "after\n"
 
 
+def test_ecgrays_own_warnings_are_one_console_line_the_frameworks_stay_in_the_log(tmp_path, capfd):
+    import warnings
+
+    own = str(Path(logs.__file__).parent / "models" / "encoder.py")
+    with logs.console(str(tmp_path / "run"), "ecgray test") as con, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # Python's default display (pytest records warnings instead), then the hook around it
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line)
+        )
+        logs.show_own_warnings()
+        warnings.warn_explicit("using a RANDOM-INIT encoder", UserWarning, own, 1)
+        warnings.warn_explicit("torch.cuda unavailable", UserWarning, "/site-packages/torch/x.py", 1)
+    out, err = capfd.readouterr()
+    assert "warning: using a RANDOM-INIT encoder" in err and "torch.cuda" not in out + err
+    log = con.log_file.read_text()
+    assert "encoder.py:1: UserWarning: using a RANDOM-INIT encoder" in log and "torch.cuda unavailable" in log
+
+
 def test_worker_lines_tagged_for_the_console_are_shown_the_rest_kept_in_the_log(tmp_path, capfd):
     with logs.console(str(tmp_path), "ecgray test") as con:
         con.show_worker_lines({"lines": ["Reporting training result 1: TrainingReport(...)",
