@@ -160,7 +160,7 @@ def run_side(args) -> dict:
 # ------------------------------------------------------------------------------------ compare (parent)
 
 
-def compare(before: dict, after: dict, dtype: str, margin_bound: float) -> dict:
+def compare(before: dict, after: dict, margin_bound: float) -> dict:
     """Cells (episode, reported step) whose exact match differs and episodes whose predictions differ, over
     every stage and method; identical = neither; near_ties_before: context for bf16 (module docstring)."""
     import math
@@ -225,7 +225,7 @@ def main() -> int:
     dtype = (after["dtype"] or "").removeprefix("torch.")
     # bf16 rounding of an option score of magnitude ~|score|: margin-ulps units of 2^-8 relative
     bound = args.margin_ulps * 2.0**-8 if dtype == "bfloat16" else 0.0
-    check = compare(before, after, dtype, bound)
+    check = compare(before, after, bound)
     table = []
     total_before = total_after = 0.0
     episodes_total = 0

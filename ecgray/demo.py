@@ -172,7 +172,8 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                 if done:
                     evals[protocol][qt] = json.loads((eval_dir / "results.json").read_text())
                 else:
-                    model = model or load_model(cfg, checkpoint_dir)
+                    if model is None:
+                        model = load_model(cfg, checkpoint_dir)
                     qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
                     evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir, model=model)
                     evals[protocol][qt].pop("curves")

@@ -62,15 +62,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def tiny_checkpoint(directory, tree: dict):
+    """A seeded mapper for the tiny encoder (width 32) and tiny-llama (32) saved with `tree`'s config."""
     from ecgray.models.checkpoint import save_checkpoint
     from ecgray.models.fusion import build_mapper
 
-    cfg = from_dict(TREE)
+    cfg = from_dict(tree)
     torch.manual_seed(0)
-    mapper = build_mapper(cfg.model, 32, 32)  # tiny encoder width, tiny-llama width
-    return save_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", mapper.state_dict(), cfg)
+    mapper = build_mapper(cfg.model, 32, 32)
+    return save_checkpoint(directory / "ckpt", mapper.state_dict(), cfg)
+
+
+def running_service(cfg, name: str, timeout_s: float = 120):
+    """Serve the app of ServeConfig `cfg` on 127.0.0.1:cfg.port; yields its base URL once /healthz answers
+    200 (for a module fixture: `yield from`), then deletes the app and stops Serve."""
+    from ray import serve
+
+    from serve.app import ServeArgs, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    serve.run(build_app(ServeArgs(serve=cfg)), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{cfg.port}"
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass  # not listening yet
+        if time.time() > deadline:
+            pytest.fail(f"the service did not come up within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    yield base
+    serve.delete(name)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"), TREE)
 
 
 @pytest.fixture(scope="module")
@@ -83,31 +113,12 @@ def engine(checkpoint):
 
 @pytest.fixture(scope="module")
 def url(ray_session, checkpoint, tmp_path_factory):
-    from ray import serve
-
     from ecgray.config import ServeConfig
-    from serve.app import ServeArgs, build_app
 
-    port = free_port()
-    cfg = ServeConfig(checkpoint=str(checkpoint), port=port, max_batch_size=8, batch_wait_timeout_s=0.05,
+    cfg = ServeConfig(checkpoint=str(checkpoint), port=free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,
                       max_payload_mb=1.0, max_support=16, max_queries=4, max_duration_s=30.0,
                       adapter_store=str(tmp_path_factory.mktemp("adapters")))  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeArgs(serve=cfg)), name="ecgray-test", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            pytest.fail("the service did not come up within 120 s")
-        time.sleep(0.5)
-    yield base
-    serve.delete("ecgray-test")
-    serve.shutdown()
+    yield from running_service(cfg, "ecgray-test")
 
 
 def post(url: str, path: str, body, **kw) -> httpx.Response:

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import base64
 import math
-import time
 
 import httpx
 import numpy as np
 import pytest
-import torch
-from test_serve import LEADS, QUESTION, TREE, ecg, free_port
-
-from ecgray.config import from_dict
+from test_serve import LEADS, QUESTION, TREE, ecg, free_port, running_service, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -26,43 +22,18 @@ MAX_FS = 250  # generated ECGs are resampled to at most this rate: a few MB per 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from ecgray.models.checkpoint import save_checkpoint
-    from ecgray.models.fusion import build_mapper
-
-    cfg = from_dict(TREE)
-    torch.manual_seed(0)
-    mapper = build_mapper(cfg.model, 32, 32)
-    return save_checkpoint(tmp_path_factory.mktemp("openapi") / "ckpt", mapper.state_dict(), cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("openapi"), TREE)
 
 
 @pytest.fixture(scope="module")
 def url(ray_session, checkpoint, tmp_path_factory):
-    from ray import serve
-
     from ecgray.config import ServeConfig
-    from serve.app import ServeArgs, build_app
 
-    port = free_port()
     # small limits, so that generated bodies stay small and quick to answer
-    cfg = ServeConfig(checkpoint=str(checkpoint), port=port, max_batch_size=8, batch_wait_timeout_s=0.05,
+    cfg = ServeConfig(checkpoint=str(checkpoint), port=free_port(), max_batch_size=8, batch_wait_timeout_s=0.05,
                       max_payload_mb=8.0, max_support=3, max_queries=2, max_options=4,
                       max_duration_s=MAX_DURATION_S, adapter_store=str(tmp_path_factory.mktemp("adapters")))  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeArgs(serve=cfg)), name="ecgray-openapi", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            pytest.fail("the service did not come up within 120 s")
-        time.sleep(0.5)
-    yield base
-    serve.delete("ecgray-openapi")
-    serve.shutdown()
+    yield from running_service(cfg, "ecgray-openapi")
 
 
 @pytest.fixture(scope="module")

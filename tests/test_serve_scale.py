@@ -16,10 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from test_serve import QUESTION, TREE, ecg, free_port, support_set
+from test_serve import QUESTION, TREE, ecg, free_port, support_set, tiny_checkpoint
 from tolerances import rounding_tolerance
-
-from ecgray.config import from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +28,7 @@ MAX_ADAPTATIONS = 12
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from ecgray.models.checkpoint import save_checkpoint
-    from ecgray.models.fusion import build_mapper
-
-    cfg = from_dict(SCALE_TREE)
-    torch.manual_seed(0)
-    mapper = build_mapper(cfg.model, 32, 32)
-    return save_checkpoint(tmp_path_factory.mktemp("scale") / "ckpt", mapper.state_dict(), cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("scale"), SCALE_TREE)
 
 
 @pytest.fixture(scope="module")
