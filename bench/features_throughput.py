@@ -42,8 +42,8 @@ def main() -> None:
 
     import torch
 
+    from ecgray import features as F
     from ecgray.config import load_config, versions
-    from ecgray.data import features as F
     from ecgray.data.shards import ECGStore
     from ecgray.models.encoder import load_encoder
     from ecgray.train.toy import write_toy_prepared

@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ecgray.synth.cli", "generate the embedded synthetic PTB-XL + ECG-QA world"),
     "prepare": ("ecgray.data.prepare", "read WFDB records + ECG-QA once into Parquet shards (Ray Data)"),
-    "features": ("ecgray.data.features", "frozen-encoder features of every prepared ECG, once (Ray Data)"),
+    "features": ("ecgray.features", "frozen-encoder features of every prepared ECG, once (Ray Data)"),
     "episodes": ("ecgray.data.episodes_cli", "print N-way K-shot episodes as JSON lines"),
     "pretrain-encoder": ("ecgray.train.pretrain_encoder", "pretrain the built-in ECG encoder"),
     "convert-encoder": (

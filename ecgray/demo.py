@@ -137,7 +137,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     cfg = replace(cfg, encoder=replace(cfg.encoder, checkpoint=str(encoder_file)))
 
     # 4. the frozen encoder's features of every ECG, once (Ray Data); training and eval read these
-    from ecgray.data.features import ensure_features, features_complete
+    from ecgray.features import ensure_features, features_complete
 
     with stage("features", features_complete(cfg)):
         ensure_features(cfg)

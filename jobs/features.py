@@ -8,4 +8,4 @@ import sys
 from jobs._entry import main
 
 if __name__ == "__main__":
-    sys.exit(main("ecgray.data.features", "jobs.features", __doc__.splitlines()[0]))
+    sys.exit(main("ecgray.features", "jobs.features", __doc__.splitlines()[0]))

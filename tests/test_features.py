@@ -12,8 +12,8 @@ import pytest
 import torch
 from tolerances import rounding_tolerance
 
+from ecgray import features as F
 from ecgray.config import load_config
-from ecgray.data import features as F
 from ecgray.train.toy import toy_overrides, write_toy_prepared
 
 pytestmark = pytest.mark.filterwarnings("ignore:encoder.checkpoint is None")

@@ -33,7 +33,7 @@ JOBS = {
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_job_help(job, capsys):
     module = {
-        "features": "ecgray.data.features",
+        "features": "ecgray.features",
         "meta_train": "ecgray.train.meta_train",
         "sweep": "ecgray.train.tune",
         "evaluate": "ecgray.eval.cli",

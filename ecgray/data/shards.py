@@ -247,7 +247,7 @@ class ECGStore:
 
     META = ["source", "patient_id", "fs", "lead_mask", "split"]
     features = None
-    """The frozen encoder's precomputed outputs of these ECGs (an `ecgray.data.features.FeatureStore`),
+    """The frozen encoder's precomputed outputs of these ECGs (an `ecgray.features.FeatureStore`),
     attached by train / eval: read instead of running the encoder on the signals (all leads only)."""
 
     def __init__(self, ecg_ids, signals, lead_mask, patient_ids, sources, splits, fs: int, n_samples=None):

@@ -109,7 +109,7 @@ def before_task(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from ecgray import storage
-    from ecgray.data.features import ensure_features
+    from ecgray.features import ensure_features
 
     cfg = eval_config(args)
     ensure_features(replace(cfg, data=replace(cfg.data, prepared_dir=storage.resolve(args.data))))
@@ -177,12 +177,12 @@ def evaluate(
     from ecgray import storage
     from ecgray.config import ConfigError, save_config, to_dict, versions
     from ecgray.data.episodes import EpisodeSampler, item_ecg_ids
-    from ecgray.data.features import FeatureStore, ensure_features
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
     from ecgray.eval.meta_test import device_of, load_template_answers, meta_learned, meta_test, run_adapting
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
+    from ecgray.features import FeatureStore, ensure_features
     from ecgray.models.checkpoint import load_checkpoint, load_splits
     from ecgray.models.ecg_lm import build_model
     from ecgray.models.encoder import check_encoder_checkpoint

@@ -117,7 +117,7 @@ def encode_ecgs(
     cache: dict | None = None,
 ) -> Features:
     """The frozen encoder on the stored ECGs (lead subset applied) -> (pooled, tokens | None); with all
-    leads and features attached to the store (`store.features`, ecgray.data.features), those are read
+    leads and features attached to the store (`store.features`, ecgray.features), those are read
     instead of running the encoder.
     cache: a dict reused across calls (and methods) holding pooled vectors by (leads, ecg_id), so each ECG
     is encoded once per lead subset; not used when the mapper reads the tokens (too large to keep)."""

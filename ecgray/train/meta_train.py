@@ -133,13 +133,13 @@ class EpisodeSource:
 
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer of a meta-training run (also used by `ecgray tune`, one per trial). The features of
-    the run's encoder and data are computed first when missing (`ecgray.data.features.ensure_features`;
+    the run's encoder and data are computed first when missing (`ecgray.features.ensure_features`;
     `ecgray tune` computes them before its trials start)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ecgray import storage
-    from ecgray.data.features import ensure_features
+    from ecgray.features import ensure_features
 
     check_config(cfg)
     features = ensure_features(cfg)  # the frozen encoder's features of every ECG: computed once
@@ -191,8 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ecgray.data.features import FeatureStore
     from ecgray.data.shards import ECGStore
+    from ecgray.features import FeatureStore
     from ecgray.meta.maml import meta_lr_at, set_lr
     from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
     from ecgray.models.ecg_lm import build_model

@@ -39,7 +39,7 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": TRIAL_MEMORY}
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 """The sampled entries `train.tune_space` takes, each ray.tune's function of the same name."""
 FEATURE_INPUTS = ("encoder.", "data.", "seed", "model.mapper")
-"""Config keys (prefixes) the frozen encoder's features may depend on (ecgray.data.features.key_inputs
+"""Config keys (prefixes) the frozen encoder's features may depend on (ecgray.features.key_inputs
 reads the encoder, its seed, the prepared data and whether the mapper reads tokens): the driver computes
 the features of every distinct value of these among the trials before any trial starts."""
 
@@ -335,7 +335,7 @@ def sweep(cfg: Config):
     from ray.tune.search import BasicVariantGenerator
 
     from ecgray.config import resolve_locations
-    from ecgray.data.features import ensure_features
+    from ecgray.features import ensure_features
     from ecgray.storage import join
     from ecgray.train.meta_train import check_config
 
