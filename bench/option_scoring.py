@@ -23,7 +23,7 @@ import torch
 from ecgray.config import load_config
 from ecgray.data.episodes import EpisodeSampler
 from ecgray.data.shards import ECGStore, read_qa
-from ecgray.eval.meta_test import encode_ecgs, load_template_answers, query_options
+from ecgray.eval.meta_test import encode_ecgs, load_template_answers, options_mode, query_options
 from ecgray.models.ecg_lm import _pad, build_model
 
 
@@ -105,7 +105,7 @@ def main() -> None:
         with torch.no_grad():
             prefix = model.fuse(pooled, tokens)
         questions = [i["question"] for i in query]
-        options = query_options(episode, answers, cfg.eval.options)
+        options = query_options(episode, answers, options_mode(cfg))
         n_options += sum(len(o) for o in options)
         results = {}
         for name, fn in (

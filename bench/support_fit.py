@@ -24,7 +24,7 @@ from ecgray.config import load_config
 from ecgray.data.episodes import EpisodeSampler
 from ecgray.data.shards import ECGStore, read_qa
 from ecgray.eval.baselines import fresh_mapper_params
-from ecgray.eval.meta_test import answer_query, load_template_answers, query_options
+from ecgray.eval.meta_test import answer_query, load_template_answers, options_mode, query_options
 from ecgray.meta.maml import adapt
 from ecgray.models.checkpoint import load_checkpoint
 from ecgray.models.ecg_lm import build_model
@@ -68,8 +68,8 @@ def main() -> None:
         for index, episode in enumerate(episodes):
             support, query = task_sets(model, cache, [episode])
             s_task, q_task = support.tasks[0], query.tasks[0]
-            q_options = query_options(episode, answers, cfg.eval.options)
-            s_options = query_options({**episode, "query": episode["support"]}, answers, cfg.eval.options)
+            q_options = query_options(episode, answers, options_mode(cfg))
+            s_options = query_options({**episode, "query": episode["support"]}, answers, options_mode(cfg))
             row = {"inner_lr": lr, "episode": index, "steps": [], "support_em": [], "query_em": []}
 
             def score(step, fast, row=row, s_task=s_task, q_task=q_task, s_opt=s_options, q_opt=q_options,

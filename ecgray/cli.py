@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ecgray.models.convert",
         "convert a fairseq-signals ECG encoder (.pt, e.g. ECG-FM) to safetensors",
     ),
+    "align": (
+        "ecgray.train.align",
+        "align the fusion module on ECG-text pairs before meta-training (Ray Train)",
+    ),
     "train": ("ecgray.train.meta_train", "meta-train the fusion module with Ray Train"),
     "tune": ("ecgray.train.tune", "sweep inner-loop hyperparameters with Ray Tune"),
     "eval": ("ecgray.eval.cli", "meta-test on unseen classes against the baselines"),

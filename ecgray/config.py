@@ -271,7 +271,11 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """The frozen LLM's attention kernels. auto: sdpa on GPU, eager (matmul + softmax) on CPU, where torch's
     flash-attention backward takes ~60 % of an inner-loop step on these short prompts (BENCHMARKS.md)."""
-    mapper: Literal["attention", "mlp", "qformer"] = "attention"
+    mapper: Literal["attention", "mlp", "qformer", "grounded"] = "attention"
+    """attention: the paper's AttentionMapper; mlp: pooled vector -> MLP; qformer: queries over the encoder
+    tokens; grounded: standardised pooled vector -> MLP -> every prefix position, at the LLM's token-embedding
+    norm (method.md section 8; standardised with the meta-train side's feature statistics, which its
+    checkpoint keeps)."""
     n_prefix: int = 4
     n_heads: int = 8
     dropout: float = 0.5
@@ -286,13 +290,15 @@ class ModelConfig:
     paper_prompt_tokens: int = 30
     """paper_compat only: the prompt "Question: ...Answer: " is truncated / padded to this many tokens."""
     mlp_hidden: int = 1024
-    """MLPMapper hidden width."""
+    """MLPMapper and GroundedMapper hidden width."""
     qformer_layers: int = 2
     """QFormerMapper: number of (cross-attention, self-attention, MLP) blocks."""
     qformer_width: int = 256
     """QFormerMapper: width of the learnable queries (projected to D_llm at the end)."""
     qformer_dropout: float = 0.1
     """QFormerMapper: dropout inside the blocks."""
+    grounded_dropout: float = 0.1
+    """GroundedMapper: dropout on its hidden layer (model.dropout, the paper's 0.5, is the other mappers')."""
 
 
 @_forbid_extra
@@ -389,28 +395,38 @@ class EvalConfig:
     named here with a positive count."""
     seed: int = 0
     """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
+    split: Literal["meta-test", "meta-val"] = "meta-test"
+    """The side the episodes are drawn from: meta-test (reported results, read once per run) or meta-val
+    (questions carved from the meta-train side: where settings are chosen, e.g. bench/ladder.py); meta-val
+    needs the checkpoint's own protocol (another protocol's episodes come from its meta-test side only)."""
     baselines: list[
         Literal[
-            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free",
+            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free", "shuffled_ecg",
             "finetune_scratch", "supervised", "in_context",
         ]
     ] = field(
         default_factory=lambda: [
-            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free",
+            "text_lookup", "support_majority", "encoder_prototype", "blind_llm", "ecg_free", "shuffled_ecg",
             "finetune_scratch",
         ]
     )  # fmt: skip
     """Controls and baselines run on the same episodes (ecgray.eval.baselines): the shortcut controls
-    text_lookup, support_majority, encoder_prototype (no LLM), blind_llm, ecg_free, finetune_scratch; and
-    supervised, in_context."""
+    text_lookup, support_majority, encoder_prototype (no LLM), blind_llm, ecg_free, shuffled_ecg (the model
+    answering with another query item's ECG), finetune_scratch; and supervised, in_context."""
     lead_subsets: dict[str, list[str]] = field(default_factory=dict)
     """name -> lead names, e.g. {"I": ["I"], "limb": ["I","II","III","aVR","aVL","aVF"]}; the meta-test is
     repeated with only those leads (the others zero-filled and masked before the encoder)."""
-    options: Literal["question", "template+support", "template", "support"] = "question"
-    """Constrained decoding's choices per query: `question` = for single-choose the candidates the question
-    names (+ both / none), otherwise as `template+support`; `template` = the template's admissible answers
-    (answers_for_each_template.csv); `support` = the answers of the episode's support items of the same
-    template; `template+support` = both (see eval.meta_test.query_options)."""
+    options: Literal["auto", "question_support", "question", "template+support", "template", "support"] = (
+        "auto"
+    )
+    """The answers every method (the model, the LLM baselines and the shortcut controls alike) chooses
+    among per query, so all are scored on one candidate set and its chance level is reported:
+    `question_support` = the distinct answers of the support items asking the query's own question (same
+    text); `question` = for single-choose the candidates the question names (+ both / none), otherwise as
+    `template+support`; `template` = the template's admissible answers (answers_for_each_template.csv);
+    `support` = the answers of the episode's support items of the same template; `template+support` = both;
+    `auto` = question_support under episodes.protocol=grounded, question under paper (see
+    eval.meta_test.query_options). Used with model.decoding=constrained; free text has no option sets."""
     episodes_per_pass: int = 10
     """Meta-test episodes adapted in lockstep and answered together, with every adapting method (the model,
     ecg_free, finetune_scratch, supervised) on each: their support sets share one frozen-LLM pass per inner
@@ -435,6 +451,7 @@ class EvalConfig:
             "text_lookup",
             "ecg_free",
             "blind_llm",
+            "shuffled_ecg",
             "encoder_prototype",
             "finetune_scratch",
         ]
@@ -453,6 +470,40 @@ class EvalConfig:
     def episodes_for(self, question_type: str) -> int:
         """Meta-test episodes for a question type: episodes_by_type[question_type], else `episodes`."""
         return self.episodes_by_type.get(question_type, self.episodes)
+
+
+@_forbid_extra
+@dataclass
+class AlignConfig:
+    """Alignment before meta-learning (`ecgray align`, method.md section 8 (4)): plain supervised training of
+    the fusion module through the frozen LLM on ECG-text pairs of the meta-train side (statement captions of
+    training patients' ECGs, meta-train QA items), whose checkpoint meta-training then starts from. Weight
+    decay and gradient clipping are meta.weight_decay / meta.grad_clip; workers, ZeRO stage and storage are
+    train.* (not from the paper)."""
+
+    steps: int = 0
+    """AdamW steps of one minibatch each; 0: no alignment (`ecgray demo` skips the stage)."""
+    batch_size: int = 25
+    """Items per step over all workers (a multiple of train.num_workers)."""
+    lr: float = 5e-4
+    """AdamW learning rate (constant)."""
+    captions: Literal["all", "exclude_eval", "none"] = "exclude_eval"
+    """Statement captions ("Question: which statements does this ECG show?" -> the ECG's SCP statements by
+    their ECG-QA names), from ECGs of the prepared `train` split that no meta-val / meta-test item uses.
+    all: every statement of those ECGs; exclude_eval: without the statements meta-val / meta-test
+    questions ask about (their attributes and answers, every question type of the data); none: no captions."""
+    qa_items: bool = True
+    """Also train on the meta-train side's QA items (the samples meta-training draws its episodes from)."""
+    seed: int = 0
+    """Seed of the minibatch order and the mapper's dropout draws (the mapper's init is `seed`'s)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (and at the end); a restarted worker group resumes from the latest."""
+    name: str = "align"
+    """Run name: alignment checkpoints go to train.storage_path/name."""
+    checkpoint: str | None = None
+    """An alignment checkpoint (a directory `ecgray align` wrote, or its run directory: the latest one there)
+    that `ecgray train` initialises the mapper from when it does not resume; its model.* and encoder.* must
+    equal the run's. None: the seeded fresh mapper."""
 
 
 @_forbid_extra
@@ -551,6 +602,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -643,6 +695,7 @@ LOCATION_FIELDS = (
     "data.mimic_dir",
     "data.prepared_dir",
     "encoder.checkpoint",
+    "align.checkpoint",
     "train.storage_path",
     "serve.checkpoint",
     "serve.adapter_store",

@@ -4,17 +4,19 @@ Recipe (each stage is skipped when its output is already in --out, so a re-run r
   1. synth      the synthetic PTB-XL + ECG-QA world (`ecgray synth`)
   2. prepare    WFDB records + ECG-QA -> Parquet shards with Ray Data (`ecgray prepare`)
   3. encoder    self-supervised pretraining of the built-in ECG encoder (`ecgray pretrain-encoder`)
-  4. meta-train the fusion module with Ray Train over `train.num_workers` workers (`ecgray train`)
-  5. eval       N-way K-shot meta-test on unseen questions for the single question types (those of
+  4. align      (when align.steps > 0) the fusion module trained on ECG-text pairs of the meta-train side
+                (`ecgray align`, out/align); meta-training starts from it
+  5. meta-train the fusion module with Ray Train over `train.num_workers` workers (`ecgray train`)
+  6. eval       N-way K-shot meta-test on unseen questions for the single question types (those of
                 `eval.episodes_by_type` set to 0 are left out) and the comparison types it names with a
                 positive count (two ECGs per sample), with the shortcut controls and baselines on
                 the same episodes and paired comparisons (`ecgray eval`): first under the run's protocol
                 (`episodes.protocol`, grounded in configs/demo.yaml: the headline), then under the other one
                 on the same held-out questions (the paper's protocol: where the question text names the
                 answer, which the text-lookup control shows)
-  6. serve      the Ray Serve app from the checkpoint; one meta-test episode's support set adapted and its
+  7. serve      the Ray Serve app from the checkpoint; one meta-test episode's support set adapted and its
                 query ECGs answered over HTTP; shut down
-  7. report     report.md, report.json, the resolved config and figures in --out
+  8. report     report.md, report.json, the resolved config and figures in --out
 """
 
 from __future__ import annotations
@@ -85,6 +87,17 @@ class Stages:
         say(f"== {name}: {self.seconds[name]}{'' if cached else ' s'}")
 
 
+def _copy_checkpoint(result, target: Path, what: str) -> None:
+    """A Ray Train result's final checkpoint copied to `target` (through a temporary sibling, renamed)."""
+    if result.checkpoint is None:
+        raise ValueError(f"{what} ended without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as ckpt:
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp)
+        tmp.rename(target)
+
+
 def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     """Run every stage into `out`; returns the report dict (also written as report.json / report.md)."""
     import ray
@@ -97,6 +110,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     started = time.perf_counter()
     synth_dir, prepared_dir = out / "data" / "synth", out / "data" / "prepared"
     encoder_dir, checkpoint_dir = out / "encoder", out / "checkpoint"
+    align_dir = out / "align"
 
     # 1. the synthetic world (the marker file is written last, so an interrupted run regenerates it)
     marker = synth_dir / "world.json"
@@ -142,23 +156,26 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     with stage("features", features_complete(cfg)):
         ensure_features(cfg)
 
-    # 5. meta-training on Ray Train; the final checkpoint is copied to out/checkpoint
+    # 5. alignment (align.steps > 0): supervised training of the mapper on ECG-text pairs of the meta-train
+    # side (`ecgray align`); its checkpoint is copied to out/align and meta-training starts from it
     cfg = replace(cfg, train=replace(cfg.train, storage_path=str(out / "ray_train")), run_dir=str(out))
+    if cfg.align.steps > 0:
+        with stage("align", (align_dir / "mapper.safetensors").is_file()):
+            if not (align_dir / "mapper.safetensors").is_file():
+                from ecgray.train.align import align
+
+                _copy_checkpoint(align(cfg), align_dir, "alignment")
+        cfg = replace(cfg, align=replace(cfg.align, checkpoint=str(align_dir)))
+
+    # 6. meta-training on Ray Train; the final checkpoint is copied to out/checkpoint
     with stage("meta-train", (checkpoint_dir / "mapper.safetensors").is_file()):
         if not (checkpoint_dir / "mapper.safetensors").is_file():
             from ecgray.train.meta_train import meta_train
 
-            result = meta_train(cfg)
-            if result.checkpoint is None:
-                raise ValueError(f"meta-training ended without a checkpoint ({result.error})")
-            with result.checkpoint.as_directory() as ckpt:
-                tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(ckpt, tmp)
-                tmp.rename(checkpoint_dir)
+            _copy_checkpoint(meta_train(cfg), checkpoint_dir, "meta-training")
     save_config(cfg, out)
 
-    # 6. meta-test per question type, with the baselines, on the same episodes
+    # 7. meta-test per question type, with the baselines, on the same episodes
     from ecgray.eval.cli import evaluate, load_model
 
     evals: dict[str, dict[str, dict]] = {}  # protocol -> question type -> results payload
@@ -179,7 +196,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                     evals[protocol][qt].pop("curves")
     del model
 
-    # 7. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
+    # 8. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
     served = None
     if serve_stage:
         with stage("serve", False):
@@ -187,7 +204,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     if owns_ray and ray.is_initialized():
         ray.shutdown()
 
-    # 8. report and figures
+    # 9. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
 
@@ -356,8 +373,9 @@ def plot_episode(episode: dict, answers: list[dict], synth_dir: Path, path: Path
     return path
 
 
-LEARNING_EVIDENCE_AGAINST = ("text_lookup", "ecg_free", "blind_llm")
-"""The controls the model must beat (paired p < 0.05, positive difference) for learning evidence."""
+LEARNING_EVIDENCE_AGAINST = ("text_lookup", "ecg_free", "blind_llm", "shuffled_ecg")
+"""The controls the model must beat (paired p < 0.05, positive difference) for learning evidence (the same
+as ecgray.eval.metrics.LEARNING_EVIDENCE_AGAINST; a control that was not run counts as not beaten)."""
 
 
 def _table(evals: dict[str, dict[str, dict]]) -> list[dict]:
@@ -378,9 +396,27 @@ def _table(evals: dict[str, dict[str, dict]]) -> list[dict]:
                         "ci_low": last["lo"],
                         "ci_high": last["hi"],
                         "token_acc_bos_last": s["token_acc_bos"][-1]["mean"],
+                        # the candidates every method chose among, and a uniform guess's accuracy on them
+                        "options": result.get("options"),
+                        "chance": s.get("chance"),
+                        # adapting methods: mean support loss before the first / last inner step, and the
+                        # support sets' mean ECG-blind floor (metrics.blind_loss_floor)
+                        "support_loss_first": (s.get("support_loss") or [None])[0],
+                        "support_loss_last": (s.get("support_loss") or [None])[-1],
+                        "support_loss_floor": s.get("support_loss_floor"),
                     }
                 )
     return rows
+
+
+def _loss_cell(row: dict) -> str:
+    """`0.693 -> 0.370 (floor 0.347)` for an adapting method's row; "" for the others."""
+    if row["support_loss_first"] is None:
+        return ""
+    return (
+        f"{_num(row['support_loss_first'])} -> {_num(row['support_loss_last'])} "
+        f"(floor {_num(row['support_loss_floor'])})"
+    )
 
 
 def _num(value, fmt: str = ".3f") -> str:
@@ -443,7 +479,10 @@ def build_report(
         f"({', '.join(precision)}), "
         f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min "
         "(cached stages not rerun). Exact match at the last inner step with its 95 % bootstrap interval over "
-        "episodes; every method on the same episodes.",
+        "episodes; every method on the same episodes and among the same answer options per query "
+        "(eval.options; chance = the mean over query items of 1 / their number of options). Support loss: "
+        "the adapting methods' mean support loss before the first and the last inner step, beside the "
+        "least loss a model that ignores the ECG could reach on those support sets (ECG-blind floor).",
     ]
     for protocol in evals:
         title = "headline" if protocol == headline else "for comparison"
@@ -451,14 +490,18 @@ def build_report(
             "",
             f"## {protocol} protocol ({title})",
             "",
-            "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI | token acc (BOS) |",
-            "|---|---|---|---|---|---|---|",
+            f"Answer options: {', '.join(sorted({str(r['options']) for r in table if r['protocol'] == protocol}))}"
+            f" (eval.options={cfg.eval.options}).",
+            "",
+            "| question type | method | episodes | exact match (step 0) | exact match (last step) | 95 % CI | "
+            "chance | token acc (BOS) | support loss (first -> last; ECG-blind floor) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in table if r["protocol"] == protocol):
             lines.append(
                 f"| {r['question_type']} | {r['method']} | {r['episodes']} | {r['exact_match_step0']:.3f} | "
                 f"{r['exact_match_last']:.3f} | [{_num(r['ci_low'])}, {_num(r['ci_high'])}] | "
-                f"{r['token_acc_bos_last']:.3f} |"
+                f"{_num(r['chance'])} | {r['token_acc_bos_last']:.3f} | {_loss_cell(r)} |"
             )
         lines += [
             "",

@@ -628,6 +628,48 @@ def open_features(cfg: Config, cache_mb: float = 64.0) -> FeatureStore:
     return FeatureStore.open(location, tokens=needs_tokens(cfg), cache_mb=cache_mb)
 
 
+def pooled_stats(
+    location: str, prepared_dir: str, source: str, split: str = "train", batch_size: int = 4096
+) -> dict:
+    """{"feature_mean", "feature_std"}: (D_enc,) float32 mean and std (population) per dim of the pooled
+    features at `location` of the prepared ECGs of ECG-QA split `split` from `source` (train: the patients
+    of the meta-train side; these ECGs carry no labels). Streamed in batches of `batch_size` ECGs with
+    float64 running sums (Chan's merge of mean and squared deviations), so memory holds one batch and the
+    D_enc-sized sums. A std below 1 % of the median std (a dead dimension) is raised to it, so
+    standardising never divides by ~0."""
+    import torch
+
+    from ecgray.data.shards import ECGStore
+
+    store = FeatureStore.open(location, tokens=False)
+    ecgs = ECGStore.open(prepared_dir)
+    ids = store.ecg_ids  # in storage order: consecutive batches read consecutive row groups
+    rows = ecgs.rows(ids)
+    ids = ids[(ecgs.splits[rows] == split) & (ecgs.sources[rows] == source)]
+    if len(ids) < 2:
+        raise ValueError(
+            f"{prepared_dir}: {len(ids)} ECG(s) of split {split!r} from source {source!r} have features at "
+            f"{location}; the feature statistics need at least 2"
+        )
+    n = 0
+    mean = torch.zeros(store.d_enc, dtype=torch.float64)  # running mean, (D_enc,)
+    m2 = torch.zeros(store.d_enc, dtype=torch.float64)  # running sum of squared deviations, (D_enc,)
+    for i in range(0, len(ids), batch_size):
+        x = store.features(ids[i : i + batch_size])[1].double()  # (b, D_enc)
+        b, batch_mean = x.shape[0], x.mean(0)
+        delta = batch_mean - mean
+        mean = mean + delta * (b / (n + b))
+        m2 = m2 + (x - batch_mean).square().sum(0) + delta.square() * (n * b / (n + b))
+        n += b
+    std = (m2 / n).sqrt()
+    std = std.clamp_min(0.01 * float(std.median()))
+    if not (std > 0).all():
+        raise ValueError(
+            f"{location}: the pooled features of {n} {split} ECGs are all equal; nothing to standardise"
+        )
+    return {"feature_mean": mean.float(), "feature_std": std.float()}
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 
 

@@ -207,12 +207,20 @@ def test_controls_return_the_meta_test_structure(world):
         for rec in res["episodes"]:
             assert set(rec) == set(ref["episodes"][0])
             assert all(isinstance(p, list) for p in rec["predictions"])  # answers, not text
-    # the controls build no option sets: no admissible-answer table is needed, whatever the source says
-    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="mimic"))
-    assert (
-        B.text_lookup(model, episodes, store, other)["episodes"]
-        == B.text_lookup(model, episodes, store, cfg)["episodes"]
-    )
+    # the controls choose among the comparison's options, as the model does: a mode that reads the
+    # admissible-answer table needs it (none ships for MIMIC), one built from the support set does not
+    mimic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="mimic"))
+    with pytest.raises(ValueError, match="data.source='mimic' needs data.ecgqa_dir"):
+        B.text_lookup(model, episodes, store, mimic)
+    from_support = dataclasses.replace(mimic, eval=dataclasses.replace(cfg.eval, options="question_support"))
+    by_support = B.text_lookup(model, episodes, store, from_support)
+    by_template = B.text_lookup(model, episodes, store, cfg)
+    for a, b in zip(by_support["episodes"], by_template["episodes"], strict=True):
+        assert a["predictions"] == b["predictions"] and a["exact_match"] == b["exact_match"]
+    # the paper episode's questions each show one answer; the grounded one's two (template 27: yes / no)
+    assert [r["n_options"] for r in by_support["episodes"]] == [[1] * 6, [2] * 8]
+    assert [r["n_options"] for r in by_template["episodes"]] == [[2] * 6, [2] * 8]
+    assert by_support["options"] == "question_support" and by_template["options"] == "question"
 
 
 # --------------------------------------------------------------------------- two ECGs per item

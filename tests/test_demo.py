@@ -64,7 +64,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
             assert (out / "figures" / f"per_class_{suffix}.png").is_file()
             assert {(protocol, qt, m) for m in ("meta_test", *controls)} <= methods
             verdict = report["learning_evidence"][protocol][qt]
-            assert set(verdict["against"]) == {"text_lookup", "ecg_free", "blind_llm"}
+            assert set(verdict["against"]) == {"text_lookup", "ecg_free", "blind_llm", "shuffled_ecg"}
     assert report["headline_protocol"] == "grounded"
     compared = {(c["protocol"], c["question_type"], c["baseline"]) for c in report["comparisons"]}
     assert ("grounded", "single-verify", "text_lookup") in compared and (

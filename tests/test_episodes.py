@@ -861,3 +861,48 @@ def test_comparison_episodes_of_the_synthetic_world_carry_both_ecgs_in_order(tmp
                     for it in ep["support"]:
                         answers.setdefault(it["question"], set()).add(tuple(it["answer"]))
                     assert all(len(a) == 2 for a in answers.values())
+
+
+@pytest.mark.slow
+def test_the_demo_split_keeps_every_meta_test_patient_out_of_every_trained_stage(tmp_path):
+    """The demo's split (configs/demo.yaml) is patient-disjoint: from the class keys a checkpoint stores
+    (`split_keys`), no patient of a meta-test item has an ECG in a meta-train or meta-val item, nor in the
+    prepared `train` split that encoder pretraining and alignment read (ECG-QA's splits are patient-disjoint,
+    and the patient split keeps each side inside one of them)."""
+    import csv
+    from pathlib import Path
+
+    from ecgray.config import load_config
+    from ecgray.data.ecgqa import read_split, read_split_ecgs
+    from ecgray.data.episodes import SPLITS, item_ecg_ids, split_keys
+    from ecgray.synth.world import generate_world
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert demo.episodes.split_mode == "patient" and demo.episodes.protocol == "grounded"
+    generate_world(tmp_path, 600, seed=0, progress=False)
+    rows = [
+        s
+        for split in ("train", "valid", "test")
+        for s in read_split(tmp_path / "ecgqa", "ptbxl", "template", split)
+    ]
+    with open(tmp_path / "ptbxl" / "ptbxl_database.csv", newline="") as f:
+        patient_of = {int(r["ecg_id"]): int(float(r["patient_id"])) for r in csv.DictReader(f)}
+    ecg_split = read_split_ecgs(tmp_path / "ecgqa", "ptbxl")
+    trained_on = {patient_of[e] for e, split in ecg_split.items() if split == "train"}  # encoder, alignment
+
+    small = dataclasses.replace(demo.episodes, n_way=2, k_shot=2, n_query=1)  # 600 patients: small episodes
+    stored = split_keys(rows, small)  # what the checkpoint's splits.json holds
+    for qt in small.types():
+        keys = {side: set(stored[qt][side]) for side in SPLITS}
+        assert not keys["meta-test"] & (keys["meta-train"] | keys["meta-val"]), qt
+        patients = {}
+        for side in SPLITS:
+            pool = EpisodeSampler(rows, dataclasses.replace(small, question_type=qt), side, seed=0).pools[qt]
+            assert {key for _, answers in pool for key, _ in answers} <= keys[side], (qt, side)
+            patients[side] = {
+                patient_of[e] for _, answers in pool for _, group in answers for _, item in group
+                for e in item_ecg_ids(item)
+            }  # fmt: skip
+        assert patients["meta-test"], qt
+        assert not patients["meta-test"] & (patients["meta-train"] | patients["meta-val"] | trained_on), qt
+        assert not patients["meta-val"] & patients["meta-train"], qt

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from ecgray.eval.meta_test import (
     load_template_answers,
     mask_leads,
     meta_test,
+    options_mode,
     query_options,
 )
 from ecgray.models.ecg_lm import build_model
@@ -394,7 +396,7 @@ def one_at_a_time(model, method, episode: dict, cfg: Config, template_answers) -
     from ecgray.meta import adapt
 
     (sp, st), (qp, qt) = method.features(episode)
-    options = query_options(episode, template_answers, cfg.eval.options)
+    options = query_options(episode, template_answers, options_mode(cfg))
     questions, golds = [i["question"] for i in episode["query"]], [i["answer"] for i in episode["query"]]
     support = episode["support"]
     task = model.task_data(sp, st, [i["question"] for i in support], [i["answer"] for i in support])
@@ -919,6 +921,7 @@ def test_eval_reports_comparison_types_with_the_controls_on_the_synthetic_world(
         "encoder_prototype",
         "blind_llm",
         "ecg_free",
+        "shuffled_ecg",
         "finetune_scratch",
     }
     for qt in COMPARISON_TYPES:
@@ -947,3 +950,337 @@ def test_eval_reports_comparison_types_with_the_controls_on_the_synthetic_world(
     printed = capsys.readouterr().out
     for name in ("meta_test", *controls):
         assert any(line.startswith(name) and CIV in line for line in printed.splitlines()), name
+
+
+# ------------------------------------------------------------------- one candidate set per comparison
+
+CHOOSE = "Which of {} or {} does this ECG show?"
+CHOOSE_ATTRS = [("afib", "sr"), ("afib", "stach"), ("sr", "stach"), ("afib", "sbrad")]
+
+
+def choose_rows() -> list[dict]:
+    """Template 38 (single-choose): 4 questions x 4 answers (either candidate, both, none), 6 samples each."""
+    rows, sid = [], 0
+    for qid, (a, b) in enumerate(CHOOSE_ATTRS):
+        for answer in ([a], [b], [a, b], ["none"]):
+            for _ in range(6):
+                rows.append(
+                    {"sample_id": sid, "template_id": 38, "question_id": qid, "question_type": "single-choose",
+                     "attribute_type": "scp_code", "question": CHOOSE.format(a, b), "answer": answer,
+                     "ecg_id": [sid + 1], "attribute": [a, b], "source": "ptbxl", "variant": "template",
+                     "split": "train"}
+                )  # fmt: skip
+                sid += 1
+    return rows
+
+
+@pytest.fixture(scope="module")
+def choose_world(world):
+    """Grounded single-choose episodes: one question each, with 2 of its 4 answers, balanced."""
+    cfg, _, model, _, _ = world
+    ccfg = dataclasses.replace(
+        cfg, episodes=dataclasses.replace(cfg.episodes, question_type="single-choose", protocol="grounded")
+    )
+    rows = choose_rows()
+    episodes = EpisodeSampler(rows, ccfg.episodes, "meta-test", seed=0).episodes(2)
+    return ccfg, rows, model, tiny_store(len(rows)), episodes
+
+
+def test_question_support_options_are_the_answers_the_support_shows_for_the_question():
+    from ecgray.eval.meta_test import options_mode
+
+    q1, q2 = CHOOSE.format("afib", "sr"), CHOOSE.format("afib", "stach")
+    support = [{"template_id": 38, "question": q, "answer": a}
+               for q, a in ((q1, ["afib"]), (q1, ["both"]), (q1, ["afib"]), (q2, ["none"]), (q2, ["stach"]))]  # fmt: skip
+    query = [{"sample_id": 7, "template_id": 38, "question_type": "single-choose", "question": q,
+              "answer": ["afib"], "attribute": ["afib", "sr"]} for q in (q1, q2)]  # fmt: skip
+    episode = {"support": support, "query": query}
+    # each query: its own question's support answers only (another question's are not offered)
+    assert query_options(episode, None, "question_support") == [[["afib"], ["both"]], [["none"], ["stach"]]]
+    assert query_options(episode, None, "question")[0] == [["afib"], ["both"], ["none"], ["sr"]]
+    stray = {"support": support, "query": [{**query[0], "question": CHOOSE.format("sr", "stach")}]}
+    with pytest.raises(ValueError, match="query sample 7: no support item asks its question"):
+        query_options(stray, None, "question_support")
+    with pytest.raises(ValueError, match="eval.options=auto: resolve it with options_mode"):
+        query_options(episode, None, "auto")
+    # auto: question_support under the grounded protocol, question under the paper's; a set mode stays
+    cfg = tiny_cfg()
+    grounded = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, protocol="grounded"))
+    assert (cfg.eval.options, options_mode(cfg), options_mode(grounded)) == (
+        "auto",
+        "question",
+        "question_support",
+    )
+    fixed = dataclasses.replace(grounded, eval=dataclasses.replace(cfg.eval, options="template"))
+    assert options_mode(fixed) == "template"
+
+
+def test_every_method_chooses_among_the_same_candidates_and_grounded_choose_chance_is_half(
+    choose_world, monkeypatch
+):
+    """Every method (the model, the LLM baselines, the shortcut controls) is given, and picks from, exactly
+    the comparison's option list per query on the same episodes: with the default eval.options (auto ->
+    question_support on grounded episodes) the two answers the support set shows for the query's question,
+    so the chance level of grounded single-choose is 1/2 for every method."""
+    from ecgray.eval import cli
+    from ecgray.eval import meta_test as mt
+    from ecgray.models.ecg_lm import ECGLanguageModel
+
+    cfg, _, model, store, episodes = choose_world
+    params = model.mapper_params()
+    key = lambda opts: tuple(tuple(o) for o in opts)  # noqa: E731
+    expected_options = [query_options(ep, None, "question_support") for ep in episodes]
+    expected = {(q["question"], key(o)) for ep, opts in zip(episodes, expected_options, strict=True)
+                for q, o in zip(ep["query"], opts, strict=True)}  # fmt: skip
+    assert {len(o) for _, o in expected} == {2} and len({o for _, o in expected}) > 1
+
+    given: dict[str, set] = {}
+    current = {"method": None}
+
+    def note(questions, options):
+        given.setdefault(current["method"], set()).update(
+            (q, key(o)) for q, o in zip(questions, options, strict=True)
+        )
+
+    score_options = ECGLanguageModel.score_options
+
+    def spy_score(self, prefix, questions, options, *args, **kwargs):  # the LLM methods' option scoring
+        note(questions, options)
+        return score_options(self, prefix, questions, options, *args, **kwargs)
+
+    run_episodes = B.run_episodes
+
+    def spy_run(*args, answerer, **kwargs):  # the non-adapting methods: what their answerer is given
+        def answer(m, p, sf, qf, episode, options):
+            note([i["question"] for i in episode["query"]], options)
+            return answerer(m, p, sf, qf, episode, options)
+
+        return run_episodes(*args, answerer=answer, **kwargs)
+
+    monkeypatch.setattr(ECGLanguageModel, "score_options", spy_score)
+    monkeypatch.setattr(B, "run_episodes", spy_run)
+    calls = {
+        "meta_test": lambda: meta_test(model, params, episodes, store, cfg),
+        "shuffled_ecg": lambda: B.shuffled_ecg(model, params, episodes, store, cfg),
+        "ecg_free": lambda: B.ecg_free(model, params, episodes, store, cfg),
+        "finetune_scratch": lambda: B.finetune_scratch(model, episodes, store, cfg),
+        "supervised": lambda: B.supervised(model, params, episodes, store, cfg),
+        "blind_llm": lambda: B.blind_llm(model, episodes, store, cfg),
+        "in_context": lambda: B.in_context(model, params, episodes, store, cfg),
+        **{name: (lambda name=name: getattr(B, name)(model, episodes, store, cfg)) for name in B.CONTROLS},
+    }
+    results = {}
+    for name, call in calls.items():
+        current["method"] = name
+        results[name] = call()
+    assert set(given) == set(calls)
+    for name, res in results.items():
+        assert given[name] == expected, name
+        assert res["options"] == "question_support", name
+        for ep, opts, rec in zip(episodes, expected_options, res["episodes"], strict=True):
+            assert rec["n_options"] == [2] * len(ep["query"]), name
+            assert all(p in o for p, o in zip(rec["predictions"], opts, strict=True)), name
+        assert res["summary"]["single-choose"]["chance"] == 0.5, name
+    assert cli.chance_by_type(results) == {"single-choose": 0.5}
+    # the template's candidates (+ both / none): 4 options per query, chance 1/4, for the controls too
+    wide = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, options="question"))
+    assert B.text_lookup(model, episodes, store, wide)["summary"]["single-choose"]["chance"] == 0.25
+    assert mt.options_mode(wide) == "question"
+    # a method scored among other options is named
+    other = {**results["text_lookup"], "summary": {"single-choose": {"chance": 0.25}}}
+    with pytest.raises(ValueError, match="text_lookup chose among other options"):
+        cli.chance_by_type({"meta_test": results["meta_test"], "text_lookup": other})
+
+
+# ---------------------------------------------------------------------------------------- shuffled_ecg
+
+
+def test_ecg_derangement_gives_every_item_another_ecg_where_possible():
+    for keys in ([1, 1, 2, 2, 3], [1, 2, 3, 4], [(1, 2), (1, 2), (3, 4), (5, 6)], [7, 7, 7, 8, 8, 9]):
+        perms = set()
+        for seed in range(20):
+            p = B.ecg_derangement(keys, np.random.default_rng(seed))
+            assert sorted(p) == list(range(len(keys)))
+            assert all(keys[p[i]] != keys[i] for i in range(len(keys))), (keys, p)
+            perms.add(tuple(p))
+        assert len(perms) > 1  # seeded, not fixed
+    # one ECG held by more than half: as many items as possible (2 (n - 3) = 2) get another ECG
+    for seed in range(10):
+        p = B.ecg_derangement([1, 1, 1, 2], np.random.default_rng(seed))
+        assert sorted(p) == [0, 1, 2, 3] and sum([1, 1, 1, 2][p[i]] != [1, 1, 1, 2][i] for i in range(4)) == 2
+    assert B.ecg_derangement([5, 5, 5], np.random.default_rng(0)) == [0, 1, 2]  # one ECG: nothing to swap
+
+
+def test_shuffled_ecg_answers_with_the_episode_query_ecgs_permuted(world):
+    from ecgray.eval.meta_test import ecg_features
+
+    cfg, _, model, store, episodes = world
+    params = model.mapper_params()
+    method = B.shuffled_ecg_method(model, params, store, cfg)
+    assert method.name == "shuffled_ecg" and method.reads_ecg
+    real = ecg_features(model, store)
+    for episode in episodes:
+        (sp, st), (qp, qt) = method.features(episode)
+        (rsp, _), (rqp, _) = real(episode)
+        assert torch.equal(sp, rsp) and st is None and qt is None  # the support set is the real one
+        p = B.query_permutation(episode, cfg.eval.seed)
+        n = len(episode["query"])
+        assert sorted(p) == list(range(n)) and p != list(range(n))
+        assert torch.equal(qp, rqp[p])  # the episode's own query features, permuted
+        ids = [i["ecg_id"] for i in episode["query"]]
+        assert len(set(ids)) == n and all(ids[p[i]] != ids[i] for i in range(n))
+        assert not any(torch.equal(qp[i], rqp[i]) for i in range(n))  # no query keeps its own ECG
+        assert B.query_permutation(episode, cfg.eval.seed) == p  # deterministic per episode
+    first = B.shuffled_ecg(model, params, episodes, store, cfg)
+    assert first == B.shuffled_ecg(model, params, episodes, store, cfg)
+    assert first["method"] == "shuffled_ecg" and first["steps"] == [0, 1, 2]
+    # every record is the definition's: the meta-learned mapper adapted on the real support set, answering
+    # the (unchanged) questions and golds with the permuted query features
+    answers = load_template_answers(cfg)
+    for episode, record in zip(episodes, first["episodes"], strict=True):
+        expected = one_at_a_time(model, method, episode, cfg, answers)
+        assert record["exact_match"] == [float(np.mean(s.correct)) for s in expected]
+        assert record["predictions"] == expected[-1].predictions
+    assert "shuffled_ecg" in B.BASELINES and "shuffled_ecg" in EvalConfig().baselines
+    assert "shuffled_ecg" in EvalConfig().compare_against
+
+
+# ------------------------------------------------------------------------------- the loss floor
+
+
+def test_blind_loss_floor_of_items_matches_the_loss_averaging_by_hand(world, choose_world):
+    cfg, _, model, _, _ = world
+    ln2 = math.log(2)
+    verify = [{"question": QUESTION.format(a), "answer": [ans], "ecg_id": 1}
+              for a in ATTRS[:2] for ans in ("yes", "no")]  # fmt: skip
+    # yes and no are one token each here: the loss averages answer token + EOS, so ln 2 / 2 per item
+    assert len(model.answer_ids(["yes"])) == len(model.answer_ids(["no"])) == 1
+    assert metrics.blind_loss_floor(verify, model) == pytest.approx(ln2 / 2)
+    # the paper's quirk: targets [BOS, answer], read at fixed positions: BOS is certain, the answer ln 2
+    assert metrics.blind_loss_floor(verify, B._view(model, paper_compat=True)) == pytest.approx(ln2 / 2)
+    # choose: afib (4 tokens) vs none (2 tokens) part at their first token: 2 ln 2 over 5 + 3 tokens
+    q = CHOOSE.format("afib", "sr")
+    choose = [{"question": q, "answer": a, "ecg_id": 1} for a in (["afib"], ["none"])]
+    assert [len(model.answer_ids(a["answer"])) for a in choose] == [4, 2]
+    assert model.answer_ids(["afib"])[0] != model.answer_ids(["none"])[0]
+    assert metrics.blind_loss_floor(choose, model) == pytest.approx(2 * ln2 / 8)
+    # the ECG count is part of the prompt: a one- and a two-ECG item of one question are told apart
+    assert metrics.blind_loss_floor([verify[0], {**verify[1], "ecg_id": [1, 2]}], model) == 0.0
+    with pytest.raises(ValueError, match="no items"):
+        metrics.blind_loss_floor([], model)
+    with pytest.raises(ValueError, match=r"items without \['answer'\]"):
+        metrics.blind_loss_floor([{"question": q, "ecg_id": 1}], model)
+
+
+def test_the_optimal_blind_predictor_reaches_the_floor_and_an_ecg_free_mapper_stays_above(world):
+    """The floor against losses computed as the model computes them: (1) cross-entropy, reduced like
+    `task_losses` (every target token of every row, one mean), of a predictor putting each prompt's
+    empirical next-token distribution at every target position equals the floor; (2) the ECG-free mapper
+    adapted on a support set never goes below it; (3) meta-test records hold the support loss per inner
+    step (the loss the inner loop differentiates) beside that floor."""
+    from ecgray.eval.meta_test import ecg_features
+    from ecgray.meta import adapt
+
+    cfg, rows, model, store, episodes = world
+    grounded = dataclasses.replace(cfg.episodes, protocol="grounded", n_way=2)
+    episode = EpisodeSampler(rows, grounded, "meta-test", seed=0).episodes(1)[0]
+    support = episode["support"]
+    floor = metrics.blind_loss_floor(support, model)
+    questions, answers = [i["question"] for i in support], [i["answer"] for i in support]
+    batch = model.collate(model.prompt_rows(questions, answers), use_cache=False)
+    targets = [batch.target_ids[r][batch.target_mask[r]].tolist() for r in range(len(support))]
+    counts: dict = {}  # (question, target prefix) -> next-token counts, from whole sequences
+    for question, target in zip(questions, targets, strict=True):
+        for j in range(len(target)):
+            counts.setdefault((question, tuple(target[:j])), Counter())[target[j]] += 1
+    vocab = model.logits(torch.zeros(1, model.d_llm)).shape[-1]
+    nll = []
+    for question, target in zip(questions, targets, strict=True):
+        logits = torch.full((len(target), vocab), -1e9, dtype=torch.float64)
+        for j in range(len(target)):
+            seen = counts[(question, tuple(target[:j]))]
+            for token, c in seen.items():
+                logits[j, token] = math.log(c / sum(seen.values()))
+        nll.append(F.cross_entropy(logits, torch.tensor(target), reduction="none"))
+    assert float(torch.cat(nll).mean()) == pytest.approx(floor, rel=1e-12)
+    assert floor == pytest.approx(math.log(2) / 2)  # grounded verify, balanced: ln 2 over answer + EOS
+
+    params = model.mapper_params()
+    (sp, st), _ = B.ecg_free_method(model, params, store).features(episode)
+    task = model.task_set([model.task_data(sp, st, questions, answers)])
+    model.eval()
+    result = adapt(model.loss_fn(), params, task, 30, 1.0)
+    losses = result.support_losses[:, 0]
+    assert losses[-1] < losses[0]  # it learns the answer frequencies ...
+    tol = rounding_tolerance(losses, vocab)["atol"]
+    assert float(losses.min()) >= floor - tol  # ... but cannot read the ECG it is not given
+
+    res = meta_test(model, params, [episode], store, cfg)
+    rec = res["episodes"][0]
+    assert (
+        rec["support_loss_floor"] == pytest.approx(floor) and len(rec["support_loss"]) == cfg.meta.inner_steps
+    )
+    (sp, st), _ = ecg_features(model, store)(episode)
+    with torch.no_grad():
+        start = model.task_losses([params], [model.task_data(sp, st, questions, answers)])[0]
+    assert rec["support_loss"][0] == pytest.approx(float(start), abs=tol)
+    s = res["summary"]["single-verify"]
+    assert s["support_loss"] == pytest.approx(rec["support_loss"]) and s[
+        "support_loss_floor"
+    ] == pytest.approx(floor)
+    from ecgray.eval.cli import support_loss_text
+
+    assert support_loss_text(s) == (
+        f"support loss {rec['support_loss'][0]:.3f} -> {rec['support_loss'][-1]:.3f} (ECG-blind floor {floor:.3f})"
+    )
+
+
+def test_demo_report_states_the_options_chance_and_loss_floor(tmp_path):
+    """The demo's report (report.json rows, report.md table): the option mode and chance level beside the
+    accuracies, the adapting methods' support loss beside its ECG-blind floor, and learning evidence that
+    needs the shuffled-ECG control too."""
+    from ecgray.demo import LEARNING_EVIDENCE_AGAINST, build_report
+
+    cfg = tiny_cfg()
+    cfg = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, protocol="grounded"))
+    qt = "single-choose"
+
+    def result(name: str, right: list[bool], adapting: bool) -> dict:
+        records = [
+            metrics.episode_record(
+                i, qt, ["a", "b"], [0, 1] if adapting else [0], [[ok, ok]] * (2 if adapting else 1),
+                [1.0] * (2 if adapting else 1), [1.0] * (2 if adapting else 1), ["a", "b"], n_options=[2, 2],
+                support_loss=[0.9, 0.5] if adapting else None, support_loss_floor=0.3466 if adapting else None,
+            )
+            for i, ok in enumerate(right)
+        ]  # fmt: skip
+        steps = [0, 1] if adapting else [0]
+        summary = metrics.summarize(records, n_resamples=200)
+        return {"method": name, "options": "question_support", "steps": steps, "summary": summary,
+                "episodes": records}  # fmt: skip
+
+    results = {"meta_test": result("meta_test", [True] * 12, True)}
+    for name in LEARNING_EVIDENCE_AGAINST:
+        results[name] = result(name, [False] * 12, name in ("ecg_free", "shuffled_ecg"))
+    comparisons = metrics.compare_results(
+        results, against=LEARNING_EVIDENCE_AGAINST, n_resamples=200, protocol="grounded"
+    )
+    payload = {"results": results, "comparisons": comparisons, "llm_dtype": "float32", "device": "cpu"}
+    report = build_report(cfg, tmp_path, {"grounded": {qt: payload}}, None, {}, 1.0)
+    rows = {r["method"]: r for r in report["results"]}
+    assert all(r["chance"] == 0.5 and r["options"] == "question_support" for r in rows.values())
+    assert rows["meta_test"]["support_loss_last"] == 0.5 and rows["meta_test"]["support_loss_floor"] == 0.3466
+    assert rows["text_lookup"]["support_loss_first"] is None
+    assert set(report["learning_evidence"]["grounded"][qt]["against"]) == set(LEARNING_EVIDENCE_AGAINST)
+    assert (
+        "shuffled_ecg" in LEARNING_EVIDENCE_AGAINST
+        and report["learning_evidence"]["grounded"][qt]["evidence"]
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert "Answer options: question_support (eval.options=auto)." in md
+    assert (
+        f"| {qt} | meta_test | 12 | 1.000 | 1.000 | [1.000, 1.000] | 0.500 | 1.000 | 0.900 -> 0.500 (floor 0.347) |"
+        in md
+    )
+    assert f"| {qt} | text_lookup | 12 | 0.000 | 0.000 | [0.000, 0.000] | 0.500 | 1.000 |  |" in md
+    assert "text_lookup, ecg_free, blind_llm, shuffled_ecg" in md

@@ -1,4 +1,5 @@
-"""Fusion modules: the paper's parameter count, its exact forward, eval-mode determinism, build_mapper."""
+"""Fusion modules: the paper's parameter count, its exact forward, eval-mode determinism, build_mapper; the
+grounded mapper (buffers, checkpoint, spread, norm) and `prefix_spread`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import torch.nn.functional as F
 from tolerances import rounding_tolerance
 
 from ecgray.config import ModelConfig
-from ecgray.models.fusion import AttentionMapper, MLPMapper, QFormerMapper, build_mapper
+from ecgray.models.fusion import (
+    GROUNDED_BUFFERS,
+    AttentionMapper,
+    GroundedMapper,
+    MLPMapper,
+    QFormerMapper,
+    build_mapper,
+    mapper_buffers,
+    prefix_spread,
+    spread,
+)
 
 
 def n_trainable(module: torch.nn.Module) -> int:
@@ -108,3 +119,214 @@ def test_bad_shapes_are_named():
         AttentionMapper(16, 30, n_heads=8)
     with pytest.raises(ValueError, match="encoder tokens"):
         QFormerMapper(16, 24, d_model=32)(torch.randn(2, 16), torch.randn(2, 5, 8))
+
+
+# ------------------------------------------------------------------------------------ the grounded mapper
+
+D_ENC, D_LLM, N_PREFIX = 32, 48, 4
+
+
+def realistic_features(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, D_ENC) pooled vectors of n ECGs drawn with `generator` from one fixed distribution shaped like a
+    real encoder's: a large component shared by every ECG, a few strong directions of variation, small
+    isotropic noise and unequal scales per dim (the demo's encoder: across-ECG spread / norm of mean ~1.3)."""
+    world = torch.Generator().manual_seed(0)
+    shared = 2.0 * torch.randn(D_ENC, generator=world)
+    directions = torch.randn(6, D_ENC, generator=world)
+    scale = torch.rand(D_ENC, generator=world) + 0.5
+    x = torch.randn(n, 6, generator=generator) @ directions + 0.3 * torch.randn(n, D_ENC, generator=generator)
+    return (shared + 1.2 * x) * scale
+
+
+def grounded(seed: int = 0, dropout: float = 0.1, token_norm: float = 3.15) -> GroundedMapper:
+    g = torch.Generator().manual_seed(1000 + seed)
+    train = realistic_features(512, g)  # the meta-train side's ECGs
+    stats = {
+        "feature_mean": train.mean(0),
+        "feature_std": train.std(0, correction=0),
+        "token_norm": token_norm,
+    }
+    cfg = ModelConfig(mapper="grounded", n_prefix=N_PREFIX, mlp_hidden=64, grounded_dropout=dropout)
+    torch.manual_seed(seed)
+    return build_mapper(cfg, D_ENC, D_LLM, stats)
+
+
+def test_grounded_mapper_shapes_and_fixed_tensors_are_buffers_not_parameters():
+    m = grounded()
+    assert isinstance(m, GroundedMapper)
+    out = m(torch.randn(5, D_ENC))
+    assert out.shape == (5, N_PREFIX, D_LLM)
+    params, buffers = dict(m.named_parameters()), mapper_buffers(m)
+    assert sorted(buffers) == sorted(GROUNDED_BUFFERS)
+    assert not set(buffers) & set(params)
+    assert set(GROUNDED_BUFFERS) <= set(m.state_dict())  # saved with the weights
+    assert n_trainable(m) == D_ENC * 64 + 64 + 64 * N_PREFIX * D_LLM + N_PREFIX * D_LLM + N_PREFIX * D_LLM
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    with pytest.raises(ValueError, match=r"pooled ECG vector must be \(B, 32\)"):
+        m(torch.randn(2, 8))
+
+
+def test_the_inner_loop_adapts_parameters_never_buffers():
+    from ecgray.meta.maml import adapt
+
+    m = grounded(dropout=0.0)
+    before = {k: v.clone() for k, v in mapper_buffers(m).items()}
+    pooled, target = torch.randn(6, D_ENC), torch.randn(6, N_PREFIX, D_LLM)
+
+    def loss_fn(fast, data):  # the model's call: functional_call over the mapper's parameters only
+        return (torch.func.functional_call(m, fast, (data,)) - target).square().mean()
+
+    params = dict(m.named_parameters())
+    fast = adapt(loss_fn, params, pooled, inner_steps=3, inner_lr=0.5).fast_weights
+    assert sorted(fast) == sorted(params)
+    assert all(not torch.equal(fast[k], params[k]) for k in params)
+    assert all(torch.equal(v, before[k]) for k, v in mapper_buffers(m).items())
+
+
+def test_grounded_buffers_survive_the_checkpoint_and_one_without_them_is_refused(tmp_path):
+    from ecgray.config import Config
+    from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
+
+    m = grounded().eval()
+    cfg = Config(model=ModelConfig(mapper="grounded", n_prefix=N_PREFIX, mlp_hidden=64))
+    save_checkpoint(tmp_path / "ckpt", m.state_dict(), cfg)
+    state, loaded = load_checkpoint(tmp_path / "ckpt")
+    again = build_mapper(loaded.model, D_ENC, D_LLM, state)
+    load_mapper_state(again, state)
+    for k, v in mapper_buffers(m).items():
+        assert torch.equal(mapper_buffers(again)[k], v)
+    pooled = torch.randn(3, D_ENC)
+    assert torch.equal(again.eval()(pooled), m(pooled))
+
+    # saved from parameters only (what the inner loop and the optimizer hold): refused, naming what lacks
+    save_checkpoint(tmp_path / "params", dict(m.named_parameters()), cfg)
+    bare, _ = load_checkpoint(tmp_path / "params")
+    with pytest.raises(ValueError, match=r"grounded needs its fixed tensors \['feature_mean', 'feature_std'"):
+        build_mapper(loaded.model, D_ENC, D_LLM, bare)
+    with pytest.raises(ValueError, match=r"has no \['feature_mean', 'feature_std', 'token_norm'\]"):
+        load_mapper_state(m, bare)
+    with pytest.raises(ValueError, match="fixed tensors"):
+        build_mapper(loaded.model, D_ENC, D_LLM)  # a fresh one without statistics
+
+
+def test_grounded_prefixes_differ_between_ecgs_at_the_token_norm():
+    g = torch.Generator().manual_seed(7)
+    pooled = realistic_features(256, g)  # ECGs the statistics were not computed on
+    features = spread(pooled)
+    assert 1.0 < features["ratio"] < 2.0  # the structure the test is about: a dominant shared component
+    for seed in range(3):
+        m = grounded(seed)
+        result = prefix_spread(m, pooled)
+        # the ECG reaches the prefix: spread of the order of the features' (the paper's mapper on the demo:
+        # ratio 0.01, cosine 0.9999; this mapper without its standardisation: ratio ~0.9, cosine ~0.55)
+        assert features["ratio"] < result["ratio"] < 10 * features["ratio"], result
+        assert result["cosine"] < 0.4, result
+        prefix = m.eval()(pooled)
+        norms = prefix.norm(dim=-1)  # (B, n_prefix)
+        expected = torch.full_like(norms, 3.15)
+        torch.testing.assert_close(norms, expected, **rounding_tolerance(prefix, reduction=D_LLM))
+        assert result["norm"] == pytest.approx(3.15, rel=1e-5)
+    # the learned position vectors start small beside the ECG's part
+    m = grounded()
+    with torch.no_grad():
+        ecg_part = m.fc2(torch.nn.functional.gelu(m.fc1((pooled - m.feature_mean) / m.feature_std)))
+    assert (
+        m.position.norm(dim=-1).mean() < 0.25 * ecg_part.unflatten(-1, (N_PREFIX, D_LLM)).norm(dim=-1).mean()
+    )
+
+
+def test_grounded_mapper_is_deterministic_in_eval_mode_only():
+    m = grounded(dropout=0.5)
+    pooled = torch.randn(4, D_ENC)
+    m.eval()
+    assert torch.equal(m(pooled), m(pooled))
+    torch.testing.assert_close(m(pooled[2:]), m(pooled)[2:])  # rows are independent
+    m.train()
+    assert not torch.allclose(m(pooled), m(pooled))
+
+
+@pytest.mark.filterwarnings("ignore:encoder.checkpoint is None")
+def test_grounded_model_takes_fresh_statistics_or_the_checkpoints(tmp_path):
+    """build_model: a fresh grounded mapper needs the meta-train statistics and gets the frozen LLM's
+    token-embedding norm; from a checkpoint, its own tensors (never recomputed)."""
+    from ecgray.config import load_config
+    from ecgray.models.ecg_lm import build_model
+    from ecgray.train.toy import toy_overrides
+
+    cfg = load_config(None, [*toy_overrides(tmp_path), "model.mapper=grounded", "model.mlp_hidden=16"])
+    with pytest.raises(ValueError, match=r"\['feature_mean', 'feature_std'\], which were not given"):
+        build_model(cfg)
+    stats = {"feature_mean": torch.randn(16), "feature_std": torch.rand(16) + 0.5}
+    model = build_model(cfg, feature_stats=stats)
+    embed = model.llm.get_input_embeddings().weight
+    assert float(model.mapper.token_norm) == pytest.approx(float(embed.norm(dim=-1).median()), rel=1e-6)
+    assert torch.equal(model.mapper.feature_mean, stats["feature_mean"])
+    assert set(model.mapper_params()) == {k for k, _ in model.mapper.named_parameters()}
+    assert not set(model.mapper_params()) & set(GROUNDED_BUFFERS)
+    state = {k: v * 2 if k in GROUNDED_BUFFERS else v for k, v in model.mapper.state_dict().items()}
+    loaded = build_model(cfg, mapper_state=state)  # the checkpoint's statistics, not recomputed
+    assert all(torch.equal(mapper_buffers(loaded.mapper)[k], state[k]) for k in GROUNDED_BUFFERS)
+
+
+def test_prefix_spread_on_a_hand_built_case():
+    class Rows(torch.nn.Module):  # the "prefix" of ECG b is its pooled vector, one prefix vector
+        def forward(self, pooled, tokens=None):
+            return pooled[:, None, :]
+
+    mapper = Rows().train()
+    # two orthogonal unit rows: mean (0.5, 0.5), norm 1/sqrt(2); each row 1/sqrt(2) from it
+    result = prefix_spread(mapper, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert result == pytest.approx({"ratio": 1.0, "cosine": 0.0, "norm": 1.0}, abs=1e-12)
+    assert mapper.training  # its mode is restored
+    # identical rows: no spread, cosine 1; rows (3, 4) and (-3, 4): mean (0, 4), each 3 from it, cosine 7/25
+    assert prefix_spread(mapper, torch.tensor([[3.0, 4.0]] * 3)) == pytest.approx(
+        {"ratio": 0.0, "cosine": 1.0, "norm": 5.0}
+    )
+    assert prefix_spread(mapper, torch.tensor([[3.0, 4.0], [-3.0, 4.0]])) == pytest.approx(
+        {"ratio": 0.75, "cosine": 7 / 25, "norm": 5.0}
+    )
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        spread(torch.ones(1, 3))
+
+
+def test_pooled_stats_streams_the_train_split(monkeypatch):
+    """Mean and std over the batches equal those of all train-split ECGs of the source at once; a dead
+    dimension's std is floored; too few ECGs are refused."""
+    import numpy as np
+
+    from ecgray import features
+    from ecgray.data import shards
+
+    g = torch.Generator().manual_seed(3)
+    n = 50
+    pooled = realistic_features(n, g)
+    pooled[:, 0] = 4.0  # a dead dimension
+    splits = np.array(["train", "valid", "test", "train", "train"] * 10)
+    sources = np.array(["ptbxl"] * 45 + ["mimic"] * 5)
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+
+    class Features:
+        ecg_ids, d_enc = ids, D_ENC
+
+        def features(self, batch):
+            return None, pooled[np.asarray(batch) - 100]
+
+    class ECGs:
+        def __init__(self, keep):
+            self.splits, self.sources = splits[keep], sources[keep]
+
+        def rows(self, batch):
+            return np.asarray(batch) - 100
+
+    monkeypatch.setattr(features.FeatureStore, "open", classmethod(lambda cls, *a, **k: Features()))
+    monkeypatch.setattr(shards.ECGStore, "open", classmethod(lambda cls, *a, **k: ECGs(slice(None))))
+    stats = features.pooled_stats("features", "prepared", "ptbxl", batch_size=7)
+    chosen = pooled[torch.from_numpy((splits == "train") & (sources == "ptbxl"))].double()
+    std = chosen.std(0, correction=0)
+    assert stats["feature_mean"].dtype == torch.float32
+    torch.testing.assert_close(stats["feature_mean"].double(), chosen.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats["feature_std"][1:].double(), std[1:], rtol=0, atol=1e-6)
+    assert float(stats["feature_std"][0]) == pytest.approx(0.01 * float(std.median()), rel=1e-6)
+    with pytest.raises(ValueError, match="1 ECG\\(s\\) of split 'valid' from source 'mimic'"):
+        features.pooled_stats("features", "prepared", "mimic", split="valid")

@@ -228,21 +228,33 @@ def test_learning_evidence_needs_a_significant_gain_over_every_required_baseline
     rows = [
         row("single-verify", "text_lookup", 0.2, 0.001), row("single-verify", "ecg_free", 0.1, 0.01),
         row("single-verify", "blind_llm", 0.3, 0.0001), row("single-verify", "finetune_scratch", -0.1, 0.2),
+        row("single-verify", "shuffled_ecg", 0.1, 0.02),
         row("single-choose", "text_lookup", 0.2, 0.001), row("single-choose", "ecg_free", 0.05, 0.2),
-        row("single-choose", "blind_llm", 0.3, 0.001),
+        row("single-choose", "blind_llm", 0.3, 0.001), row("single-choose", "shuffled_ecg", 0.1, 0.01),
         row("single-query", "text_lookup", -0.2, 0.001), row("single-query", "ecg_free", 0.1, 0.01),
+        row("single-query", "shuffled_ecg", 0.1, 0.01),
     ]  # fmt: skip
     out = metrics.learning_evidence(rows)
     assert out["single-verify"] == {
-        "evidence": True, "against": {"text_lookup": True, "ecg_free": True, "blind_llm": True}, "missing": []
+        "evidence": True, "missing": [],
+        "against": {"text_lookup": True, "ecg_free": True, "blind_llm": True, "shuffled_ecg": True},
     }  # fmt: skip
     # finetune_scratch is not required
     assert out["single-choose"]["evidence"] is False and out["single-choose"]["against"]["ecg_free"] is False
     # significant but worse than text lookup; blind_llm never run
     assert out["single-query"] == {
-        "evidence": False, "against": {"text_lookup": False, "ecg_free": True, "blind_llm": False},
-        "missing": ["blind_llm"],
+        "evidence": False, "missing": ["blind_llm"],
+        "against": {"text_lookup": False, "ecg_free": True, "blind_llm": False, "shuffled_ecg": True},
     }  # fmt: skip
+    # the shuffled-ECG control is required too: without its row (not run) there is no evidence
+    no_shuffle = [r for r in rows if r["baseline"] != "shuffled_ecg"]
+    verdict = metrics.learning_evidence(no_shuffle)["single-verify"]
+    assert not verdict["evidence"] and verdict["missing"] == ["shuffled_ecg"]
+    assert metrics.learning_evidence(rows, required=["text_lookup", "ecg_free", "blind_llm"])[
+        "single-verify"
+    ]["evidence"]
+    worse = [{**r, "mean_difference": -0.1} if r["baseline"] == "shuffled_ecg" else r for r in rows]
+    assert not metrics.learning_evidence(worse)["single-verify"]["evidence"]
     assert metrics.learning_evidence(rows, required=["ecg_free"], alpha=0.02)["single-verify"]["evidence"]
     assert not metrics.learning_evidence(rows, required=["ecg_free"], alpha=0.005)["single-verify"][
         "evidence"
@@ -253,3 +265,53 @@ def test_learning_evidence_needs_a_significant_gain_over_every_required_baseline
         metrics.learning_evidence(rows + [{**rows[0], "protocol": "paper"}])
     with pytest.raises(ValueError, match="two rows for single-verify vs text_lookup"):
         metrics.learning_evidence(rows + [rows[0]])
+
+
+# ------------------------------------------------------------------------------ ECG-blind loss floor
+
+
+def test_blind_nll_floor_by_hand():
+    ln2 = math.log(2)
+    # two prompts, each yes / no once; one answer token + EOS (2): ln 2 at each first token, EOS certain
+    yes, no, eos = 5, 6, 2
+    targets = [[yes, eos], [no, eos], [yes, eos], [no, eos]]
+    assert metrics.blind_nll_floor(["a", "a", "b", "b"], targets) == pytest.approx(4 * ln2 / 8)
+    # one prompt per answer: the prompt decides, the floor is 0
+    assert metrics.blind_nll_floor(["a", "b"], [[yes, eos], [no, eos]]) == 0.0
+    # a shared first token: only the node where the answers part costs (2 ln 2 over 6 tokens)
+    assert metrics.blind_nll_floor(["a", "a"], [[7, 8, eos], [7, 9, eos]]) == pytest.approx(2 * ln2 / 6)
+    # answers of different lengths: per token, not per item (ln 2 at the root over 3 + 2 tokens)
+    assert metrics.blind_nll_floor(["a", "a"], [[7, 8, eos], [9, eos]]) == pytest.approx(2 * ln2 / 5)
+    # weights count a row several times: 3 yes, 1 no
+    h = -(3 * math.log(3 / 4) + math.log(1 / 4))
+    assert metrics.blind_nll_floor(["a", "a"], [[yes, eos], [no, eos]], [3, 1]) == pytest.approx(h / 8)
+    # teacher forcing: the second token is predicted after the first, so [7] and [7, 9] cost nothing
+    assert metrics.blind_nll_floor(["a", "a"], [[7], [7, 9]]) == 0.0
+    # the paper's quirk reads token j at a fixed position: contexts (prompt, j), not the earlier tokens
+    quirk = metrics.blind_nll_floor(
+        ["a"] * 4, [[1, 7, 8], [1, 9, 8], [1, 7, 8], [1, 9, 3]], teacher_forced=False
+    )
+    assert quirk == pytest.approx((4 * ln2 - 3 * math.log(3 / 4) - math.log(1 / 4)) / 12)
+    assert metrics.blind_nll_floor(["a"] * 4, [[1, 7, 8], [1, 9, 8], [1, 7, 8], [1, 9, 3]]) == pytest.approx(
+        (4 * ln2 + 2 * ln2) / 12
+    )
+    with pytest.raises(ValueError, match="2 prompts, 1 targets, 1 weights"):
+        metrics.blind_nll_floor(["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="no target tokens"):
+        metrics.blind_nll_floor(["a"], [[]])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        metrics.blind_nll_floor(["a"], [[1]], [-1])
+
+
+def test_chance_level_is_the_mean_over_query_items_of_one_over_their_options():
+    rec = metrics.episode_record
+    records = [
+        rec(0, "single-choose", ["a"], [0], [[True, False]], [1.0], [1.0], ["a", "a"], n_options=[2, 4]),
+        rec(1, "single-choose", ["a"], [0], [[True, True, True]], [1.0], [1.0], ["a"] * 3, n_options=[2, 2, 2]),
+    ]  # fmt: skip
+    # (1/2 + 1/4 + 3 * 1/2) / 5 items, not the mean of the episodes' means
+    assert metrics.summarize(records)["single-choose"]["chance"] == pytest.approx(2.25 / 5)
+    free = rec(2, "single-choose", ["a"], [0], [[True]], [1.0], [1.0], ["a"])  # free text: no options
+    assert metrics.summarize([*records, free])["single-choose"]["chance"] is None
+    with pytest.raises(ValueError, match="option counts"):
+        rec(3, "single-choose", ["a"], [0], [[True]], [1.0], [1.0], ["a"], n_options=[0])

@@ -2,21 +2,29 @@
 results shaped like `meta_test`'s (summary per question type and step, per-episode records).
 
 Shortcut controls (method.md section 7; no LLM, nothing trained, step 0 only; their predictions are
-answer lists, scored like the model's by `score_predictions`):
-- `text_lookup`: per query, the majority answer of the support items whose question text equals the
-  query's (exact string), else the support set's majority answer: what the question text alone gives away.
-- `support_majority`: the support set's majority answer for every query.
+answer lists, scored like the model's by `score_predictions`). Each chooses among exactly the options the
+comparison gives every method for the query (`meta_test.episode_options`, eval.options); with free-text
+decoding (no option sets) among the answers the support set shows.
+- `text_lookup`: per query, the option most frequent among the support items whose question text equals
+  the query's (exact string); ties go to the option more frequent in the whole support set: what the
+  question text alone gives away.
+- `support_majority`: the option most frequent in the support set.
 - `encoder_prototype`: nearest class mean of the frozen encoder's pooled features inside the episode: a
   class's prototype is the mean pooled vector of its support items; a query takes the answer of the
-  prototype nearest in Euclidean distance, among the classes whose support items ask the query's question
-  (exact text) when there are such, else among all classes. In the paper's protocol every question is one
-  class, so this equals text_lookup; in the grounded one the classes of a question differ only by answer
-  and the encoder has to tell them apart: what the encoder alone knows. A comparison item's feature is
+  prototype nearest in Euclidean distance, among the classes whose answer is one of its options, and of
+  those the ones whose support items ask the query's question (exact text) when there are such. In the
+  paper's protocol every question is one class, so this equals text_lookup; in the grounded one the
+  classes of a question differ only by answer and the encoder has to tell them apart: what the encoder
+  alone knows. A comparison item's feature is
   the concatenation [pooled(first ECG) ; pooled(second ECG)]: its answer depends on both ECGs, not on
   their change alone ("still present" needs what the two share, which their difference loses), and the
   squared distance of concatenations is the sum of the two ECGs' distances, so neither dominates.
 Majorities count answers by identity (`canonical_answer`); a tie goes to the answer whose text
 (`answer_text`) sorts first, so every control is deterministic.
+Options a control cannot score: an option no support item gives (eval.options=template, question, ...)
+counts 0 for text_lookup / support_majority, so it is picked only when no option is given by any support
+item (all tie at 0: the first by text); it has no prototype, so encoder_prototype never picks it, and a
+query none of whose options is a support class's answer is refused (ValueError naming it).
 
 Model baselines:
 - `blind_llm`: the frozen LLM on the question alone: no ECG, no prefix (nor the two-ECG markers), nothing
@@ -24,6 +32,10 @@ Model baselines:
 - `ecg_free`: the meta-learned mapper fed an all-zero ECG vector (and zero tokens; both ECGs of a
   comparison item, markers kept), adapted on the support set like the model: what the prefix learns from
   the questions / answers alone.
+- `shuffled_ecg`: the meta-learned mapper adapted on the real support set, answering each query with
+  another query item's ECG (the episode's query features permuted by `query_permutation`, answers kept):
+  what the model gets from an ECG that is not the query's own (its real ECGs' statistics, a prompt-shaped
+  prefix) rather than from the query's ECG.
 - `supervised`: the same model trained by plain minibatch cross-entropy on meta-train samples
   (non-episodic; `train_supervised`), then evaluated like the meta-learned one (step 0 = no adaptation,
   then the same inner steps on each support set).
@@ -57,11 +69,13 @@ from ecgray.eval.meta_test import (
     device_of,
     distinct_prompts,
     ecg_features,
-    encode_items,
     load_template_answers,
     meta_learned,
     meta_test,
+    needs_template_answers,
     needs_tokens,
+    options_mode,
+    options_used,
     run_adapting,
     run_episodes,
     score_predictions,
@@ -70,7 +84,9 @@ from ecgray.models.ecg_lm import ECGLanguageModel, PromptBatch, answer_text
 
 CONTROLS = ("text_lookup", "support_majority", "encoder_prototype")
 """The shortcut controls: plain functions of the episode (and the frozen encoder), no LLM."""
-BASELINES = (*CONTROLS, "blind_llm", "ecg_free", "supervised", "finetune_scratch", "in_context")
+BASELINES = (
+    *CONTROLS, "blind_llm", "ecg_free", "shuffled_ecg", "supervised", "finetune_scratch", "in_context",
+)  # fmt: skip
 CONTEXT_SEPARATOR = "\n"
 
 
@@ -84,7 +100,8 @@ def _view(model: ECGLanguageModel, **changes) -> ECGLanguageModel:
 
 
 def _options(model: ECGLanguageModel, cfg: Config, template_answers):
-    if template_answers is None and model.cfg.decoding == "constrained" and cfg.eval.options != "support":
+    """The template table the comparison's option mode needs (loaded when not given), else as given."""
+    if template_answers is None and options_used(model, cfg) and needs_template_answers(options_mode(cfg)):
         return load_template_answers(cfg)
     return template_answers
 
@@ -95,14 +112,15 @@ def _refuse_paper_compat(model: ECGLanguageModel, name: str) -> None:
 
 
 def fresh_mapper_params(model: ECGLanguageModel, seed: int) -> Params:
-    """A freshly initialised mapper's parameters (seeded), on the model's device."""
-    from ecgray.models.fusion import build_mapper
+    """A freshly initialised mapper's parameters (seeded), on the model's device. Its fixed tensors (a
+    grounded mapper's feature statistics) are the model's, which the functional call reads anyway."""
+    from ecgray.models.fusion import build_mapper, mapper_buffers
 
     if model.encoder is None:
         raise ValueError("fresh_mapper_params: the model has no encoder to take D_enc from")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mapper = build_mapper(model.cfg, model.encoder.d_enc, model.d_llm)
+        mapper = build_mapper(model.cfg, model.encoder.d_enc, model.d_llm, mapper_buffers(model.mapper))
     device = device_of(model)
     return {k: v.detach().to(device) for k, v in mapper.named_parameters()}
 
@@ -110,29 +128,41 @@ def fresh_mapper_params(model: ECGLanguageModel, seed: int) -> Params:
 # ---------------------------------------------------------------------------------- shortcut controls
 
 
-def majority_answer(items: list[dict]) -> Answer:
-    """The most frequent answer (by identity) of the items; a tie goes to the answer whose text sorts
-    first."""
-    counts = Counter(tuple(canonical_answer(i["answer"])) for i in items)
-    if not counts:
+def _answer_counts(items: list[dict]) -> Counter:
+    return Counter(tuple(canonical_answer(i["answer"])) for i in items)
+
+
+def _most_frequent(candidates, *counts: Counter) -> Answer:
+    """The candidate (an answer identity) with the highest count in counts[0], ties by counts[1], ...,
+    then the one whose text sorts first."""
+    candidates = [tuple(canonical_answer(list(a))) for a in candidates]
+    if not candidates:
+        raise ValueError("no candidate answers to choose from")
+    return list(min(candidates, key=lambda a: (*(-c[a] for c in counts), answer_text(list(a)), len(a))))
+
+
+def majority_answer(items: list[dict], options: list[Answer] | None = None) -> Answer:
+    """The most frequent answer (by identity) of the items among `options` (None: among the items' own
+    answers); a tie (options no item gives count 0) goes to the answer whose text sorts first."""
+    if not items:
         raise ValueError("majority_answer: no items")
-    best = max(counts.values())
-    return list(
-        min((a for a, c in counts.items() if c == best), key=lambda a: (answer_text(list(a)), len(a)))
-    )
+    counts = _answer_counts(items)
+    return _most_frequent(counts if options is None else options, counts)
 
 
-def text_lookup_answers(episode: dict) -> list[Answer]:
-    """Per query item, the majority answer of the support items with exactly its question text, else the
-    support set's majority answer."""
+def text_lookup_answers(episode: dict, options: list[list[Answer]] | None = None) -> list[Answer]:
+    """Per query item, the option (options[i]; None or []: the support set's answers) most frequent among
+    the support items with exactly its question text; ties by the count in the whole support set, then by
+    text."""
     by_question: dict[str, list[dict]] = defaultdict(list)
     for item in episode["support"]:
         by_question[item["question"]].append(item)
-    fallback = majority_answer(episode["support"])
-    return [
-        majority_answer(by_question[q["question"]]) if q["question"] in by_question else fallback
-        for q in episode["query"]
-    ]
+    overall = _answer_counts(episode["support"])
+    out = []
+    for i, q in enumerate(episode["query"]):
+        candidates = options[i] if options else overall
+        out.append(_most_frequent(candidates, _answer_counts(by_question[q["question"]]), overall))
+    return out
 
 
 def prototype_answers(
@@ -140,17 +170,22 @@ def prototype_answers(
     support_items: list[dict],
     query_pooled: torch.Tensor,
     query_items: list[dict],
+    options: list[list[Answer]] | None = None,
 ) -> list[Answer]:
     """Nearest class mean: support_pooled (S, D_enc) -> one prototype per support class (`class` field,
     sorted), the mean of its items' vectors; each query (query_pooled (Q, D_enc)) takes the majority answer
-    of the class whose prototype is nearest in Euclidean distance, among the classes with a support item
-    of the query's question text when there are any, else among all (ties: the first class in sort order).
-    Two ECGs per item, (S, 2, D_enc) / (Q, 2, D_enc): the concatenation of the two (module docstring)."""
+    of the class whose prototype is nearest in Euclidean distance, among the classes whose answer is one of
+    options[i] (None or []: every class), and of those the ones with a support item of the query's question
+    text when there are any (ties: the first class in sort order). A query none of whose options is a
+    class's answer has no prototype to take: ValueError. Two ECGs per item, (S, 2, D_enc) / (Q, 2, D_enc):
+    the concatenation of the two (module docstring)."""
     if support_pooled.shape[0] != len(support_items) or query_pooled.shape[0] != len(query_items):
         raise ValueError(
             f"prototype_answers: {support_pooled.shape[0]} support vectors for {len(support_items)} items, "
             f"{query_pooled.shape[0]} query vectors for {len(query_items)} items"
         )
+    if options and len(options) != len(query_items):
+        raise ValueError(f"prototype_answers: {len(options)} option lists for {len(query_items)} query items")
     members: dict[str, list[int]] = defaultdict(list)
     for j, item in enumerate(support_items):
         members[item["class"]].append(j)
@@ -164,8 +199,13 @@ def prototype_answers(
     questions = [{support_items[j]["question"] for j in members[c]} for c in classes]
     out = []
     for i, item in enumerate(query_items):
-        candidates = [k for k in range(len(classes)) if item["question"] in questions[k]]
-        candidates = candidates or list(range(len(classes)))
+        allowed = [k for k in range(len(classes)) if not options or answers[k] in options[i]]
+        if not allowed:
+            raise ValueError(
+                f"encoder_prototype: query sample {item.get('sample_id')}: none of its options "
+                f"{options[i]} is the answer of a support class, so no prototype can choose among them"
+            )
+        candidates = [k for k in allowed if item["question"] in questions[k]] or allowed
         nearest = min(candidates, key=lambda k: (float(distance[i, k]), k))
         out.append(list(answers[nearest]))
     return out
@@ -177,53 +217,67 @@ def _no_features(episode: dict) -> tuple[Features, Features]:
     return (torch.zeros(n_s, 0), None), (torch.zeros(n_q, 0), None)
 
 
-def _run_control(model, episodes, features, cfg: Config, answers, method: str, progress: bool) -> dict:
-    """A control through the shared loop: `answers(episode, support_features, query_features)` gives the
-    query set's answer lists, scored like the model's (step 0 only, no option sets)."""
+def _run_control(
+    model, episodes, features, cfg: Config, answers, method: str, progress: bool, template_answers
+) -> dict:
+    """A control through the shared loop: `answers(episode, support_features, query_features, options)`
+    gives the query set's answer lists among the comparison's options ([] under free-text decoding),
+    scored like the model's (step 0 only)."""
 
     def answerer(m, params, support_features, query_features, episode, options):
         golds = [i["answer"] for i in episode["query"]]
-        return score_predictions(m, answers(episode, support_features, query_features), golds)
+        return score_predictions(m, answers(episode, support_features, query_features, options), golds)
 
     return run_episodes(
-        model, None, episodes, features, cfg, template_answers=None, answerer=answerer, method=method,
-        progress=progress, answer_options=False,
+        model, None, episodes, features, cfg, template_answers=_options(model, cfg, template_answers),
+        answerer=answerer, method=method, progress=progress,
     )  # fmt: skip
 
 
 def text_lookup(
     model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
 ) -> dict:
-    """The support answers of the query's question text (module docstring); model: only its tokenizer
-    (token accuracy). ecg_store, template_answers, feature_cache: accepted for a uniform call, unused."""
+    """The support answers of the query's question text among its options (module docstring); model: its
+    tokenizer (token accuracy) and decoding (whether there are option sets). ecg_store, feature_cache:
+    accepted for a uniform call, unused."""
     return _run_control(
-        model, episodes, _no_features, cfg, lambda e, s, q: text_lookup_answers(e), "text_lookup", progress
-    )
+        model, episodes, _no_features, cfg, lambda e, s, q, options: text_lookup_answers(e, options),
+        "text_lookup", progress, template_answers,
+    )  # fmt: skip
 
 
 def support_majority(
     model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
 ) -> dict:
-    """The support set's majority answer for every query (module docstring); model: only its tokenizer.
-    ecg_store, template_answers, feature_cache: accepted for a uniform call, unused."""
+    """The support set's majority answer among each query's options (module docstring); model: its
+    tokenizer and decoding. ecg_store, feature_cache: accepted for a uniform call, unused."""
 
-    def answers(episode, support_features, query_features):
-        return [majority_answer(episode["support"])] * len(episode["query"])
+    def answers(episode, support_features, query_features, options):
+        return [
+            majority_answer(episode["support"], o or None) for o in options or [[]] * len(episode["query"])
+        ]
 
-    return _run_control(model, episodes, _no_features, cfg, answers, "support_majority", progress)
+    return _run_control(
+        model, episodes, _no_features, cfg, answers, "support_majority", progress, template_answers
+    )
 
 
 def encoder_prototype(
     model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
 ) -> dict:
-    """Nearest class mean of the frozen encoder's pooled features (module docstring, `prototype_answers`);
-    feature_cache: shared with the other methods so each ECG is encoded once. template_answers: unused."""
+    """Nearest class mean of the frozen encoder's pooled features among each query's options (module
+    docstring, `prototype_answers`); feature_cache: shared with the other methods so each ECG is encoded
+    once."""
 
-    def answers(episode, support_features, query_features):
-        return prototype_answers(support_features[0], episode["support"], query_features[0], episode["query"])
+    def answers(episode, support_features, query_features, options):
+        return prototype_answers(
+            support_features[0], episode["support"], query_features[0], episode["query"], options
+        )
 
     features = ecg_features(model, ecg_store, None, feature_cache)
-    return _run_control(model, episodes, features, cfg, answers, "encoder_prototype", progress)
+    return _run_control(
+        model, episodes, features, cfg, answers, "encoder_prototype", progress, template_answers
+    )
 
 
 # ------------------------------------------------------------------------------------------ blind_llm
@@ -299,6 +353,72 @@ def ecg_free(
     )["ecg_free"]  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------- shuffled_ecg
+
+
+def ecg_derangement(keys: list, rng: np.random.Generator) -> list[int]:
+    """A random permutation p of the items (keys[i]: item i's ECG identity) under which item i takes item
+    p[i]'s ECG, so that keys[p[i]] != keys[i] for every i whenever no ECG is held by more than half of the
+    items (a derangement of the ECGs). Built as: the items grouped by ECG (groups and items inside them in
+    random order), laid out group after group, and each takes the item m places further round the circle,
+    m the largest group's size; a group spans at most m <= n/2 places, so nobody lands in its own group.
+    With one ECG held by more than half, some of its items keep an item of the same ECG; with a single
+    distinct ECG, p is the identity (every permutation gives the same features)."""
+    groups: dict = {}
+    for i in rng.permutation(len(keys)):
+        groups.setdefault(keys[int(i)], []).append(int(i))
+    blocks = list(groups.values())
+    order = [i for b in rng.permutation(len(blocks)) for i in blocks[int(b)]]
+    n, shift = len(order), max((len(b) for b in blocks), default=0)
+    p = [0] * n
+    for position, i in enumerate(order):
+        p[i] = order[(position + shift) % n]
+    return p
+
+
+def query_permutation(episode: dict, seed: int) -> list[int]:
+    """shuffled_ecg's permutation of an episode's query items (`ecg_derangement` on their ECG ids; both ECGs
+    of a comparison item move together), seeded by (seed, the query sample ids): deterministic per episode."""
+    from ecgray.data.episodes import item_ecg_ids
+
+    query = episode["query"]
+    rng = np.random.default_rng([int(seed), *(int(i["sample_id"]) for i in query)])
+    return ecg_derangement([tuple(item_ecg_ids(i)) for i in query], rng)
+
+
+def shuffled_ecg_method(
+    model: ECGLanguageModel, meta_params: Params, ecg_store, cfg: Config, feature_cache=None
+) -> Adapting:
+    """shuffled_ecg as an `Adapting` method: the meta-learned mapper adapted on the real support set, each
+    query answered with the features of another query item's ECG (`query_permutation`, seed eval.seed)."""
+    encode = ecg_features(model, ecg_store, None, feature_cache)
+
+    def features(episode):
+        support, (pooled, tokens) = encode(episode)
+        p = query_permutation(episode, cfg.eval.seed)
+        return support, (pooled[p], None if tokens is None else tokens[p])
+
+    return Adapting("shuffled_ecg", lambda index: copy_params(meta_params), features)
+
+
+def shuffled_ecg(
+    model,
+    meta_params,
+    episodes,
+    ecg_store,
+    cfg: Config,
+    *,
+    template_answers=None,
+    progress=False,
+    feature_cache=None,
+):
+    """The meta-learned mapper adapted on the support set, answering with the query ECGs permuted."""
+    return run_adapting(
+        model, [shuffled_ecg_method(model, meta_params, ecg_store, cfg, feature_cache)], episodes, cfg,
+        template_answers=_options(model, cfg, template_answers), progress=progress,
+    )["shuffled_ecg"]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------- finetune_scratch
 
 
@@ -324,33 +444,11 @@ def finetune_scratch(
 
 
 def meta_train_items(samples: list[dict], cfg: Config) -> list[dict]:
-    """Every sample of the meta-train classes (episodes.* split rules), once, with its class answer."""
-    from ecgray.data.episodes import (
-        build_classes,
-        class_answer,
-        ecgs_per_sample,
-        sample_identity,
-        split_classes,
-    )
+    """Every sample of the meta-train classes (episodes.* split rules), once, with its class answer: the
+    alignment's QA items (`ecgray.train.align.qa_items`)."""
+    from ecgray.train.align import qa_items
 
-    items, seen = [], set()
-    for qt in cfg.episodes.types():
-        classes = split_classes(build_classes(samples, qt, cfg.episodes), cfg.episodes)["meta-train"]
-        for key in sorted(classes):
-            for qid in sorted(classes[key]):
-                for s in classes[key][qid]:
-                    ident = sample_identity(s)
-                    if ident in seen:  # a single-choose `none` sample sits in several classes
-                        continue
-                    seen.add(ident)
-                    ids = [int(i) for i in s["ecg_id"]]
-                    items.append(
-                        {"ecg_id": ids[0] if ecgs_per_sample(qt) == 1 else ids, "question": s["question"],
-                         "answer": class_answer(s, qt), "class": key}
-                    )  # fmt: skip
-    if not items:
-        raise ValueError("supervised baseline: no meta-train samples (check episodes.* and the qa rows)")
-    return items
+    return qa_items(samples, cfg)
 
 
 def train_supervised(
@@ -361,61 +459,20 @@ def train_supervised(
     steps: int | None = None,
     progress: bool = False,
 ) -> tuple[Params, list[float]]:
-    """Plain minibatch cross-entropy of a fresh mapper on `items` (`meta_train_items`): `steps` (default
-    eval.supervised_steps) AdamW steps of eval.supervised_batch_size samples drawn without replacement
-    inside a pass, mapper dropout on. Seeded by eval.seed. A batch holding single-ECG and comparison items
-    runs them as two tasks; its loss is still the mean over all its answer tokens. -> (trained params, loss
-    per step)."""
-    from ecgray.data.episodes import item_ecg_ids
-    from ecgray.meta import apply_meta_gradient
+    """Plain minibatch cross-entropy of a fresh mapper (seed eval.seed) on `items` (`meta_train_items`): the
+    alignment's training in one process (`ecgray.train.align.train_mapper`), `steps` (default
+    eval.supervised_steps) AdamW steps of eval.supervised_batch_size samples at eval.supervised_lr, weight
+    decay / clipping from meta.*, mapper dropout on, seeded by eval.seed. -> (trained params, loss per step)."""
+    from ecgray.train.align import train_mapper
+    from ecgray.train.loop import FeatureCache
 
-    steps = cfg.eval.supervised_steps if steps is None else steps
-    batch_size = min(cfg.eval.supervised_batch_size, len(items))
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"train_supervised: steps={steps}, batch size={batch_size}; both must be >= 1")
-    params = {k: v.clone().requires_grad_() for k, v in fresh_mapper_params(model, cfg.eval.seed).items()}
-    optimizer = torch.optim.AdamW(
-        params.values(), lr=cfg.eval.supervised_lr, weight_decay=cfg.meta.weight_decay
-    )
-    rng = np.random.default_rng([cfg.eval.seed, 1])
-    order = rng.permutation(len(items))
-    cursor, losses = 0, []
-    iterator = range(steps)
-    if progress:
-        from ecgray.logs import progress as progress_bar
-
-        iterator = progress_bar(iterator, desc="supervised", unit="step")
-    was = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[]):  # dropout draws, seeded
-            torch.manual_seed(cfg.eval.seed)
-            for _ in iterator:
-                if cursor + batch_size > len(order):
-                    order, cursor = rng.permutation(len(items)), 0
-                batch = [items[int(i)] for i in order[cursor : cursor + batch_size]]
-                cursor += batch_size
-                tasks = []
-                for n_ecg in sorted({len(item_ecg_ids(b)) for b in batch}):
-                    part = [b for b in batch if len(item_ecg_ids(b)) == n_ecg]
-                    pooled, tokens = encode_items(model, ecg_store, part, None)
-                    tasks.append(
-                        model.task_data(
-                            pooled, tokens, [b["question"] for b in part], [b["answer"] for b in part]
-                        )
-                    )
-                if len(tasks) == 1:
-                    loss = model.task_losses([params], tasks)[0]
-                else:  # the token-weighted mean of the two tasks' token means
-                    counts = torch.tensor([float(sum(map(len, t.rows.targets))) for t in tasks])
-                    means = model.task_losses([params] * len(tasks), tasks)
-                    loss = (means * counts.to(means.device)).sum() / counts.sum()
-                grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
-                apply_meta_gradient(optimizer, params, grads, cfg.meta.grad_clip)
-                losses.append(float(loss.detach()))
-    finally:
-        model.train(was)
-    return {k: v.detach() for k, v in params.items()}, losses
+    e = cfg.eval
+    return train_mapper(
+        model, fresh_mapper_params(model, e.seed), items, FeatureCache(model, ecg_store),
+        steps=e.supervised_steps if steps is None else steps, batch_size=e.supervised_batch_size,
+        lr=e.supervised_lr, weight_decay=cfg.meta.weight_decay, grad_clip=cfg.meta.grad_clip, seed=e.seed,
+        progress_bar=progress, desc="supervised",
+    )  # fmt: skip
 
 
 def supervised_method(
@@ -590,6 +647,7 @@ __all__ = [
     "blind_llm",
     "ecg_free",
     "ecg_free_method",
+    "ecg_derangement",
     "encoder_prototype",
     "finetune_scratch",
     "finetune_scratch_method",
@@ -598,6 +656,9 @@ __all__ = [
     "majority_answer",
     "meta_train_items",
     "prototype_answers",
+    "query_permutation",
+    "shuffled_ecg",
+    "shuffled_ecg_method",
     "supervised",
     "supervised_method",
     "support_majority",

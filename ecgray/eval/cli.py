@@ -3,12 +3,16 @@
 Loads the checkpoint (mapper weights + the config that produced them; encoder and LLM are rebuilt from that
 config), applies --config / --set on top of it, checks that the data splits as the checkpoint's stored
 split (`splits.json`; a difference fails naming the keys), draws `eval.episodes` meta-test episodes (or
-`eval.episodes_by_type[question type]`; seed `eval.seed`) from the prepared dir, runs the meta-test, the
+`eval.episodes_by_type[question type]`; seed `eval.seed`; meta-val ones with `eval.split=meta-val`, where
+settings are chosen) from the prepared dir, runs the meta-test, the
 controls and baselines in `eval.baselines` and the lead subsets in `eval.lead_subsets` on the same
 episodes, compares the model with each of `eval.compare_against` paired on those episodes, and writes into
 --out:
   results.json            every result (per question type x inner step: exact match, token accuracy with /
-                          without BOS, CIs; per class; per episode), the paired comparisons, the resolved
+                          without BOS, CIs; per class; per episode; the adapting methods' support loss per
+                          inner step beside its ECG-blind floor), the option mode every method chose under
+                          (`options`) and each question type's chance level (`chance`: the mean over query
+                          items of 1 / their number of options), the paired comparisons, the resolved
                           config and versions
 An `episodes.protocol` other than the checkpoint's (e.g. paper episodes for a mapper trained on grounded
 ones) draws its episodes only from the samples the checkpoint's split held out (its meta-test side), all of
@@ -66,22 +70,45 @@ def _interval(stat: dict) -> str:
     return f"[{lo:.3f}, {hi:.3f}]" if known else "[n/a]"
 
 
+def _chance(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def support_loss_text(summary: dict) -> str:
+    """`support loss 0.69 -> 0.37 (ECG-blind floor 0.35)`: the mean support loss before the first and the
+    last inner step beside the support sets' mean ECG-blind floor; "" for a method that does not adapt."""
+    losses, floor = summary.get("support_loss"), summary.get("support_loss_floor")
+    if not losses:
+        return ""
+    return f"support loss {losses[0]:.3f} -> {losses[-1]:.3f} (ECG-blind floor {floor:.3f})"
+
+
 def summary_table(results: dict[str, dict], comparisons: list[dict] | None = None) -> str:
-    """method x question type: exact match at step 0 and at the last step (with its CI), token acc; then
-    the paired comparisons of the model with each baseline."""
+    """method x question type: exact match at step 0 and at the last step (with its CI), the chance level
+    of its options, token acc, the support loss beside its ECG-blind floor; then the paired comparisons of
+    the model with each baseline."""
     # the column fits the longest question type (comparison_irrelevant-query) once one is there
     w = max([15, *(len(qt) for r in results.values() for qt in r["summary"])])
+    options = sorted({str(r.get("options")) for r in results.values()})
     lines = [
+        f"options: {', '.join(options)} (chance: the mean over query items of 1 / their number of options)",
         f"{'method':<22} {'question type':<{w}} {'n':>5} {'EM step 0':>10} {'EM last [CI]':>26} "
-        f"{'tok+BOS last':>13} {'tok last':>9}"
+        f"{'chance':>7} {'tok+BOS last':>13} {'tok last':>9}",
     ]
     for name, result in results.items():
         for qt, e in result["summary"].items():
             first, last = e["exact_match"][0], e["exact_match"][-1]
             lines.append(
                 f"{name:<22} {qt:<{w}} {e['episodes']:>5} {first['mean']:>10.3f} "
-                f"{last['mean']:>6.3f} {_interval(last):>16} (s{e['steps'][-1]}) "
-                f"{e['token_acc_bos'][-1]['mean']:>5.3f} {e['token_acc'][-1]['mean']:>9.3f}"
+                f"{last['mean']:>6.3f} {_interval(last):>16} (s{e['steps'][-1]}) {_chance(e.get('chance')):>7} "
+                f"{e['token_acc_bos'][-1]['mean']:>5.3f} {e['token_acc'][-1]['mean']:>9.3f}  "
+                f"{support_loss_text(e)}"
+            )
+    for name, result in results.items():
+        if result.get("train_losses"):
+            lines.append(
+                f"{name}: last train loss {result['train_losses'][-1]:.3f} (ECG-blind floor of its training "
+                f"items {result['train_loss_floor']:.3f})"
             )
     if comparisons:
         lines += ["", f"{'model - baseline (paired)':<26} {'question type':<{w}} {'n':>4} {'diff':>7} "
@@ -180,7 +207,15 @@ def evaluate(
     from ecgray.data.shards import ECGStore, read_qa
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
-    from ecgray.eval.meta_test import device_of, load_template_answers, meta_learned, meta_test, run_adapting
+    from ecgray.eval.meta_test import (
+        device_of,
+        load_template_answers,
+        meta_learned,
+        meta_test,
+        needs_template_answers,
+        options_used,
+        run_adapting,
+    )
     from ecgray.eval.plots import plot_accuracy_vs_step, plot_per_class
     from ecgray.features import FeatureStore, ensure_features
     from ecgray.models.checkpoint import load_checkpoint, load_splits
@@ -207,7 +242,12 @@ def evaluate(
     samples, episode_cfg = held_out(
         samples, cfg.episodes, checkpoint_cfg.episodes, load_splits(checkpoint), str(data)
     )
-    sampler = EpisodeSampler(samples, episode_cfg, "meta-test", seed=cfg.eval.seed)
+    if cfg.eval.split == "meta-val" and cfg.episodes.protocol != checkpoint_cfg.episodes.protocol:
+        raise ConfigError(
+            f"eval.split=meta-val with episodes.protocol={cfg.episodes.protocol}: the checkpoint was trained "
+            f"under {checkpoint_cfg.episodes.protocol}, whose meta-val side is the only one; use its protocol"
+        )
+    sampler = EpisodeSampler(samples, episode_cfg, cfg.eval.split, seed=cfg.eval.seed)
     episodes = sampler.episodes(cfg.eval.episodes_for(cfg.episodes.question_type), progress=progress)
     missing = sorted(
         {e for ep in episodes for i in ep["support"] + ep["query"] for e in item_ecg_ids(i)}
@@ -231,8 +271,9 @@ def evaluate(
         )
         device = device_of(model)
     meta_params = model.mapper_params()
-    needs_options = model.cfg.decoding == "constrained" and cfg.eval.options != "support"
-    template_answers = load_template_answers(cfg) if needs_options else None
+    # one option list per query item for every method (meta_test.episode_options)
+    options = options_used(model, cfg)
+    template_answers = load_template_answers(cfg) if options and needs_template_answers(options) else None
     # every method sees the same ECGs: each is encoded once per lead subset
     common = {"template_answers": template_answers, "progress": progress, "feature_cache": {}}
 
@@ -246,13 +287,21 @@ def evaluate(
             say(f"ecgray eval: skipping {name}: {skipped[name]}", err=True)
         elif name == "ecg_free":
             adapting.append(B.ecg_free_method(model, meta_params, store))
+        elif name == "shuffled_ecg":
+            adapting.append(B.shuffled_ecg_method(model, meta_params, store, cfg, common["feature_cache"]))
         elif name == "finetune_scratch":
             adapting.append(B.finetune_scratch_method(model, store, cfg, common["feature_cache"]))
         elif name == "supervised":
             items = B.meta_train_items(samples, cfg)
             params, losses = B.train_supervised(model, items, store, cfg, progress=progress)
             adapting.append(B.supervised_method(model, params, store, common["feature_cache"]))
-            train_info[name] = {"train_losses": losses, "train_samples": len(items)}
+            # the floor of the whole training set (a minibatch's own floor can lie lower)
+            floor = metrics.blind_loss_floor(items, model)
+            train_info[name] = {
+                "train_losses": losses,
+                "train_loss_floor": floor,
+                "train_samples": len(items),
+            }
         elif name not in B.BASELINES:  # the config's Literal already rejects unknown names
             raise ConfigError(f"eval.baselines: unknown baseline {name!r}; expected one of {B.BASELINES}")
     seconds: dict[str, float] = {}
@@ -295,6 +344,11 @@ def evaluate(
         "llm_dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
         "protocol": cfg.episodes.protocol,
         "trained_protocol": checkpoint_cfg.episodes.protocol,
+        # the candidates every method chose among (eval.options resolved; None: free-text decoding)
+        "options": options,
+        "options_setting": cfg.eval.options,
+        "split": cfg.eval.split,
+        "chance": chance_by_type(results),
         "episodes": len(episodes),
         # patient split: samples dropped because their ECGs (a comparison sample's two) lie in different splits
         "straddling_samples": sampler.straddling,
@@ -319,6 +373,22 @@ def evaluate(
         shutil.rmtree(out)
     payload["curves"] = curves
     return payload
+
+
+def chance_by_type(results: dict[str, dict]) -> dict[str, float | None]:
+    """Question type -> the chance level of the comparison's options (metrics.chance_level); every method
+    chose among the same options, so they must agree (else ValueError naming them)."""
+    out: dict[str, float | None] = {}
+    for name, result in results.items():
+        for qt, summary in result["summary"].items():
+            value = summary["chance"]
+            if qt in out and out[qt] != value:
+                raise ValueError(
+                    f"chance level of {qt}: {name} chose among other options ({value}) than the others "
+                    f"({out[qt]}); every method must get the same candidates"
+                )
+            out[qt] = value
+    return out
 
 
 def held_out(samples: list[dict], episodes, trained, stored_splits: dict | None, where: str):

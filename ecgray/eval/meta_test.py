@@ -8,15 +8,18 @@ For every episode:
      `meta.inner_steps` plain SGD steps at `meta.inner_lr` on the support loss, starting from a detached
      copy (first order: no meta-gradient is needed at test time), and the query set is answered after the
      reported steps (`reported_steps`: 0, every `eval.curve_stride`-th and the last; stride 1: every step);
-  3. answers are option-constrained (`model.decoding=constrained`: the admissible answers of the question's
-     template, see `query_options`, scored by log p(option + EOS | prompt); the chosen option is an answer
-     list, scored by identity) or greedy (free text); under `model.paper_compat` the official prediction is
-     used (argmax at every gold position, BOS included).
+  3. answers are option-constrained (`model.decoding=constrained`: the options of `eval.options`, see
+     `query_options` and `options_mode`, scored by log p(option + EOS | prompt); the chosen option is an
+     answer list, scored by identity) or greedy (free text); under `model.paper_compat` the official
+     prediction is used (argmax at every gold position, BOS included).
+One comparison, one candidate set: `episode_options` gives every method (the model, the LLM baselines and
+the shortcut controls alike) the same option list per query item, each record keeps how many options each
+item had (`n_options`), and the summaries report the chance level they imply (metrics.chance_level).
 The model is in eval mode throughout (mapper dropout off); its weights are never modified, and it is built
 once for all episodes. Results are deterministic for given episodes and weights.
 
 Every method that adapts (`Adapting`: the meta-learned mapper, and among the baselines ecg_free,
-finetune_scratch, supervised) runs through `run_adapting`, which puts all of them and
+shuffled_ecg, finetune_scratch, supervised) runs through `run_adapting`, which puts all of them and
 `eval.episodes_per_pass` episodes in lockstep: one task per (episode, method), one frozen-LLM pass per inner
 step for all their support sets and one decoding pass per reported step for all their query sets. Why one
 batch rather than one method after the other: the work per task is the same, but the CPU's matrix kernels
@@ -24,7 +27,10 @@ run far better on one tall batch than on several short ones, and a question shar
 is run once for all of them (the question KV cache). A method fed no ECG (ecg_free) cannot tell its rows
 apart beyond their prompts, so it runs one row per distinct prompt (a grounded single-verify support set
 of 20 items holds 4). Rows never interact in the LLM and each task keeps its own fast weights, so every
-record is what one method on one episode at a time gives (pinned by tests/test_eval.py).
+record is what one method on one episode at a time gives (pinned by tests/test_eval.py). Each record also
+keeps the inner loop's support loss per step beside the support set's ECG-blind floor
+(metrics.blind_loss_floor): the loss an adapting method takes its gradients of, and the least a model that
+ignores the ECG could reach on it.
 """
 
 from __future__ import annotations
@@ -196,11 +202,35 @@ def canonical_answer(answer: str | list[str]) -> Answer:
     return sorted({a.strip().lower() for a in parts if a.strip()})
 
 
+OPTION_MODES = ("question_support", "question", "template+support", "template", "support")
+"""The option sets `query_options` builds (eval.options; `auto` resolves to one of them, `options_mode`)."""
+
+
+def options_mode(cfg: Config) -> str:
+    """eval.options with `auto` resolved: `question_support` under episodes.protocol=grounded (every method
+    chooses among the answers the support set shows for the query's question), `question` under paper."""
+    mode = cfg.eval.options
+    if mode == "auto":
+        return "question_support" if cfg.episodes.protocol == "grounded" else "question"
+    if mode not in OPTION_MODES:
+        raise ValueError(f"eval.options={mode!r}: expected auto or one of {OPTION_MODES}")
+    return mode
+
+
+def needs_template_answers(mode: str) -> bool:
+    """Whether the option mode reads the templates' admissible answers (answers_for_each_template.csv)."""
+    return mode not in ("support", "question_support")
+
+
 def query_options(
     episode: dict, template_answers: dict[int, list[str]] | None, mode: str = "question"
 ) -> list[list[Answer]]:
     """The answers constrained decoding chooses from, per query item: answer lists (`canonical_answer`),
     so the chosen option keeps its identity (an answer may contain commas), sorted by their text:
+    - `question_support`: the distinct answers of the support items asking the query's own question (the
+      same question text, exactly); a query whose question no support item asks is an error (the grounded
+      protocol always shows it; use another mode for episodes that do not). Under the grounded protocol
+      these are the answer classes the episode draws for the question, so chance is 1 / answers_per_question;
     - `template`: the admissible single answers of the item's template;
     - `template+support`: those plus every answer of the episode's support items of the same template
       (so `both` and multi-answer query sets the support set teaches are reachable);
@@ -211,22 +241,28 @@ def query_options(
     choose sample into `both` and keep `none`, whatever the template's admissible list says (no template
     lists `both`), so the option set holds every answer those rules can give a choose question. The
     query's own answer is never added: if it is not among the options it cannot be matched."""
-    if mode not in ("question", "template", "template+support", "support"):
-        raise ValueError(f"eval.options={mode!r}: expected question, template, template+support or support")
-    support: dict[int, set[tuple[str, ...]]] = {}
+    if mode == "auto":
+        raise ValueError("eval.options=auto: resolve it with options_mode(cfg) (it depends on the protocol)")
+    if mode not in OPTION_MODES:
+        raise ValueError(f"eval.options={mode!r}: expected one of {OPTION_MODES}")
+    support: dict[int, set[tuple[str, ...]]] = {}  # template -> answers; question_support: question text
     for item in episode["support"]:
-        support.setdefault(int(item["template_id"]), set()).add(tuple(canonical_answer(item["answer"])))
+        key = item["question"] if mode == "question_support" else int(item["template_id"])
+        support.setdefault(key, set()).add(tuple(canonical_answer(item["answer"])))
     out = []
     for item in episode["query"]:
         tid = int(item["template_id"])
         choose = mode == "question" and item["question_type"] == "single-choose"
-        if mode != "support" and not choose and (template_answers is None or tid not in template_answers):
-            raise ValueError(
-                f"query sample {item['sample_id']}: template {tid} has no admissible answers "
-                "(answers_for_each_template.csv)"
-            )
         options: set[tuple[str, ...]] = set()
-        if choose:
+        if mode == "question_support":
+            if item["question"] not in support:
+                raise ValueError(
+                    f"query sample {item['sample_id']}: no support item asks its question "
+                    f"{item['question']!r}, so eval.options=question_support has no options for it "
+                    "(use question or template+support)"
+                )
+            options.update(support[item["question"]])
+        elif choose:
             if not item.get("attribute"):
                 raise ValueError(
                     f"query sample {item['sample_id']}: a single-choose item without its attribute list "
@@ -235,6 +271,11 @@ def query_options(
             options.update(tuple(canonical_answer(a)) for a in [*item["attribute"], *CHOOSE_EXTRA_OPTIONS])
         else:
             if mode != "support":
+                if template_answers is None or tid not in template_answers:
+                    raise ValueError(
+                        f"query sample {item['sample_id']}: template {tid} has no admissible answers "
+                        "(answers_for_each_template.csv)"
+                    )
                 options.update(tuple(canonical_answer(a)) for a in template_answers[tid])
             if mode != "template":
                 options.update(support.get(tid, ()))
@@ -397,9 +438,26 @@ def reported_steps(inner_steps: int, stride: int) -> list[int]:
     return sorted({0, inner_steps, *range(0, inner_steps + 1, stride)})
 
 
-def _result(method: str, records: list[dict], cfg: Config) -> dict:
+def episode_options(
+    model: ECGLanguageModel, cfg: Config, episode: dict, template_answers: dict[int, list[str]] | None
+) -> list[list[Answer]]:
+    """The option list per query item that every method of one comparison chooses among: `query_options`
+    under `options_mode(cfg)` when the model decodes constrained (and not under model.paper_compat); else
+    [] (free text: no option sets, and every method answers without them)."""
+    if model.cfg.decoding != "constrained" or model.cfg.paper_compat:
+        return []
+    return query_options(episode, template_answers, options_mode(cfg))
+
+
+def options_used(model: ECGLanguageModel, cfg: Config) -> str | None:
+    """The option mode a comparison's records were scored under (`episode_options`), None for free text."""
+    return None if model.cfg.decoding != "constrained" or model.cfg.paper_compat else options_mode(cfg)
+
+
+def _result(method: str, records: list[dict], cfg: Config, options: str | None) -> dict:
     return {
         "method": method,
+        "options": options,
         "steps": list(records[0]["steps"]) if records else [0],
         "summary": metrics.summarize(
             records,
@@ -412,7 +470,15 @@ def _result(method: str, records: list[dict], cfg: Config) -> dict:
     }
 
 
-def _record(index: int, episode: dict, steps: list[int], scores: list[StepScore]) -> dict:
+def _record(
+    index: int,
+    episode: dict,
+    steps: list[int],
+    scores: list[StepScore],
+    options: list[list[Answer]],
+    support_loss: list[float] | None = None,
+    support_loss_floor: float | None = None,
+) -> dict:
     return metrics.episode_record(
         index,
         episode["query"][0]["question_type"],
@@ -423,6 +489,9 @@ def _record(index: int, episode: dict, steps: list[int], scores: list[StepScore]
         [s.token_acc for s in scores],
         [i["class"] for i in episode["query"]],
         scores[-1].predictions,
+        [len(o) for o in options] if options else None,
+        support_loss,
+        support_loss_floor,
     )
 
 
@@ -445,29 +514,28 @@ def run_episodes(
     answerer: Answerer = default_answerer,
     method: str = "meta_test",
     progress: bool = False,
-    answer_options: bool = True,
 ) -> dict:
     """The loop of the methods that do not adapt (the controls, blind_llm, in_context): per episode, answer
-    the query set once (step 0) with `start_params(index)` (None: a method without trainable weights).
-    Adapting methods run through `run_adapting`. answer_options False: the answerer picks its answers
-    itself (the shortcut controls), so no option sets are built and it gets empty ones. Intervals:
-    eval.ci_level / ci_method / bootstrap_samples / bootstrap_seed.
-    -> {"method", "steps" ([0]), "summary" (metrics.summarize), "episodes" (per-episode records)}."""
-    need_options = answer_options and model.cfg.decoding == "constrained" and not model.cfg.paper_compat
+    the query set once (step 0) with `start_params(index)` (None: a method without trainable weights),
+    among the comparison's options (`episode_options`; the shortcut controls restrict their picks to them).
+    Adapting methods run through `run_adapting`. Intervals: eval.ci_level / ci_method / bootstrap_samples /
+    bootstrap_seed.
+    -> {"method", "options" (the option mode, None: free text), "steps" ([0]), "summary"
+    (metrics.summarize), "episodes" (per-episode records)}."""
     records = []
     bar = _progress(len(episodes), method, progress)
     with eval_mode(model), torch.no_grad():
         for index, episode in enumerate(episodes):
-            options = query_options(episode, template_answers, cfg.eval.options) if need_options else []
+            options = episode_options(model, cfg, episode, template_answers)
             params = None if start_params is None else start_params(index)
             support_features, query_features = features(episode)
             score = answerer(model, params, support_features, query_features, episode, options)
-            records.append(_record(index, episode, [0], [score]))
+            records.append(_record(index, episode, [0], [score], options))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return _result(method, records, cfg)
+    return _result(method, records, cfg, options_used(model, cfg))
 
 
 # ------------------------------------------------------------------------------ adapting in lockstep
@@ -517,8 +585,9 @@ def run_adapting(
     (one forward + backward per inner step for all their support sets, the question KV cache computed once
     per distinct question), and the query sets are answered in one decoding pass at each reported step
     (`reported_steps(meta.inner_steps, eval.curve_stride)`). Each task keeps its own fast weights and rows
-    never interact in the LLM, so every record is the one-method, one-episode-at-a-time result.
-    -> {method name: {"method", "steps", "summary", "episodes"}} in the order of `methods`."""
+    never interact in the LLM, so every record is the one-method, one-episode-at-a-time result; it also
+    holds the support loss per inner step and the support set's ECG-blind floor (metrics.blind_loss_floor).
+    -> {method name: {"method", "options", "steps", "summary", "episodes"}} in the order of `methods`."""
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"run_adapting: method names repeat: {names}")
@@ -527,29 +596,30 @@ def run_adapting(
         raise ValueError(f"eval.episodes_per_pass={per_pass}: must be >= 1")
     inner_steps = cfg.meta.inner_steps
     steps = reported_steps(inner_steps, cfg.eval.curve_stride)
-    need_options = model.cfg.decoding == "constrained" and not model.cfg.paper_compat
     records: dict[str, list[dict]] = {m.name: [] for m in methods}
     bar = _progress(len(episodes), "+".join(names), progress)
     with eval_mode(model):
         for first in range(0, len(episodes), per_pass):
             group = list(range(first, min(first + per_pass, len(episodes))))
-            options = {
-                i: query_options(episodes[i], template_answers, cfg.eval.options) if need_options else []
-                for i in group
-            }
+            options = {i: episode_options(model, cfg, episodes[i], template_answers) for i in group}
+            floors = {i: metrics.blind_loss_floor(episodes[i]["support"], model) for i in group}
             tasks = [
                 _task(model, k, m, i, episodes[i], options[i]) for i in group for k, m in enumerate(methods)
             ]
-            scores = _adapt_and_answer(model, tasks, [methods[t.method].start(t.episode) for t in tasks],
-                                       episodes, inner_steps, steps, cfg.meta.inner_lr)  # fmt: skip
-            for task, per_step in zip(tasks, scores, strict=True):
-                episode = episodes[task.episode]
-                records[methods[task.method].name].append(_record(task.episode, episode, steps, per_step))
+            scores, losses = _adapt_and_answer(
+                model, tasks, [methods[t.method].start(t.episode) for t in tasks], episodes, inner_steps,
+                steps, cfg.meta.inner_lr,
+            )  # fmt: skip
+            for task, per_step, loss in zip(tasks, scores, losses, strict=True):
+                i = task.episode
+                records[methods[task.method].name].append(
+                    _record(i, episodes[i], steps, per_step, options[i], loss, floors[i])
+                )
             if bar is not None:
                 bar.update(len(group))
     if bar is not None:
         bar.close()
-    return {name: _result(name, records[name], cfg) for name in names}
+    return {name: _result(name, records[name], cfg, options_used(model, cfg)) for name in names}
 
 
 def _task(model, method_index: int, method: Adapting, index: int, episode: dict, options) -> _Task:
@@ -582,9 +652,12 @@ def _task(model, method_index: int, method: Adapting, index: int, episode: dict,
     )  # fmt: skip
 
 
-def _adapt_and_answer(model, tasks: list[_Task], params: list[Params], episodes, inner_steps: int,
-                      steps: list[int], inner_lr: float) -> list[list[StepScore]]:  # fmt: skip
-    """Per task, the query set's StepScore at each of `steps` (inner steps, 0 = the start weights)."""
+def _adapt_and_answer(
+    model, tasks: list[_Task], params: list[Params], episodes, inner_steps: int, steps: list[int],
+    inner_lr: float,
+) -> tuple[list[list[StepScore]], list[list[float]]]:  # fmt: skip
+    """Per task, the query set's StepScore at each of `steps` (inner steps, 0 = the start weights), and its
+    support loss before each inner step (at the weights after 0..inner_steps-1 updates)."""
     scores: list[list[StepScore]] = [[] for _ in tasks]
 
     def answer(step: int, fast: list[Params]) -> None:
@@ -607,10 +680,11 @@ def _adapt_and_answer(model, tasks: list[_Task], params: list[Params], episodes,
             out.append(score_predictions(model, predictions, golds))
 
     answer(0, params)
-    if inner_steps > 0:
-        support = model.task_set([t.support for t in tasks])
-        adapt(model.loss_fn(), params, support, inner_steps, inner_lr, True, on_step=answer)
-    return scores
+    if inner_steps == 0:
+        return scores, [[] for _ in tasks]
+    support = model.task_set([t.support for t in tasks])
+    result = adapt(model.loss_fn(), params, support, inner_steps, inner_lr, True, on_step=answer)
+    return scores, result.support_losses.T.tolist()  # (inner_steps, M) -> per task
 
 
 def meta_test(
@@ -630,7 +704,7 @@ def meta_test(
     inner step 0..meta.inner_steps (module docstring). leads: evaluate with only these leads (by name).
     template_answers: admissible answers per template (default: `load_template_answers(cfg)`).
     feature_cache: a dict shared across calls so the encoder runs once per ECG (see encode_ecgs)."""
-    if template_answers is None and model.cfg.decoding == "constrained" and cfg.eval.options != "support":
+    if template_answers is None and options_used(model, cfg) and needs_template_answers(options_mode(cfg)):
         template_answers = load_template_answers(cfg)
     method_ = meta_learned(model, meta_params, ecg_store, leads, feature_cache, name=method)
     return run_adapting(

@@ -27,6 +27,10 @@
   pair kept together) and the two-sided Wilcoxon signed-rank p-value (scipy.stats.wilcoxon,
   zero_method="zsplit": episodes where both methods score the same count as evidence of no difference
   instead of being dropped, see `WILCOXON_ZERO_METHOD`). `learning_evidence` reads them per question type.
+- **Chance level** of a question type: the mean over its query items of 1 / (number of answer options the
+  item was scored among), i.e. what a uniform guess among the comparison's candidates gets right.
+- **ECG-blind loss floor** (`blind_loss_floor`): the least teacher-forced loss any predictor that sees
+  only the prompt can reach on a set of items; a loss near it says the model has not read the ECG.
 
 Per-episode records (one per episode, from `episode_record`) are aggregated per question type and per
 inner step by `summarize`.
@@ -55,6 +59,14 @@ TIE_DECIMALS = 12
 does not split ties."""
 BOOTSTRAP_CHUNK = 2_000_000
 """Resampled episode indices held in memory at once (resamples x episodes)."""
+COMPARE_AGAINST = (
+    "text_lookup", "ecg_free", "blind_llm", "shuffled_ecg", "encoder_prototype", "finetune_scratch",
+)  # fmt: skip
+"""The methods the meta-learned model is compared with by default (`compare_results`)."""
+LEARNING_EVIDENCE_AGAINST = ("text_lookup", "ecg_free", "blind_llm", "shuffled_ecg")
+"""The controls the model must beat for learning evidence (`learning_evidence`): what the question text gives
+away, what the prefix learns without an ECG, what the LLM knows alone, and what the model gets from an ECG
+that is not the query's own."""
 
 
 def _normal(answer: str) -> str:
@@ -240,15 +252,26 @@ def episode_record(
     token_acc: list[float],
     query_classes: list[str],
     predictions: list[str | list[str]] | None = None,
+    n_options: list[int] | None = None,
+    support_loss: list[float] | None = None,
+    support_loss_floor: float | None = None,
 ) -> dict:
     """One episode's numbers, JSON-ready. correct[s][i]: query item i exactly right after steps[s];
     token_acc*[s]: that step's micro token accuracy; query_classes[i]: the class of query item i;
-    predictions: the answers at the last step (answer lists, or free text from greedy decoding). per_class holds [right, total] per class at the
-    last step."""
+    predictions: the answers at the last step (answer lists, or free text from greedy decoding). per_class
+    holds [right, total] per class at the last step. n_options[i]: how many answer options query item i was
+    scored among (None: free text, no option set). support_loss[s]: the inner loop's support loss at the
+    weights after s updates (s = 0..inner_steps-1; None: a method that does not adapt), beside
+    support_loss_floor, the ECG-blind floor of that support set (`blind_loss_floor`)."""
     if not (len(correct) == len(token_acc_bos) == len(token_acc) == len(steps)):
         raise ValueError(
             f"episode {index}: {len(steps)} steps but {len(correct)} / {len(token_acc_bos)} / "
             f"{len(token_acc)} per-step results"
+        )
+    if n_options is not None and (len(n_options) != len(query_classes) or min(n_options, default=1) < 1):
+        raise ValueError(
+            f"episode {index}: option counts {n_options} for {len(query_classes)} query items; expected one "
+            "count >= 1 per item"
         )
     per_class: dict[str, list[int]] = {}
     for cls, ok in zip(query_classes, correct[-1], strict=True):
@@ -265,6 +288,9 @@ def episode_record(
         "token_acc": [float(a) for a in token_acc],
         "per_class": per_class,
         "predictions": list(predictions) if predictions is not None else None,
+        "n_options": None if n_options is None else [int(n) for n in n_options],
+        "support_loss": None if support_loss is None else [float(x) for x in support_loss],
+        "support_loss_floor": None if support_loss_floor is None else float(support_loss_floor),
     }
 
 
@@ -279,7 +305,9 @@ def summarize(
     intervals are `mean_ci`'s (level, method, n_resamples, seed).
 
     -> {qt: {"episodes": n, "steps": [...], "exact_match": [ci per step], "token_acc_bos": [...],
-             "token_acc": [...], "per_class": {class: {"correct", "total", "accuracy"}}}}"""
+             "token_acc": [...], "per_class": {class: {"correct", "total", "accuracy"}},
+             "chance": mean over query items of 1 / n_options (None without option sets),
+             "support_loss": [mean over episodes per inner step] | None, "support_loss_floor": mean | None}}"""
     if not records:
         raise ValueError("summarize: no episode records")
     steps = records[0]["steps"]
@@ -304,8 +332,23 @@ def summarize(
         entry["per_class"] = {
             cls: {"correct": c, "total": t, "accuracy": c / t} for cls, (c, t) in sorted(counts.items())
         }
+        entry["chance"] = chance_level(recs)
+        losses = [r.get("support_loss") for r in recs]
+        known = all(x is not None for x in losses) and len({len(x) for x in losses}) == 1
+        entry["support_loss"] = np.mean(losses, axis=0).tolist() if known and losses[0] else None
+        floors = [r.get("support_loss_floor") for r in recs]
+        entry["support_loss_floor"] = float(np.mean(floors)) if all(f is not None for f in floors) else None
         out[qt] = entry
     return out
+
+
+def chance_level(records: list[dict]) -> float | None:
+    """The mean over the records' query items of 1 / n_options (what a uniform guess among each item's
+    options gets right); None when a record has no option counts (free-text answers)."""
+    counts = [r.get("n_options") for r in records]
+    if not counts or any(c is None for c in counts):
+        return None
+    return float(np.mean([1.0 / n for c in counts for n in c]))
 
 
 # ------------------------------------------------------------------------------- paired statistics
@@ -366,13 +409,7 @@ def last_step_exact_match(result: dict) -> dict[int, tuple[str, float]]:
 def compare_results(
     results: dict[str, dict],
     model: str = "meta_test",
-    against: Iterable[str] = (
-        "text_lookup",
-        "ecg_free",
-        "blind_llm",
-        "encoder_prototype",
-        "finetune_scratch",
-    ),
+    against: Iterable[str] = COMPARE_AGAINST,
     level: float = 0.95,
     n_resamples: int = 10000,
     seed: int = 0,
@@ -420,7 +457,7 @@ def compare_results(
 
 def learning_evidence(
     comparisons: list[dict],
-    required: Iterable[str] = ("text_lookup", "ecg_free", "blind_llm"),
+    required: Iterable[str] = LEARNING_EVIDENCE_AGAINST,
     alpha: float = 0.05,
 ) -> dict[str, dict]:
     """Per question type of `compare_results` rows (one protocol, one model): whether the model beats
@@ -455,3 +492,72 @@ def learning_evidence(
             "missing": [name for name in required if name not in rows],
         }
     return out
+
+
+# --------------------------------------------------------------------------- the ECG-blind loss floor
+
+
+def blind_nll_floor(
+    prompts: Sequence,
+    targets: Sequence[Sequence[int]],
+    weights: Sequence[float] | None = None,
+    teacher_forced: bool = True,
+) -> float:
+    """The least mean loss over target tokens (sum of every target token's NLL / number of target tokens,
+    row r counted weights[r] times) that a predictor seeing only prompts[r] (any hashable) can reach.
+
+    teacher_forced (ecgray's loss): target token j is predicted after the prompt and target tokens 0..j-1,
+    so the predictor's contexts are the nodes of each prompt's prefix tree of its targets. At a node the
+    loss is sum_t c_t (-ln q_t) over the next tokens t seen there (c_t their weighted counts), least at
+    q_t = c_t / sum c (Gibbs' inequality), and the nodes' distributions are free of each other, so the floor
+    is exact: sum over nodes of the empirical next-token entropy times the node's count, over the token
+    count. teacher_forced False (`model.paper_compat`: token j is read at a fixed position over the question,
+    without the earlier target tokens): the contexts are (prompt, j) instead."""
+    weights = [1.0] * len(targets) if weights is None else list(weights)
+    if not (len(prompts) == len(targets) == len(weights)):
+        raise ValueError(
+            f"blind_nll_floor: {len(prompts)} prompts, {len(targets)} targets, {len(weights)} weights; "
+            "expected one of each per row"
+        )
+    if any(w < 0 for w in weights):
+        raise ValueError(f"blind_nll_floor: weights must be >= 0, got {weights}")
+    counts: dict[tuple, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    n_tokens = 0.0
+    for prompt, target, w in zip(prompts, targets, weights, strict=True):
+        for j, token in enumerate(target):
+            context = tuple(target[:j]) if teacher_forced else j
+            counts[(prompt, context)][int(token)] += w
+        n_tokens += w * len(target)
+    if n_tokens == 0:
+        raise ValueError("blind_nll_floor: the rows have no target tokens")
+    nll = 0.0
+    for next_tokens in counts.values():
+        c = np.asarray(list(next_tokens.values()), dtype=np.float64)
+        c = c[c > 0]
+        nll -= float((c * np.log(c / c.sum())).sum())
+    return nll / n_tokens
+
+
+def blind_loss_floor(items: Sequence[dict], model, weights: Sequence[float] | None = None) -> float:
+    """The ECG-blind floor of the model's teacher-forced loss on QA items (`blind_nll_floor`): the least
+    value of `ECGLanguageModel.task_losses` (mean over all target tokens, answer tokens + EOS; under
+    `model.paper_compat` the official targets, BOS included) that any predictor seeing only each item's
+    prompt (the question as the model tokenises it, cut to model.max_question_tokens, and its ECG count)
+    can reach on exactly these items. A model whose loss on a set sits at this floor has learnt nothing the
+    question text does not give. E.g. a verify question asked twice, once `yes` once `no`, with one-token
+    answers: ln 2 over 2 target tokens per item, ln 2 / 2.
+
+    items: dicts with "question", "answer" (answer list) and "ecg_id" (an int, or [first, second] for a
+    comparison item); model: an `ECGLanguageModel` (its `prompt_rows` tokenisation and `cfg.paper_compat`);
+    weights: each item counted this many times (None: once)."""
+    if not items:
+        raise ValueError("blind_loss_floor: no items")
+    missing = [k for k in ("question", "answer", "ecg_id") if any(k not in i for i in items)]
+    if missing:
+        raise ValueError(f"blind_loss_floor: items without {missing}; expected QA items of an episode")
+    questions = [i["question"] for i in items]
+    n_ecg = [len(i["ecg_id"]) if isinstance(i["ecg_id"], list | tuple) else 1 for i in items]
+    prompt = model.prompt_rows(questions, None, n_ecg=n_ecg)  # the prompt alone: what a blind model reads
+    keys = [(tuple(b), tuple(a), n) for b, a, n in zip(prompt.before, prompt.after, n_ecg, strict=True)]
+    targets = model.prompt_rows(questions, [i["answer"] for i in items], n_ecg=n_ecg).targets
+    return blind_nll_floor(keys, targets, weights, teacher_forced=not model.cfg.paper_compat)

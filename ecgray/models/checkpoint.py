@@ -152,6 +152,13 @@ def load_mapper_state(
     """Copy `state` into `mapper`, strictly: missing / unexpected names and shape mismatches are named."""
     own = mapper.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    fixed = sorted(set(dict(mapper.named_buffers())) & set(missing))
+    if fixed:
+        raise ValueError(
+            f"{source} has no {fixed}: {type(mapper).__name__} keeps these fixed tensors (statistics of the "
+            "meta-train side's features, the LLM's token-embedding norm) with its weights, and they are never "
+            "recomputed; this checkpoint was saved without them (parameters only?) and cannot be used"
+        )
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]  # fmt: skip
     if missing or unexpected or wrong:

@@ -825,14 +825,19 @@ def check_question_types_fit_model(cfg) -> None:
 
 
 def build_model(
-    cfg, device: str | torch.device = "cpu", mapper_state: dict | None = None
+    cfg,
+    device: str | torch.device = "cpu",
+    mapper_state: dict | None = None,
+    feature_stats: dict | None = None,
 ) -> ECGLanguageModel:
     """The model of a run config: frozen encoder (`cfg.encoder`), frozen LLM (`cfg.model.llm`) and a mapper
     seeded from `cfg.seed` (identical in every process), or loaded from `mapper_state` (a checkpoint's
-    tensors; shape mismatches are named). The one place the three parts are put together."""
+    tensors; shape mismatches are named). The one place the three parts are put together.
+    feature_stats: a fresh model.mapper=grounded's {"feature_mean", "feature_std"} of the meta-train side
+    (`ecgray.features.pooled_stats`); a checkpoint's mapper_state brings its own, never recomputed."""
     from ecgray.models.checkpoint import load_mapper_state
     from ecgray.models.encoder import load_encoder
-    from ecgray.models.fusion import build_mapper
+    from ecgray.models.fusion import build_mapper, token_embedding_norm
     from ecgray.models.llm import llm_hidden_size, load_llm
 
     check_data_fits_encoder(cfg)
@@ -841,9 +846,12 @@ def build_model(
     llm, tokenizer = load_llm(
         cfg.model.llm, cfg.model.dtype, device, seed=cfg.seed, attention=cfg.model.attention
     )
+    stats = mapper_state  # the grounded mapper's fixed tensors: a checkpoint's own, else the fresh ones
+    if cfg.model.mapper == "grounded" and mapper_state is None:
+        stats = {**(feature_stats or {}), "token_norm": token_embedding_norm(llm.get_input_embeddings())}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm)).to(device)
+        mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm), stats).to(device)
     if mapper_state is not None:
         load_mapper_state(
             mapper, {k: v.to(device) for k, v in mapper_state.items()}, source="checkpoint mapper"

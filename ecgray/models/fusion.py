@@ -7,6 +7,11 @@ D_llm)`. These are the only trainable tensors of the whole model: the inner loop
 - `MLPMapper`: pooled vector -> 2-layer MLP -> n_prefix embeddings (a small baseline).
 - `QFormerMapper`: n_prefix learnable queries cross-attend over the encoder tokens (and the pooled
   vector), then self-attend; a small Q-Former. Sees the whole token sequence, not just its mean.
+- `GroundedMapper`: method.md section 8, ecgray's own: standardised pooled vector -> MLP -> every prefix
+  position, each prefix vector scaled to the LLM's token-embedding norm. Its fixed tensors (the meta-train
+  features' mean and std, the norm) are buffers: saved with the checkpoint, never adapted.
+
+`prefix_spread` measures how much of the ECG a mapper lets through (the diagnostic ladder calls it).
 """
 
 from __future__ import annotations
@@ -159,8 +164,122 @@ class QFormerMapper(nn.Module):
         return self.out(self.norm(x))  # (B, n_prefix, D_llm)
 
 
-def build_mapper(cfg: ModelConfig, d_enc: int, d_llm: int) -> nn.Module:
-    """The fusion module named by `cfg.mapper` (attention | mlp | qformer)."""
+GROUNDED_BUFFERS = ("feature_mean", "feature_std", "token_norm")
+"""GroundedMapper's fixed tensors: kept in its state dict (and checkpoint), never among its parameters."""
+POSITION_INIT_STD = 0.02
+"""GroundedMapper's learned position vectors start at this std, ~10x below the ECG's part (std ~0.2-0.3 per
+entry at init, for D_enc 32-768 and D_llm 48-4096), so at the start every prefix position carries the ECG,
+not a shared vector."""
+
+
+class GroundedMapper(nn.Module):
+    """The ECG carried to every prefix position, at the LLM's token scale (method.md section 8):
+
+        z = (pooled - feature_mean) / feature_std                       (B, D_enc), standardised
+        x = Linear(GELU(Linear(z)))  + position                         (B, n_prefix, D_llm)
+        prefix = x / |x| * token_norm                                   each vector's norm = token_norm
+
+    feature_mean, feature_std (D_enc,): statistics of the meta-train side's pooled features
+    (`ecgray.features.pooled_stats`), so a component shared by every ECG does not swamp their differences.
+    token_norm: the median norm of the frozen LLM's input embeddings (`token_embedding_norm`). All three
+    are buffers: loaded from the checkpoint, never adapted by the inner loop (which swaps parameters only).
+    No gain after the normalisation, so the prefix norm stays the LLM's whatever the mapper learns."""
+
+    def __init__(
+        self,
+        d_enc: int,
+        d_llm: int,
+        feature_mean: torch.Tensor,
+        feature_std: torch.Tensor,
+        token_norm: float | torch.Tensor,
+        n_prefix: int = 4,
+        hidden: int = 1024,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        for name, t in (("feature_mean", feature_mean), ("feature_std", feature_std)):
+            if tuple(t.shape) != (d_enc,):
+                raise ValueError(f"GroundedMapper: {name} must be ({d_enc},) (D_enc), got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"GroundedMapper: {name} has non-finite entries")
+        if not (feature_std > 0).all():
+            raise ValueError(
+                f"GroundedMapper: feature_std must be > 0 everywhere, min {float(feature_std.min())}"
+            )
+        token_norm = torch.as_tensor(token_norm, dtype=torch.float32).reshape(())
+        if not (torch.isfinite(token_norm) and token_norm > 0):
+            raise ValueError(f"GroundedMapper: token_norm must be a positive number, got {float(token_norm)}")
+        self.d_enc, self.d_llm, self.n_prefix = d_enc, d_llm, n_prefix
+        self.register_buffer("feature_mean", feature_mean.detach().float().clone())
+        self.register_buffer("feature_std", feature_std.detach().float().clone())
+        self.register_buffer("token_norm", token_norm.clone())
+        self.fc1 = _xavier_linear(d_enc, hidden)
+        self.fc2 = _xavier_linear(hidden, n_prefix * d_llm)
+        self.position = nn.Parameter(torch.randn(n_prefix, d_llm) * POSITION_INIT_STD)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        _check_pooled(pooled, self.d_enc, "GroundedMapper")
+        z = (pooled - self.feature_mean) / self.feature_std  # (B, D_enc), standardised
+        x = self.fc2(self.dropout(F.gelu(self.fc1(z))))  # (B, n_prefix * D_llm)
+        x = x.unflatten(-1, (self.n_prefix, self.d_llm)) + self.position  # (B, n_prefix, D_llm)
+        return F.normalize(x, dim=-1) * self.token_norm  # every vector's norm = token_norm
+
+
+@torch.no_grad()
+def token_embedding_norm(embed: nn.Module, chunk: int = 8192) -> float:
+    """The median norm of the vectors an input-embedding module gives for every token id (its forward, so
+    a scale inside it, e.g. Gemma's sqrt(D), counts): what a prefix vector should measure to look like a
+    token to the frozen LLM. Read only; chunked, so an 8B vocabulary needs no (V, D) fp32 copy."""
+    vocab = int(embed.weight.shape[0])
+    device = embed.weight.device
+    norms = [
+        embed(torch.arange(i, min(i + chunk, vocab), device=device)).float().norm(dim=-1).cpu()
+        for i in range(0, vocab, chunk)
+    ]
+    return float(torch.cat(norms).median())
+
+
+def mapper_buffers(mapper: nn.Module) -> dict[str, torch.Tensor]:
+    """A mapper's fixed tensors (none for the paper's): what a checkpoint keeps beside its parameters."""
+    return dict(mapper.named_buffers())
+
+
+def spread(x: torch.Tensor) -> dict[str, float]:
+    """How much B vectors (B, ...) differ, each flattened: `ratio` = RMS distance from their mean / norm of
+    their mean (population std across rows over the mean's norm; 0 when all rows are equal), `cosine` =
+    mean cosine similarity over all pairs of different rows (1 when all point the same way)."""
+    if x.shape[0] < 2:
+        raise ValueError(f"spread: needs at least 2 rows to compare, got {tuple(x.shape)}")
+    flat = x.detach().flatten(1).double()  # (B, F)
+    mean = flat.mean(0)
+    rms = (flat - mean).square().sum(1).mean().sqrt()
+    unit = F.normalize(flat, dim=1)
+    b = flat.shape[0]
+    cosine = ((unit @ unit.T).sum() - torch.diagonal(unit @ unit.T).sum()) / (b * (b - 1))
+    return {"ratio": float(rms / mean.norm()), "cosine": float(cosine)}
+
+
+@torch.no_grad()
+def prefix_spread(mapper: nn.Module, pooled: torch.Tensor, tokens: torch.Tensor | None = None) -> dict:
+    """What a mapper lets through of B ECGs (eval mode, then its mode is restored): `ratio` and `cosine`
+    of their prefixes (`spread`, each ECG's whole (n_prefix, D_llm) prefix as one vector) and `norm`, the
+    mean norm of a prefix vector. The paper's mapper on the demo: ratio 0.0099, cosine 0.9999."""
+    was_training = mapper.training
+    mapper.eval()
+    try:
+        prefix = mapper(pooled, tokens)  # (B, n_prefix, D_llm)
+    finally:
+        mapper.train(was_training)
+    return {**spread(prefix), "norm": float(prefix.float().norm(dim=-1).mean())}
+
+
+def build_mapper(
+    cfg: ModelConfig, d_enc: int, d_llm: int, stats: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """The fusion module named by `cfg.mapper` (attention | mlp | qformer | grounded). stats: grounded only,
+    its fixed tensors `GROUNDED_BUFFERS` (a checkpoint's mapper state holds them; a fresh one takes
+    `ecgray.features.pooled_stats` + `token_embedding_norm`)."""
     if cfg.mapper == "attention":
         return AttentionMapper(d_enc, d_llm, cfg.n_prefix, cfg.n_heads, cfg.dropout)
     if cfg.mapper == "mlp":
@@ -175,4 +294,25 @@ def build_mapper(cfg: ModelConfig, d_enc: int, d_llm: int) -> nn.Module:
             cfg.qformer_width,
             cfg.qformer_dropout,
         )
-    raise ValueError(f"model.mapper: unknown mapper {cfg.mapper!r}; expected attention, mlp or qformer")
+    if cfg.mapper == "grounded":
+        missing = [k for k in GROUNDED_BUFFERS if stats is None or k not in stats]
+        if missing:
+            raise ValueError(
+                f"model.mapper=grounded needs its fixed tensors {missing}, which were not given: a grounded "
+                "mapper's checkpoint holds them (one without them, e.g. saved from parameters only, is refused); "
+                "a fresh one takes the mean and std of the meta-train side's pooled features "
+                "(ecgray.features.pooled_stats) and the LLM's token-embedding norm (token_embedding_norm)"
+            )
+        return GroundedMapper(
+            d_enc,
+            d_llm,
+            stats["feature_mean"],
+            stats["feature_std"],
+            stats["token_norm"],
+            cfg.n_prefix,
+            cfg.mlp_hidden,
+            cfg.grounded_dropout,
+        )
+    raise ValueError(
+        f"model.mapper: unknown mapper {cfg.mapper!r}; expected attention, mlp, qformer or grounded"
+    )

@@ -12,6 +12,9 @@ workers evaluate on meta-val episodes (classes / questions carved from the meta-
 never read while training); every `meta.checkpoint_every` steps (and at the end) a checkpoint
 (mapper + config + metrics + the split's class keys + optimizer state) is reported to Ray Train, which
 restarts failed worker groups from the latest one (`train.max_failures`).
+With `align.checkpoint` set, a fresh run's mapper starts from that alignment checkpoint (`ecgray align`)
+instead of the seeded init; its model.* and encoder.* must equal the run's. The Ray Train glue (trainer,
+worker setup, resume, checkpoint reports) is shared with `ecgray align` in engine.py.
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from ecgray.config import Config, from_dict, to_dict
 from ecgray.logs import progress, say
@@ -72,6 +73,7 @@ def check_config(cfg: Config) -> None:
     """Fail on the driver, before any worker starts, with the key to fix."""
     from ecgray.models.ecg_lm import check_data_fits_encoder
     from ecgray.models.encoder import check_encoder_checkpoint
+    from ecgray.train.align import check_init_checkpoint
     from ecgray.train.engine import check_zero_stage
     from ecgray.train.loop import local_tasks
 
@@ -79,6 +81,7 @@ def check_config(cfg: Config) -> None:
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
     check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
+    check_init_checkpoint(cfg)  # align.checkpoint, when set: readable and of this run's model / encoder
     if cfg.episodes.meta_val_fraction <= 0:
         raise ValueError(
             "episodes.meta_val_fraction=0: meta-training evaluates on meta-val episodes (never meta-test); "
@@ -135,36 +138,27 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer of a meta-training run (also used by `ecgray tune`, one per trial). The features of
     the run's encoder and data are computed first when missing (`ecgray.features.ensure_features`;
     `ecgray tune` computes them before its trials start)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ecgray import storage
-    from ecgray.features import ensure_features
+    from ecgray.train.engine import feature_inputs, torch_trainer
 
     check_config(cfg)
-    features = ensure_features(cfg)  # the frozen encoder's features of every ECG: computed once
+    # the frozen encoder's features of every ECG, computed once, and a grounded mapper's statistics
+    features, stats = feature_inputs(cfg)
     # the samplers are built here, once, so a config whose episodes cannot be drawn fails before any worker
+    source = episode_source(cfg)
+    loop_config = {"cfg": to_dict(cfg), "features": features, "episodes": source, "feature_stats": stats}
+    return torch_trainer(cfg, train_loop_per_worker, loop_config, cfg.train.name, callbacks)
+
+
+def episode_source(cfg: Config):
+    """The run's EpisodeSource actor (0 CPUs); a config whose episodes cannot be drawn is refused here."""
+    import ray
+
     source = ray.remote(num_cpus=0)(EpisodeSource).remote(to_dict(cfg))
     problem = ray.get(source.check.remote())
     if problem is not None:
         ray.kill(source)
         raise ValueError(problem)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "features": features, "episodes": source},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name,
-            storage_path=storage.resolve(cfg.train.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-    )
+    return source
 
 
 def meta_train(cfg: Config):
@@ -184,20 +178,15 @@ def meta_train(cfg: Config):
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
-    from ecgray.logs import quiet_frameworks
+    from ecgray.train import engine as eng
 
-    quiet_frameworks()
+    rank, world, device = eng.worker_setup(cfg, seed=cfg.seed)
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from ecgray.data.shards import ECGStore
-    from ecgray.features import FeatureStore
     from ecgray.meta.maml import meta_lr_at, set_lr
-    from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, save_checkpoint
-    from ecgray.models.ecg_lm import build_model
-    from ecgray.models.fusion import build_mapper
-    from ecgray.train import engine as eng
+    from ecgray.train.align import initial_mapper_state
     from ecgray.train.loop import (
         FeatureCache,
         episode_indices,
@@ -205,52 +194,30 @@ def train_loop_per_worker(config: dict) -> None:
         local_tasks,
         meta_gradient,
         meta_test_sums,
-        resolve_device,
     )  # fmt: skip
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
-    torch.manual_seed(
-        cfg.seed + rank
-    )  # dropout streams differ per worker; theta init is seeded in build_model
-    device = resolve_device(cfg)
     G = cfg.meta.tasks_per_step
     local_tasks(G, world)
 
-    lm = build_model(cfg, device)  # lm.mapper: the working copy the inner loops run on (fp32)
-    master = build_mapper(cfg.model, lm.encoder.d_enc, lm.d_llm).to(device)
-    master.load_state_dict(lm.mapper.state_dict())
-
-    start, history = 0, {"restarts": []}
-    checkpoint = ray.train.get_checkpoint() if cfg.train.resume else None
-    saved_opt = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, _ = load_checkpoint(d)
-            load_mapper_state(master, state, source=f"checkpoint {d}")
-            saved_opt, saved = eng.read_train_state(Path(d))
-        start = int(saved["step"])
-        history = {"restarts": saved.get("restarts", []) + [start]}
-        say(f"meta-train: rank {rank} resumes from step {start}")
+    # lm.mapper: the working copy the inner loops run on (fp32); its buffers are the ones saved
+    lm, master = eng.worker_model(cfg, device, config["feature_stats"])
+    resumed = eng.resume(lm, master, cfg, "meta-train", rank)
+    if resumed is None and cfg.align.checkpoint is not None:  # start from the aligned mapper
+        eng.load_mapper(lm, master, initial_mapper_state(cfg), f"align.checkpoint={cfg.align.checkpoint}")
+    start = 0 if resumed is None else resumed.step
+    history = {"restarts": []} if resumed is None else resumed.history
 
     engine, module = eng.build_engine(master, lm.llm, cfg, world)
     # parameters this worker holds (the frozen LLM is replicated: ZeRO 0-2 partition only optimizer state)
     param_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
-    if saved_opt is not None:
-        eng.load_optimizer_state(engine, module, saved_opt, start)
+    if resumed is not None:
+        eng.load_optimizer_state(engine, module, resumed.optimizer, start)
 
-    store = ECGStore.open(cfg.data.prepared_dir)  # ids, lead masks, splits; signals only if read
-    store.features = FeatureStore.open(config["features"])  # read per ECG, as episodes need them
+    store = eng.feature_store(cfg, config["features"])  # ids, lead masks, splits; features per ECG
     cache = FeatureCache(lm, store)
     source = config["episodes"]  # the run's EpisodeSource actor
     splits = ray.get(source.splits.remote()) if rank == 0 else None  # rank 0 writes the checkpoints
     my_eval = eval_indices(cfg.meta.eval_episodes, rank, world)
-
-    def all_mean(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / world).tolist()
 
     def meta_val(theta) -> dict:
         sums = torch.tensor(
@@ -267,17 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
         }
 
     def save(step: int, metrics: dict):
-        # every worker takes part (ZeRO-1/2's optimizer state is gathered); rank 0 writes and reports the files
-        theta = eng.gather_theta(module)
-        opt = eng.optimizer_state(engine, module)
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "checkpoint"
-            save_checkpoint(target, theta, cfg, metrics, splits)
-            eng.write_train_state(target, opt, {"step": step, **history})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
+        state = {"step": step, **history}
+        eng.report_checkpoint(engine, module, lm, cfg, metrics, splits, state, rank)
 
     steps = cfg.meta.outer_steps
     t_first = None  # end of this attempt's first step: the rate below leaves out its warm-up
@@ -294,7 +252,9 @@ def train_loop_per_worker(config: dict) -> None:
         engine.step()
         done = step + 1
         t_first = t_first or time.perf_counter()
-        meta_loss, support_last = all_mean([result.meta_loss, float(result.support_losses[-1].mean())])
+        meta_loss, support_last = eng.all_mean(
+            [result.meta_loss, float(result.support_losses[-1].mean())], world
+        )
         metrics = {
             "step": done,
             "meta_loss": meta_loss,
@@ -303,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
             "episodes_per_s": (done - start - 1) * G / (time.perf_counter() - t_first)
             if done > start + 1
             else None,
-            "peak_rss_mb": all_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world),
+            "peak_rss_mb": eng.all_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "param_mb_per_worker": param_mb,
         }
         if rank == 0:
@@ -320,15 +280,6 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
     bar.close()
-
-
-def all_max(value: float, world: int) -> float:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 if __name__ == "__main__":
