@@ -395,6 +395,9 @@ class EvalConfig:
     named here with a positive count."""
     seed: int = 0
     """Seed of the meta-test episodes and of the baselines' fresh mappers / supervised training."""
+    other_protocol_episodes: int | None = None
+    """`ecgray demo`: meta-test episodes per question type under the protocol the run was not trained on
+    (the comparison table; the paper's protocol when training was grounded); None: as many as the headline."""
     split: Literal["meta-test", "meta-val"] = "meta-test"
     """The side the episodes are drawn from: meta-test (reported results, read once per run) or meta-val
     (questions carved from the meta-train side: where settings are chosen, e.g. bench/ladder.py); meta-val
@@ -492,6 +495,10 @@ class AlignConfig:
     their ECG-QA names), from ECGs of the prepared `train` split that no meta-val / meta-test item uses.
     all: every statement of those ECGs; exclude_eval: without the statements meta-val / meta-test
     questions ask about (their attributes and answers, every question type of the data); none: no captions."""
+    caption_repeats: int = 1
+    """Each caption appears this many times per pass over the items: a data set has one caption per training
+    ECG but many QA items per ECG (the demo's world: ~3 % captions at 1), and captions are where the ECG must
+    carry the answer (bench/ladder.py)."""
     qa_items: bool = True
     """Also train on the meta-train side's QA items (the samples meta-training draws its episodes from)."""
     seed: int = 0

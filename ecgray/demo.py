@@ -192,6 +192,9 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                     if model is None:
                         model = load_model(cfg, checkpoint_dir)
                     qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
+                    n = cfg.eval.other_protocol_episodes
+                    if protocol != cfg.episodes.protocol and n is not None:
+                        qcfg = replace(qcfg, eval=replace(cfg.eval, episodes=n, episodes_by_type={qt: n}))
                     evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir, model=model)
                     evals[protocol][qt].pop("curves")
     del model
@@ -207,6 +210,12 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 9. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
+
+
+def other_protocol(cfg: Config) -> str:
+    """The report's note on the comparison protocol's episode count (eval.other_protocol_episodes)."""
+    n = cfg.eval.other_protocol_episodes
+    return "" if n is None else f" ({n} per type under the comparison protocol)"
 
 
 def protocols(cfg: Config) -> list[str]:
@@ -475,7 +484,8 @@ def build_report(
         "",
         f"{cfg.episodes.n_way}-way {cfg.episodes.k_shot}-shot, {cfg.episodes.n_query} queries per class, "
         f"meta-test episodes on unseen questions: "
-        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in types)} per protocol; LLM `{cfg.model.llm}` "
+        f"{', '.join(f'{cfg.eval.episodes_for(qt)} {qt}' for qt in types)} per protocol"
+        f"{other_protocol(cfg)}; LLM `{cfg.model.llm}` "
         f"({', '.join(precision)}), "
         f"{cfg.meta.inner_steps} inner steps at {cfg.meta.inner_lr}; wall time of this run {total / 60:.1f} min "
         "(cached stages not rerun). Exact match at the last inner step with its 95 % bootstrap interval over "

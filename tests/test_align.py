@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import warnings
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,6 +126,16 @@ def test_qa_items_are_meta_train_samples_only(world):
     assert not {i["ecg_id"] for i in items} & A.eval_ecg_ids(qa, cfg)  # the toy: one ECG per sample
     both, summary = A.align_items(prepared, qa, cfg)
     assert summary["items"] == len(both) == summary["caption_ecgs"] + len(items)
+    # captions repeated: each caption k times, the QA items once
+    thrice = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, caption_repeats=3))
+    repeated, summary3 = A.align_items(prepared, qa, thrice)
+    assert (
+        summary3["caption_items"] == 3 * summary["caption_ecgs"]
+        and repeated[len(repeated) - len(items) :] == items
+    )
+    assert Counter(i["ecg_id"] for i in repeated if i["class"] == "caption") == Counter(
+        {i["ecg_id"]: 3 for i in both if i["class"] == "caption"}
+    )
     off = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, captions="none", qa_items=False))
     with pytest.raises(ValueError, match="no alignment items"):
         A.align_items(prepared, qa, off)

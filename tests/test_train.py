@@ -131,6 +131,9 @@ def test_single_worker_run_reports_and_checkpoints(single_worker):
     assert metrics["step"] == STEPS and train_state["step"] == STEPS and train_state["restarts"] == []
     assert metrics["meta_val_episodes"] == 2 and 0.0 <= metrics["meta_val_accuracy"] <= 1.0
     assert metrics["meta_loss"] > 0 and metrics["episodes_per_s"] > 0
+    # the ECG-blind floors beside the losses: the tiny random LLM sits far above them (~ln of its vocabulary)
+    assert 0 < metrics["meta_loss_floor"] < metrics["meta_loss"]
+    assert 0 < metrics["support_loss_floor"] < metrics["support_loss_last"]
     # the checkpoint stores the split it was trained on: the toy's 10 classes, 6 / 2 / 2
     splits = json.loads((Path(single_worker_path[0]) / "splits.json").read_text())["single-verify"]
     assert [len(splits[side]) for side in ("meta-train", "meta-val", "meta-test")] == [6, 2, 2]

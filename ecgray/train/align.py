@@ -216,10 +216,12 @@ def qa_items(samples: list[dict], cfg: Config) -> list[dict]:
 
 
 def align_items(prepared_dir: str, samples: list[dict], cfg: Config) -> tuple[list[dict], dict]:
-    """Captions (align.captions) then QA items (align.qa_items) -> (items, summary counts)."""
+    """Captions (align.captions, each `align.caption_repeats` times) then QA items (align.qa_items) ->
+    (items, summary counts)."""
     items, summary = caption_items(prepared_dir, samples, cfg)
+    items = items * cfg.align.caption_repeats
     qa = qa_items(samples, cfg) if cfg.align.qa_items else []
-    summary.update(qa_items=len(qa), items=len(items) + len(qa))
+    summary.update(caption_items=len(items), qa_items=len(qa), items=len(items) + len(qa))
     if not items and not qa:
         raise ValueError(
             f"{prepared_dir}: no alignment items (align.captions={cfg.align.captions}: {len(items)} captions, "
@@ -371,7 +373,7 @@ def check_config(cfg: Config) -> None:
     check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
     a = cfg.align
-    for key in ("steps", "batch_size", "checkpoint_every"):
+    for key in ("steps", "batch_size", "checkpoint_every", "caption_repeats"):
         if getattr(a, key) < 1:
             raise ValueError(f"align.{key} must be >= 1 for `ecgray align`, got {getattr(a, key)}")
     if a.lr <= 0:

@@ -185,6 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from ecgray.eval.metrics import blind_loss_floor
     from ecgray.meta.maml import meta_lr_at, set_lr
     from ecgray.train.align import initial_mapper_state
     from ecgray.train.loop import (
@@ -252,14 +253,21 @@ def train_loop_per_worker(config: dict) -> None:
         engine.step()
         done = step + 1
         t_first = t_first or time.perf_counter()
-        meta_loss, support_last = eng.all_mean(
-            [result.meta_loss, float(result.support_losses[-1].mean())], world
+        # the least loss a model that ignores the ECG reaches on these query / support sets
+        floors = [
+            sum(blind_loss_floor(ep[part], lm) for ep in episodes) / len(episodes)
+            for part in ("query", "support")
+        ]
+        meta_loss, support_last, meta_floor, support_floor = eng.all_mean(
+            [result.meta_loss, float(result.support_losses[-1].mean()), *floors], world
         )
         metrics = {
             "step": done,
             "meta_loss": meta_loss,
+            "meta_loss_floor": meta_floor,
             "meta_lr": lr,
             "support_loss_last": support_last,
+            "support_loss_floor": support_floor,
             "episodes_per_s": (done - start - 1) * G / (time.perf_counter() - t_first)
             if done > start + 1
             else None,
@@ -270,8 +278,10 @@ def train_loop_per_worker(config: dict) -> None:
             print(json.dumps(metrics), flush=True)
         if done % cfg.meta.eval_every == 0 or done == steps:
             metrics.update(meta_val(eng.gather_theta(module)))
-        shown = {"meta_loss": meta_loss, "meta_val_acc": metrics.get("meta_val_accuracy")}
-        bar.set_postfix_str(", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None))
+        shown = f"meta_loss {meta_loss:.3f} (ECG-blind floor {meta_floor:.3f})"
+        if "meta_val_accuracy" in metrics:
+            shown += f", meta_val_acc {metrics['meta_val_accuracy']:.3f}"
+        bar.set_postfix_str(shown)
         bar.update(1)
         if done == steps:
             metrics["episode_source_rss_mb"] = ray.get(source.peak_rss_mb.remote())
