@@ -1,6 +1,6 @@
 """The diagnostic ladder: on which rung the ECG is lost between the frozen encoder and the LLM's answer.
 
-    python bench/ladder.py [--run runs/demo] [--episodes 40] [--supervised-steps 300] [--rungs a,b,c,d]
+    python bench/ladder.py [--run runs/demo] [--episodes 40] [--supervised-steps 150] [--rungs a,b,c,d] [--set k=v ...]
 
 Reads a demo run (`make demo`: its config, prepared data, encoder, features, align/ and checkpoint/) and
 measures, on the grounded protocol, on meta-val only (questions carved from the meta-train side; nothing
@@ -262,33 +262,37 @@ def rung_c(run: Run, args, rows: list) -> dict:
     from ecgray.eval.baselines import majority_answer
     from ecgray.eval.meta_test import canonical_answer
     from ecgray.eval.metrics import blind_loss_floor, paired_comparison
-    from ecgray.train.align import qa_items, train_mapper
+    from ecgray.train.align import caption_items, qa_items, train_mapper
     from ecgray.train.loop import FeatureCache
 
     cfg = run.config()
     train_items = qa_items(run.samples, cfg)
+    captions, _ = caption_items(cfg.data.prepared_dir, run.samples, cfg, "all")
     test = held_out_items(run, train_items, args.held_out, args.seed)
     answers_of: dict[str, list] = {}
     for i in train_items:
         answers_of.setdefault(i["question"], []).append(i)
     print(
         f"\n(c) supervised through the frozen LLM: {args.supervised_steps} steps x {args.batch_size} of "
-        f"{len(train_items)} meta-train-side QA items (train-split ECGs), tested on held-out valid-split ECGs "
-        "of the same questions"
+        f"{len(train_items)} meta-train-side QA items (train-split ECGs; `+captions`: and {len(captions)} "
+        f"statement captions of train-split ECGs, each {args.caption_repeats}x), tested on held-out valid-split "
+        "ECGs of the same questions"
     )
     trained = {}
-    for mapper in args.mappers:
+    for variant in args.variants:
+        mapper, _, extra = variant.partition("+")
+        items = train_items + captions * args.caption_repeats if extra == "captions" else train_items
         lm = run.model(mapper, seed=args.seed)
         t0 = time.perf_counter()
         params, losses = train_mapper(
-            lm, lm.mapper_params(), train_items, FeatureCache(lm, run.store), steps=args.supervised_steps,
+            lm, lm.mapper_params(), items, FeatureCache(lm, run.store), steps=args.supervised_steps,
             batch_size=args.batch_size, lr=args.lr, weight_decay=cfg.meta.weight_decay, grad_clip=cfg.meta.grad_clip,
-            seed=args.seed, progress_bar=True, desc=f"supervised {mapper}",
+            seed=args.seed, progress_bar=True, desc=f"supervised {variant}",
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        trained[mapper] = (lm, params)
+        trained[variant] = (lm, params)
         print(
-            f"  {mapper}: train loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in {seconds:.0f} s"
+            f"  {variant}: train loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in {seconds:.0f} s"
         )
         for qt, items in test.items():
             options = [
@@ -306,7 +310,7 @@ def rung_c(run: Run, args, rows: list) -> dict:
                 for i in items
             ]
             floor = blind_loss_floor(items, lm)
-            line = {"rung": "c", "mapper": mapper, "question_type": qt, "items": len(items), "chance": chance,
+            line = {"rung": "c", "mapper": variant, "question_type": qt, "items": len(items), "chance": chance,
                     "model": ci(model_hits), "shuffled_ecg": ci(shuffled_hits), "question_majority": ci(text_hits),
                     "loss": loss, "shuffled_loss": shuffled_loss, "blind_floor": floor,
                     "vs_shuffled": paired_comparison(model_hits, shuffled_hits),
@@ -329,15 +333,24 @@ def main() -> int:
     parser.add_argument("--run", default="runs/demo", help="a demo run directory (default runs/demo)")
     parser.add_argument("--episodes", type=int, default=40, help="meta-val episodes per type (a, b, d)")
     parser.add_argument("--rungs", default="a,b,c,d")
-    parser.add_argument("--mappers", default=",".join(MAPPERS), help="mappers trained fresh in (b) and (c)")
-    parser.add_argument("--supervised-steps", type=int, default=300)
+    parser.add_argument("--mappers", default=",".join(MAPPERS), help="fresh mappers measured in (b)")
+    parser.add_argument(
+        "--variants",
+        default="attention,grounded,grounded+captions",
+        help="(c): mapper[+captions] trained supervised on QA items (+ statement captions)",
+    )
+    parser.add_argument(
+        "--caption-repeats", type=int, default=30, help="(c) +captions: each caption this often"
+    )
+    parser.add_argument("--supervised-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--held-out", type=int, default=400, help="held-out items per type in (c)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides of the run's config")
     args = parser.parse_args()
     args.mappers = [m for m in args.mappers.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
     rungs = set(args.rungs.split(","))
 
     run = Run(Path(args.run).resolve(), args.set)

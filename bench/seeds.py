@@ -5,7 +5,8 @@
 Reuses a finished demo run (its resolved config.yaml, prepared shards and encoder); for each extra seed it
 meta-trains on Ray Train exactly as the demo does (`meta_train`, `seed` changed: theta's init, the
 meta-train episode stream, dropout) and evaluates the headline protocol's question types with every control
-on the same meta-test episodes as the demo (`eval.seed` unchanged). Seed 0's numbers are the demo's own
+on the same meta-test episodes as the demo (`eval.seed` unchanged). A run with an alignment stage
+(align.steps > 0) is aligned again per seed (`align.seed`) and meta-trained from that. Seed 0's numbers are the demo's own
 (`runs/demo/eval/<protocol>/<type>/results.json`). Prints, per question type and method, exact match at the
 last inner step per seed with its mean and standard deviation across seeds, then each seed's paired
 comparisons (model minus baseline, 95 % interval, Wilcoxon p); writes RUN/seeds/summary.json.
@@ -43,6 +44,7 @@ def main() -> int:
     from ecgray.config import load_config
     from ecgray.demo import eval_types, protocols
     from ecgray.eval.cli import evaluate
+    from ecgray.train.align import align
     from ecgray.train.meta_train import meta_train
 
     run = Path(args.run).resolve()
@@ -66,6 +68,16 @@ def main() -> int:
             seed=seed,
             train=replace(base.train, storage_path=str(out / "ray_train"), name=f"seed{seed}"),
         )
+        if base.align.steps > 0:  # the alignment is trained again with this seed, then meta-training from it
+            aligned = out / "align"
+            align_cfg = replace(cfg.align, seed=seed, name=f"seed{seed}_align", checkpoint=None)
+            if not (aligned / "mapper.safetensors").is_file():
+                result = align(replace(cfg, align=align_cfg))
+                if result.checkpoint is None:
+                    raise RuntimeError(f"seed {seed}: alignment ended without a checkpoint ({result.error})")
+                with result.checkpoint.as_directory() as d:
+                    shutil.copytree(d, aligned, dirs_exist_ok=True)
+            cfg = replace(cfg, align=replace(align_cfg, checkpoint=str(aligned)))
         checkpoint = out / "checkpoint"
         if not (checkpoint / "mapper.safetensors").is_file():
             result = meta_train(cfg)

@@ -87,7 +87,7 @@ class QAEngine:
         h = hashlib.sha256()
         for name, tensor in sorted(mapper_state.items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.checkpoint_id = h.hexdigest()[:16]
         # what an adapter id depends on besides the support set: the mapper, the frozen models (the same
         # mapper over another encoder file gives other fast weights), the inner loop and the input

@@ -147,6 +147,27 @@ def info(url: str) -> dict:
     return httpx.get(f"{url}/v1/info", timeout=30).json()
 
 
+def test_a_grounded_mapper_checkpoint_serves_with_its_fixed_tensors(tmp_path):
+    """model.mapper=grounded: the checkpoint's buffers (feature statistics, a 0-d token norm) load into the
+    engine, count in its checkpoint id, and the engine adapts and answers with them."""
+    from ecgray.models.checkpoint import save_checkpoint
+    from ecgray.models.fusion import build_mapper
+    from serve.engine import load_engine
+
+    cfg = from_dict({**TREE, "model": {**TREE["model"], "mapper": "grounded", "mlp_hidden": 16}})
+    stats = {"feature_mean": torch.zeros(32), "feature_std": torch.ones(32), "token_norm": torch.tensor(0.5)}
+    ids = []
+    for norm in (0.5, 0.7):
+        torch.manual_seed(0)
+        mapper = build_mapper(cfg.model, 32, 32, {**stats, "token_norm": torch.tensor(norm)})
+        engine = load_engine(save_checkpoint(tmp_path / f"grounded-{norm}", mapper.state_dict(), cfg))
+        assert float(engine.lm.mapper.token_norm) == pytest.approx(norm)
+        ids.append(engine.checkpoint_id)
+    assert ids[0] != ids[1]  # the buffers are part of what identifies the checkpoint
+    answers = expected(engine, support_set(), [1, 2], ["yes", "no"])
+    assert len(answers) == 2 and all(a["answer"] in ("yes", "no") for a in answers)
+
+
 def test_adapt_then_answer_matches_the_library(url, engine):
     support = support_set()
     before = info(url)["adaptation_replica"]

@@ -455,8 +455,9 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     s = ray.get(source.summary.remote())
     excluded = len(s.get("caption_excluded_statements", []))
     say(
-        f"align: {s['items']} items: {s['caption_ecgs']} statement captions (align.captions="
-        f"{cfg.align.captions}, {excluded} eval statements left out), {s['qa_items']} meta-train QA items; "
+        f"align: {s['items']} items: {s['caption_ecgs']} statement captions x {cfg.align.caption_repeats} "
+        f"(align.captions={cfg.align.captions}, {excluded} eval statements left out), {s['qa_items']} "
+        "meta-train QA items; "
         f"{cfg.align.steps} steps of {cfg.align.batch_size}"
     )
     loop_config = {"cfg": to_dict(cfg), "features": features, "items": source, "feature_stats": stats}
