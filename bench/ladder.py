@@ -219,22 +219,20 @@ def held_out_items(run: Run, train_items: list[dict], per_type: int, seed: int) 
 def supervised_scores(
     lm, params, items: list[dict], options: list[list], run: Run, shuffle: list[int] | None
 ):
-    """Per item: exact match (1/0) of the option the model scores highest; the items' mean loss."""
+    """Per item: exact match (1/0) of the option the model scores highest; the items' mean loss. shuffle: item
+    i is read with the ECG of item shuffle[i] (answers unchanged), for the accuracy and the loss alike."""
     from ecgray.eval.meta_test import canonical_answer, decode
     from ecgray.train.align import batch_nll
     from ecgray.train.loop import FeatureCache, item_features
 
+    if shuffle is not None:
+        items = [{**item, "ecg_id": items[j]["ecg_id"]} for item, j in zip(items, shuffle, strict=True)]
     cache = FeatureCache(lm, run.store)
     hits = []
     with torch.no_grad():
         for start in range(0, len(items), 64):
             part = items[start : start + 64]
-            ids = (
-                [i["ecg_id"] for i in part]
-                if shuffle is None
-                else [items[shuffle[start + k]]["ecg_id"] for k in range(len(part))]
-            )
-            tokens, pooled = item_features(cache, [{"ecg_id": e} for e in ids])
+            tokens, pooled = item_features(cache, part)
             prefix = lm.fuse(pooled, tokens, params)
             predicted = decode(lm, prefix, [i["question"] for i in part], options[start : start + 64])
             hits += [float(p == canonical_answer(i["answer"])) for p, i in zip(predicted, part, strict=True)]
