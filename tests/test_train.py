@@ -131,9 +131,9 @@ def test_single_worker_run_reports_and_checkpoints(single_worker):
     assert metrics["step"] == STEPS and train_state["step"] == STEPS and train_state["restarts"] == []
     assert metrics["meta_val_episodes"] == 2 and 0.0 <= metrics["meta_val_accuracy"] <= 1.0
     assert metrics["meta_loss"] > 0 and metrics["episodes_per_s"] > 0
-    # the ECG-blind floors beside the losses: the tiny random LLM sits far above them (~ln of its vocabulary)
-    assert 0 < metrics["meta_loss_floor"] < metrics["meta_loss"]
-    assert 0 < metrics["support_loss_floor"] < metrics["support_loss_last"]
+    # the ECG-blind floors beside the losses: in the toy's paper-protocol episodes every question has one
+    # answer, so a model reading the question alone can reach 0, and the floor is exactly 0
+    assert metrics["meta_loss_floor"] == 0.0 and metrics["support_loss_floor"] == 0.0
     # the checkpoint stores the split it was trained on: the toy's 10 classes, 6 / 2 / 2
     splits = json.loads((Path(single_worker_path[0]) / "splits.json").read_text())["single-verify"]
     assert [len(splits[side]) for side in ("meta-train", "meta-val", "meta-test")] == [6, 2, 2]
