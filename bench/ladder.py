@@ -170,7 +170,7 @@ def rung_b(run: Run, mappers: dict, episodes_by_type: dict, rows: list) -> None:
                 pooled = encode_items(lm, run.store, ep["support"] + ep["query"], None)[0]
                 spreads.append(prefix_spread(lm.mapper, pooled))
         row = {k: float(np.mean([s[k] for s in spreads])) for k in spreads[0]}
-        token = float(lm.token_norm) if hasattr(lm, "token_norm") else token_norm(lm)
+        token = token_norm(lm)
         rows.append({"rung": "b", "mapper": name, **row, "token_norm": token})
         print(f"  {name:<34} {row['ratio']:>10.4f} {row['cosine']:>8.4f} {row['norm']:>7.2f} {token:>10.2f}")
 
