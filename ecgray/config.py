@@ -344,10 +344,19 @@ class TrainConfig:
     """CPUs Ray reserves for each worker (also its torch thread count)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage: 0 = plain data parallel (all-reduce of the meta-gradients, DDP semantics),
-    1/2 = the mapper's AdamW state / + its gradients partitioned across workers; the frozen LLM is replicated
-    on every worker. 3 is refused before training starts: every worker would load the full LLM before
-    DeepSpeed partitions it, and ranks make different numbers of LLM calls per step, so ZeRO-3's parameter
-    all-gathers desynchronise and hang."""
+    1/2 = the mapper's AdamW state / + its gradients partitioned across workers, the frozen LLM replicated on
+    every worker; 3 = the frozen LLM partitioned too (each worker holds 1/num_workers of it, loaded that way,
+    gathered layer by layer for each call): for an LLM that does not fit one device, at the cost of
+    all-gathers per LLM pass, and every rank then makes the same LLM calls in the same order (meta-training
+    only; `ecgray align` refuses it)."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters of at most this many elements stay whole on every worker (DeepSpeed's
+    stage3_param_persistence_threshold: norms, biases; its default); 0 partitions every tensor."""
+    zero3_max_live_parameters: int = 1_000_000_000
+    """ZeRO-3: LLM parameters (elements) a worker may keep gathered at once, and the reuse distance under
+    which a gathered tensor is kept for its next call (DeepSpeed's stage3_max_live_parameters and
+    stage3_max_reuse_distance; its default, 1e9, keeps a whole LLM of fewer parameters gathered after the
+    first step); lower it to hold about 1/num_workers of such an LLM (e.g. 1e7: a SmolLM2 layer or two)."""
     max_failures: int = 3
     """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
     storage_path: str = "runs"

@@ -1,5 +1,5 @@
-"""Meta-training on Ray Train + DeepSpeed: episode assignment, 1 vs 2 workers at ZeRO 0/2 (ZeRO-3 refused),
-kill + resume."""
+"""Meta-training on Ray Train + DeepSpeed: episode assignment, 1 vs 2 workers at ZeRO 0/2, kill + resume
+(ZeRO-3, the frozen LLM partitioned: tests/test_zero3.py)."""
 
 from __future__ import annotations
 
@@ -152,29 +152,6 @@ def test_single_worker_run_reports_and_checkpoints(single_worker):
 def test_two_workers_deepspeed_zero_match_one_worker(zero_stage, toy, tmp_path, single_worker, ray_session):
     cfg = run_cfg(toy, tmp_path, f"zero{zero_stage}", "train.num_workers=2", f"train.zero_stage={zero_stage}")
     assert_same_run(final(fit(cfg)), single_worker)
-
-
-def test_zero_stage_3_is_refused_before_deepspeed_starts():
-    """ZeRO-3 would load the full frozen LLM on every worker before partitioning it and desynchronise its
-    per-call all-gathers (ranks make different numbers of LLM calls): refused, naming the key and the fix."""
-    from torch import nn
-
-    from ecgray.train import engine as eng
-
-    cfg = load_config(None, ["train.zero_stage=3"])
-    for call in (
-        lambda: eng.check_zero_stage(cfg),
-        lambda: eng.deepspeed_config(cfg, world=2),
-        lambda: eng.build_engine(nn.Linear(2, 2), nn.Linear(2, 2), cfg, world=1),
-    ):
-        with pytest.raises(ConfigError, match=r"train\.zero_stage=3 is not supported") as err:
-            call()
-        message = str(err.value)
-        assert "train.zero_stage=0" in message and "all-gather" in message and "40 GB" in message
-    for stage in (0, 1, 2):
-        cfg = load_config(None, [f"train.zero_stage={stage}"])
-        eng.check_zero_stage(cfg)
-        assert eng.deepspeed_config(cfg, world=2)["zero_optimization"] == {"stage": stage}
 
 
 def _train_worker_pids() -> list[int]:

@@ -47,7 +47,7 @@ import torch
 from ecgray.config import LEAD_NAMES, Config
 from ecgray.eval import metrics
 from ecgray.meta import adapt
-from ecgray.models.ecg_lm import ECGLanguageModel, TaskData, answer_text
+from ecgray.models.ecg_lm import PADDING_ANSWER, PADDING_QUESTION, ECGLanguageModel, TaskData, answer_text
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +370,17 @@ def decode_blocks(
     """`decode` for several query sets at once, each (prefixes (B_k, width, D_llm), questions, options):
     one decoding pass over all of them (one per prefix width when one- and two-ECG sets meet) -> the
     predictions of each set. Rows are independent in the LLM, so each set's answers are its own."""
-    by_width: dict[int, list[int]] = {}
+    by_kind: dict[int, list[int]] = {}  # ECGs per row (the prefix width) -> its blocks
     for k, (prefix, _, _) in enumerate(blocks):
-        by_width.setdefault(int(prefix.shape[1]), []).append(k)
+        by_kind.setdefault(model.n_ecg_of(prefix), []).append(k)
     predictions: list[list] = [[] for _ in blocks]
-    for members in by_width.values():
+    # a frozen LLM partitioned across ranks (lockstep): the ECG counts any rank decodes, each decoded by all
+    for n_ecg in model.agreed_kinds(by_kind):
+        members = by_kind.get(n_ecg)
+        if members is None:  # another rank's rows: the same LLM calls on a stand-in row, answers dropped
+            stand_in = [[[PADDING_ANSWER]]] if model.cfg.decoding == "constrained" else []
+            decode(model, model.padding_prefix(n_ecg), [PADDING_QUESTION], stand_in)
+            continue
         prefix = torch.cat([blocks[k][0] for k in members])
         questions = [q for k in members for q in blocks[k][1]]
         options = [o for k in members for o in blocks[k][2]]  # per query; empty lists when greedy

@@ -41,11 +41,29 @@ sequence and vocabulary. `paper_compat` reproduces the official quirk: answer to
 from the logit at position n_prefix - 1 + j, i.e. over the question; the answer is never fed.
 
 The LLM is frozen (requires_grad False, eval mode); gradients flow through its activations into the prefix.
+
+Lockstep (a frozen LLM partitioned across ranks, DeepSpeed ZeRO-3: `synchronise_ranks`). Each call of an LLM
+module then all-gathers that module's weights from every rank, so every rank must make the same module
+calls in the same order, forward and backward, whatever its own episodes are. The counts that depend on a
+rank's data are agreed (an all-reduce of their maximum) where they are decided, and a rank with fewer pads
+with passes of the same code on a one-row stand-in whose result is dropped:
+  - training / adapting (`task_set`): one pass per ECG count (1, 2) that any rank has, not one per length
+    bucket (each pass costs a gather of the whole LLM, so fewer taller passes win; one pass per loss also
+    lets DeepSpeed free the gathered weights after its backward); a rank with no rows of a count runs a
+    padding pass whose loss enters with weight 0 (`task_losses`), so its backward runs too and adds exactly 0;
+  - option scoring (`score_options`): the number of trie passes; greedy decoding (`greedy_ids`): it stops
+    when every rank's rows are done; decoding several query sets (`eval.meta_test.decode_blocks`): the ECG
+    counts any rank decodes (`agreed_kinds`, `padding_prefix`);
+  - the two-ECG markers' embeddings are taken once, on every rank, when the lockstep starts.
+Every pass then runs the same code path on every rank (only the row counts and lengths differ), so its
+module calls, and the backward's, come in the same order. Without lockstep nothing changes.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +74,9 @@ from torch.func import functional_call
 from ecgray.config import COMPARISON_TYPES, ModelConfig
 
 QUESTION_WRAP = "Question:"
+PADDING_QUESTION = "padding"
+PADDING_ANSWER = "padding"
+"""The stand-in row of a padding pass (lockstep: module docstring); its result is never used."""
 ECG_MARKERS = ("First ECG:", "Second ECG:")
 """Text before each ECG's prefix in a two-ECG prompt, in order (module docstring)."""
 ANSWER_WRAP = "Answer:"  # the prompt ends here: the answer brings its own leading space
@@ -141,7 +162,8 @@ class TaskData:
 class TaskSet:
     """M tasks' support (or query) sets with their rows collated once (question KV cache included), so
     every inner step reuses them; `ECGLanguageModel.loss_fn` reads it. The stacked rows are collated in
-    buckets of similar length (`length_buckets`): `batches` holds (row indices, PromptBatch) per bucket."""
+    buckets of similar length (`length_buckets`): `batches` holds (row indices, PromptBatch) per bucket; no
+    row indices: a padding pass of one stand-in row (lockstep, `ECGLanguageModel.task_set`)."""
 
     tasks: list[TaskData]
     batches: list[tuple[list[int], PromptBatch]]
@@ -240,7 +262,7 @@ class ECGLanguageModel(nn.Module):
         self.decoder = llm.base_model  # the transformer without its LM head
         self.lm_head = llm.get_output_embeddings()
         self.embed = llm.get_input_embeddings()  # Gemma's sqrt(D) scale lives inside: same space as prefix
-        self.d_llm = int(self.embed.weight.shape[1])
+        self.d_llm = int(self.embed.embedding_dim)  # not weight.shape: a partitioned weight holds a slice
         self.softcap = getattr(llm.config, "final_logit_softcapping", None)
         params = inspect.signature(self.decoder.forward).parameters
         # transformers >= 5.2x calls the cache argument `cache`, older releases `past_key_values`
@@ -258,6 +280,54 @@ class ECGLanguageModel(nn.Module):
         self._marker_ids = [self._ids(marker) for marker in ECG_MARKERS]
         if not all(self._marker_ids):
             raise ValueError(f"tokenizer: an ECG marker of {ECG_MARKERS} tokenises to nothing")
+        self._marker_embeds: list[torch.Tensor] | None = None
+        """The markers' embeddings, taken once when the lockstep starts (`synchronise_ranks`); None: off."""
+
+    # ----------------------------------------------------------------------------------------- lockstep
+    def synchronise_ranks(self) -> None:
+        """Run in lockstep with the other ranks of torch.distributed's group (module docstring): call it on
+        every rank, at the same point, once the LLM's weights are gathered by module hooks (DeepSpeed
+        ZeRO-3). From then on the ranks agree on every data-dependent number of LLM calls."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "synchronise_ranks: torch.distributed is not initialised (no ranks to agree with)"
+            )
+        device = self.embed.weight.device
+        with torch.no_grad():  # the same embedding calls on every rank, now
+            self._marker_embeds = [self.embed(torch.tensor(ids, device=device)) for ids in self._marker_ids]
+
+    def in_lockstep(self) -> bool:
+        """Whether LLM calls are agreed across ranks. A partitioned LLM (parameters carrying DeepSpeed's
+        ds_id) without `synchronise_ranks` is an error: its calls would hang or mix up the ranks."""
+        if self._marker_embeds is not None:
+            return True
+        if hasattr(self.embed.weight, "ds_id"):
+            raise RuntimeError(
+                "the frozen LLM is partitioned across ranks (DeepSpeed ZeRO-3) but the model is not in lockstep: "
+                "call ECGLanguageModel.synchronise_ranks() on every rank first"
+            )
+        return False
+
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        """Element-wise maximum of `values` over the ranks (lockstep), or `values` themselves."""
+        if not self.in_lockstep():
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.long, device=self.embed.weight.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    def agreed_kinds(self, local) -> list[int]:
+        """The ECG counts per row (1, 2) of `local` (those this rank has) or, in lockstep, of any rank."""
+        present = self._max_over_ranks([int(n in set(local)) for n in (1, 2)])
+        return [n for n, p in zip((1, 2), present, strict=True) if p]
+
+    def padding_prefix(self, n_ecg: int) -> torch.Tensor:
+        """A zero prefix of one row, (1, prefix_width(n_ecg), D_llm): the stand-in of a padding pass."""
+        return torch.zeros(1, self.prefix_width(n_ecg), self.d_llm, device=self.embed.weight.device)
 
     def train(self, mode: bool = True) -> ECGLanguageModel:
         # Only the mapper ever trains (dropout); the frozen parts stay in eval mode.
@@ -308,7 +378,10 @@ class ECGLanguageModel(nn.Module):
         b = per_ecg.shape[0]
         parts = []
         for j, ids in enumerate(self._marker_ids):
-            marker = self.embed(torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device))
+            if self.in_lockstep():  # taken once on every rank: no LLM call that other ranks would not make
+                marker = self._marker_embeds[j]
+            else:
+                marker = self.embed(torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device))
             parts += [marker.to(per_ecg.dtype).expand(b, -1, -1), per_ecg[:, j]]  # (B, L_j, D), (B, P, D)
         return torch.cat(parts, dim=1)
 
@@ -460,6 +533,7 @@ class ECGLanguageModel(nn.Module):
                 f"question_first KV cache: {lb} question tokens do not fit the LLM's sliding window "
                 f"({self.sliding_window}); lower model.max_question_tokens"
             )
+        self.in_lockstep()  # raises for a partitioned LLM out of lockstep
         # Episodes repeat questions (one question_id group per class): run each distinct one once.
         distinct: dict[tuple[int, ...], int] = {}
         inverse = [distinct.setdefault(tuple(b), len(distinct)) for b in rows.before]
@@ -505,6 +579,7 @@ class ECGLanguageModel(nn.Module):
                 f"row needs {self.prefix_width(batch.n_ecg)}"
             )
         device = prefix.device
+        self.in_lockstep()  # raises for a partitioned LLM out of lockstep
         parts = [prefix.to(self.embed.weight.dtype), self.embed(batch.after_ids)]  # (B, P, D), (B, R, D)
         mask = torch.cat([batch.before_mask, batch.before_mask.new_ones(b, p), batch.after_mask], dim=1)
         n_before = batch.before_mask.sum(1, keepdim=True)  # (B, 1) real tokens before the prefix
@@ -587,9 +662,16 @@ class ECGLanguageModel(nn.Module):
             [p if p.shape[1] == widest else F.pad(p, (0, 0, 0, widest - p.shape[1])) for p in prefixes], dim=0
         )  # (sum of B_m, widest prefix slot, D_llm)
         rows, row_nll, row_count = [], [], []
+        padding = []  # lockstep: the padding passes' losses, entered with weight 0
         for index, batch in batches:
-            rows += index
             width = self.prefix_width(batch.n_ecg)
+            if not index:  # a padding pass: on a stand-in prefix of the graph, so its backward runs too
+                stand_in = (
+                    prefix[:1, :width] if width <= widest else F.pad(prefix[:1], (0, 0, 0, width - widest))
+                )
+                padding.append(self.token_nll(stand_in, batch, full_logits).sum())
+                continue
+            rows += index
             part = prefix[index] if width == widest else prefix[index][:, :width]
             row_nll.append(self.token_nll(part, batch, full_logits).sum(1))
             row_count.append(batch.target_mask.sum(1))
@@ -606,12 +688,26 @@ class ECGLanguageModel(nn.Module):
         per_task_count = torch.stack([chunk.sum() for chunk in count.split(sizes)])
         if (per_task_count == 0).any():
             raise ValueError("task_losses: a task has no answer tokens (answers missing?)")
-        return per_task_nll / per_task_count
+        losses = per_task_nll / per_task_count
+        if padding:  # + 0 exactly; the padding passes' backward adds exactly 0 to every gradient
+            losses = losses + 0.0 * torch.stack(padding).sum()
+        return losses
 
     def task_set(self, tasks: list[TaskData]) -> TaskSet:
         """Collate M tasks' rows once, in length buckets (and, question_first, their question KV cache); rows
-        of one and of two ECGs go to different buckets."""
+        of one and of two ECGs go to different buckets. In lockstep: one batch per ECG count any rank has,
+        a padding batch (no rows of its own) where this rank has none (module docstring)."""
         rows = stack_rows(tasks)
+        if self.in_lockstep():
+            batches = []
+            for n_ecg in self.agreed_kinds(rows.n_ecg):
+                members = [i for i, n in enumerate(rows.n_ecg) if n == n_ecg]
+                if members:
+                    batches.append((members, self.collate(rows.select(members))))
+                else:  # another rank has rows of this count: the same calls, on a stand-in row
+                    padding = self.prompt_rows([PADDING_QUESTION], [PADDING_ANSWER], n_ecg=n_ecg)
+                    batches.append(([], self.collate(padding)))
+            return TaskSet(list(tasks), batches)
         buckets = []
         for n_ecg in sorted(set(rows.n_ecg)):
             members = [i for i, n in enumerate(rows.n_ecg) if n == n_ecg]
@@ -701,7 +797,10 @@ class ECGLanguageModel(nn.Module):
         for bucket in length_buckets([t.size for _, _, t in tries], ratio=1.5):
             rows = max(1, chunk // max(tries[b][2].size for b in bucket))
             passes += [[tries[b] for b in bucket[k : k + rows]] for k in range(0, len(bucket), rows)]
-        for part in passes:
+        # lockstep: as many trie passes as the rank with the most; past its own, a rank repeats its first
+        (n_passes,) = self._max_over_ranks([len(passes)])
+        for k in range(n_passes):
+            part = passes[k] if k < len(passes) else passes[0]
             owner = torch.tensor([i for i, _, _ in part], device=device)
             width = max(t.size for _, _, t in part)
             tokens = torch.full((len(part), width), self.pad_id, dtype=torch.long)
@@ -727,6 +826,8 @@ class ECGLanguageModel(nn.Module):
             )
             # 3. log p(next token | node) at every node: its children's tokens, and EOS where an option ends
             logits = self.logits(out.last_hidden_state[real.to(device)])  # (nodes, V), row by row
+            if k >= len(passes):  # a padding pass: its scores are this rank's already
+                continue
             log_norm = torch.logsumexp(logits, -1)
             base = 0
             for i, group, t in part:
@@ -780,7 +881,8 @@ class ECGLanguageModel(nn.Module):
                         done[i] = True
                     else:
                         generated[i].append(tok)
-            if all(done):
+            # lockstep: until every rank's rows are done (a rank whose rows are done keeps making the calls)
+            if self._max_over_ranks([int(not all(done))]) == [0]:
                 break
         return generated
 
@@ -791,6 +893,10 @@ class ECGLanguageModel(nn.Module):
         pred = self.target_logits(prefix, batch).argmax(-1)
         out = torch.full_like(batch.target_ids, -1)
         return out.masked_scatter(batch.target_mask, pred)
+
+
+def _whole(params: list[nn.Parameter]) -> AbstractContextManager:
+    return nullcontext()
 
 
 def stack_rows(tasks: list[TaskData]) -> PromptRows:
@@ -829,12 +935,15 @@ def build_model(
     device: str | torch.device = "cpu",
     mapper_state: dict | None = None,
     feature_stats: dict | None = None,
+    gathered: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
 ) -> ECGLanguageModel:
     """The model of a run config: frozen encoder (`cfg.encoder`), frozen LLM (`cfg.model.llm`) and a mapper
     seeded from `cfg.seed` (identical in every process), or loaded from `mapper_state` (a checkpoint's
     tensors; shape mismatches are named). The one place the three parts are put together.
     feature_stats: a fresh model.mapper=grounded's {"feature_mean", "feature_std"} of the meta-train side
-    (`ecgray.features.pooled_stats`); a checkpoint's mapper_state brings its own, never recomputed."""
+    (`ecgray.features.pooled_stats`); a checkpoint's mapper_state brings its own, never recomputed.
+    gathered: params -> a context in which they are whole, for an LLM built partitioned (DeepSpeed ZeRO-3:
+    `ecgray.train.engine.partitioned_loading`); the LLM's weights read outside a module call go through it."""
     from ecgray.models.checkpoint import load_mapper_state
     from ecgray.models.encoder import load_encoder
     from ecgray.models.fusion import build_mapper, token_embedding_norm
@@ -848,7 +957,9 @@ def build_model(
     )
     stats = mapper_state  # the grounded mapper's fixed tensors: a checkpoint's own, else the fresh ones
     if cfg.model.mapper == "grounded" and mapper_state is None:
-        stats = {**(feature_stats or {}), "token_norm": token_embedding_norm(llm.get_input_embeddings())}
+        embed = llm.get_input_embeddings()
+        with (gathered or _whole)(list(embed.parameters())):  # every rank takes part at ZeRO-3
+            stats = {**(feature_stats or {}), "token_norm": token_embedding_norm(embed)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         mapper = build_mapper(cfg.model, encoder.d_enc, llm_hidden_size(llm), stats).to(device)

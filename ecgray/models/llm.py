@@ -14,6 +14,13 @@ atomic rename, so concurrent processes (Ray workers) convert once and never read
 
 Every model comes back frozen: eval mode, requires_grad False on all parameters, so gradients only ever
 flow *through* it into the inputs_embeds (the prefix), never into its weights.
+
+Partitioned loading (DeepSpeed ZeRO-3, `ecgray.train.engine.partitioned_loading`): while transformers'
+HfDeepSpeedConfig is alive, `from_pretrained` of a directory (the safetensors caches above included) builds
+the model under `deepspeed.zero.Init`, so each process holds only its partition of every large tensor
+from the start, and rank 0 alone reads the weights. Nothing here changes for it (no DeepSpeed import):
+the tiny models are built whole in every process (a few hundred kB, identical for a seed) and partitioned
+when DeepSpeed starts.
 """
 
 from __future__ import annotations
@@ -87,8 +94,9 @@ def load_llm(
 
 
 def llm_hidden_size(model: nn.Module) -> int:
-    """D_llm: the width of the LLM's input embeddings (what the fusion module must produce)."""
-    return int(input_embeddings(model).weight.shape[1])
+    """D_llm: the width of the LLM's input embeddings (what the fusion module must produce); read off the
+    module, not its weight (a weight partitioned by DeepSpeed ZeRO-3 holds a slice)."""
+    return int(input_embeddings(model).embedding_dim)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:

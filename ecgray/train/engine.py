@@ -4,14 +4,21 @@ ecgray.meta computes each worker's meta-gradient g (functional fast weights on a
 mapper). DeepSpeed only has to average g across workers, clip it and step AdamW, at whatever ZeRO stage.
 `MetaModule.forward(g)` returns the surrogate loss sum_k <theta_k, g_k>, whose gradient w.r.t. the
 meta-parameters theta is exactly g, so `engine.backward` runs DeepSpeed's own reduction (all-reduce at
-stage 0, reduce-scatter at 1-2) and `engine.step` its clipping and optimizer.
+stage 0, reduce-scatter at 1-3) and `engine.step` its clipping and optimizer.
 
-ZeRO stages 0-2 only: every worker holds the whole frozen LLM (replicated) and ZeRO at most shards the
-small mapper's optimizer state and gradients. ZeRO-3 is refused (`check_zero_stage`): it would partition
-the frozen LLM, but every worker loads the full LLM before DeepSpeed partitions it (peak memory above
-ZeRO-0's), and ranks make different numbers of LLM calls per outer step (one pass per length bucket and
-per option-trie chunk, different episodes on each rank), so ZeRO-3's per-call parameter all-gathers
-fall out of step and hang.
+ZeRO stages. 0-2: every worker holds the whole frozen LLM (replicated); ZeRO 1/2 shard only the small
+mapper's optimizer state / gradients. 3 (`ecgray train`, `ecgray tune`, `jobs.meta_train`): the frozen LLM
+is partitioned across the workers, each holding 1/W of every large tensor, from the moment it is loaded:
+`partitioned_loading` keeps transformers' HfDeepSpeedConfig alive around `build_model`, so from_pretrained
+builds the LLM under `deepspeed.zero.Init` and only rank 0 reads the safetensors, one module at a time
+(random-weight tiny models, a few hundred kB, are built whole and partitioned by `deepspeed.initialize`).
+Its weights are never modified. DeepSpeed's module hooks all-gather a module's parameters before each
+call and free them after, so every LLM call is a collective: the model runs in lockstep
+(`ECGLanguageModel.synchronise_ranks`, called by `build_engine`): every rank makes the same LLM calls in
+the same order (ecg_lm.py's module docstring says how). The mapper (MetaModule.mapper, the master copy) is
+partitioned too; its parameters are registered as external parameters of MetaModule, whose forward
+reads them without calling the mapper, and `gather_theta` gathers them whole. `ecgray align` refuses
+ZeRO-3 (its LLM calls are not rank-synchronised): `check_zero_stage`.
 
 Train state on disk (no pickle): the mapper via `ecgray.models.checkpoint`, the AdamW moments as full
 (unpartitioned) tensors in `optimizer.safetensors`, the step counter and history in `train_state.json`,
@@ -26,10 +33,12 @@ alignment's plain minibatch gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,28 +49,28 @@ from ecgray.config import ConfigError
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
-def check_zero_stage(cfg) -> None:
-    """Refuse train.zero_stage=3 (and anything outside 0-2) with what to use instead. Called on the driver
-    (meta_train.check_config) before any worker starts, and again by `deepspeed_config`."""
+def check_zero_stage(cfg, lockstep: bool = False) -> None:
+    """train.zero_stage must be 0-3; 3 only for a job whose LLM calls run in lockstep across the workers
+    (`lockstep`: meta-training, `ECGLanguageModel.synchronise_ranks`), else it is refused with what to use
+    instead. Called on the driver (meta_train / align check_config) before any worker starts."""
     stage = cfg.train.zero_stage
-    if stage == 3:
-        raise ConfigError(
-            "train.zero_stage=3 is not supported: every worker would load the full frozen LLM before DeepSpeed "
-            "partitions it (peak memory above ZeRO-0), and ranks make different numbers of LLM calls per outer "
-            "step (one pass per length bucket and per option-trie chunk, different episodes per rank), so "
-            "ZeRO-3's per-call parameter all-gathers fall out of step and hang. Replicate the frozen LLM "
-            "instead: set train.zero_stage=0 (or 1/2, which shard only the small mapper's optimizer state / "
-            "gradients); an 8B bf16 LLM (~16 GB) fits on one 40 GB GPU per worker."
-        )
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ConfigError(f"train.zero_stage={stage}: expected one of {list(SUPPORTED_ZERO_STAGES)}")
+    if stage == 3 and not lockstep:
+        raise ConfigError(
+            "train.zero_stage=3 is supported by meta-training (`ecgray train`, `ecgray tune`, jobs.meta_train) "
+            "only: this job's frozen-LLM calls are not rank-synchronised, and ZeRO-3's per-call parameter "
+            "all-gathers would fall out of step. Set train.zero_stage=0 (or 1/2) for it; an 8B bf16 LLM "
+            "(~16 GB) fits on one 40 GB GPU per worker."
+        )
 
 
 class MetaModule(nn.Module):
-    """mapper (the meta-parameters) + the frozen LLM (replicated on every worker), one module for DeepSpeed."""
+    """mapper (the meta-parameters) + the frozen LLM (replicated at ZeRO 0-2, partitioned at 3), one module
+    for DeepSpeed."""
 
     def __init__(self, mapper: nn.Module, llm: nn.Module):
         super().__init__()
@@ -69,6 +78,8 @@ class MetaModule(nn.Module):
         self.llm = llm
 
     def forward(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        # reads the mapper's parameters without calling the mapper: at ZeRO-3 they are registered as this
+        # module's external parameters (build_engine), so its forward hook gathers them
         total = 0.0
         for name, p in self.mapper.named_parameters():
             total = total + (p * grads[name].to(p.dtype)).sum()
@@ -76,13 +87,22 @@ class MetaModule(nn.Module):
 
 
 def deepspeed_config(cfg, world: int) -> dict:
-    check_zero_stage(cfg)
+    stage = cfg.train.zero_stage
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(f"train.zero_stage={stage}: expected one of {list(SUPPORTED_ZERO_STAGES)}")
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        # tensors of at most this many elements stay whole on every worker (norms, biases)
+        zero["stage3_param_persistence_threshold"] = cfg.train.zero3_persistence_threshold
+        # gathered weights kept at once / kept for a call this near (else freed after each module's call)
+        zero["stage3_max_live_parameters"] = cfg.train.zero3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = cfg.train.zero3_max_live_parameters
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world,
         "gradient_clipping": cfg.meta.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bool(cfg.train.use_gpu and torch.cuda.is_available())},
         # torch.optim.AdamW, not DeepSpeed's JIT-compiled optimizers (platform.md)
         "zero_allow_untested_optimizer": True,
@@ -91,12 +111,49 @@ def deepspeed_config(cfg, world: int) -> dict:
     }
 
 
-def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float | None = None):
+Gathered = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
+"""params -> a context in which they are whole (DeepSpeed's GatheredParameters at ZeRO-3; else nothing)."""
+
+
+@contextlib.contextmanager
+def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
+    """The context a worker builds its model in (`worker_model`). At ZeRO-3: transformers' HfDeepSpeedConfig
+    of this run alive, so from_pretrained constructs the LLM under `deepspeed.zero.Init` (every large tensor
+    partitioned as it is created) and loads the checkpoint module by module on rank 0 (the other ranks
+    receive their partitions): no worker ever holds the whole LLM. Yields the context that gathers
+    parameters whole for code reading an LLM weight outside a module call. Else: nothing changes."""
+    if cfg.train.zero_stage != 3:
+        yield _whole
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(dist_init_required=False)  # on Ray Train's process group
+    keep = HfDeepSpeedConfig(deepspeed_config(cfg, world))  # noqa: F841 - transformers holds a weak reference
+    try:
+        yield lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _whole(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float | None = None, lm=None):
     """-> (engine, MetaModule). `mapper` is the master copy; seeded identically on every worker. AdamW at
-    `lr` (default meta.meta_lr), weight decay meta.weight_decay, gradients clipped to meta.grad_clip."""
-    check_zero_stage(cfg)  # before DeepSpeed touches the LLM
+    `lr` (default meta.meta_lr), weight decay meta.weight_decay, gradients clipped to meta.grad_clip.
+    At ZeRO-3 the model `lm` (whose frozen LLM is `llm`) is put in lockstep once DeepSpeed's hooks are on
+    (`ECGLanguageModel.synchronise_ranks`): required there, refused without it."""
     import deepspeed
 
+    stage = cfg.train.zero_stage
+    if stage == 3 and (lm is None or lm.llm is not llm):
+        raise ValueError(
+            "build_engine: train.zero_stage=3 partitions the frozen LLM, so every call of it must run in "
+            "lockstep across the workers: pass the ECGLanguageModel holding `llm` as lm="
+        )
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
     module = MetaModule(mapper, llm)
     optimizer = torch.optim.AdamW(
@@ -105,6 +162,10 @@ def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float |
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False
     )
+    if stage == 3:
+        for p in mapper.parameters():
+            deepspeed.zero.register_external_parameter(module, p)
+        lm.synchronise_ranks()
     return engine, module
 
 
@@ -115,8 +176,32 @@ def _cache_dir() -> Path:
 
 
 def gather_theta(module: MetaModule) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of the meta-parameters (at ZeRO 0-2 every worker holds them whole)."""
-    return {k: p.detach().float().clone() for k, p in module.mapper.named_parameters()}
+    """Full fp32 copies of the meta-parameters (gathered from their partitions at ZeRO-3: every worker must
+    call it then)."""
+    params = dict(module.mapper.named_parameters())
+    with _gathered(list(params.values())):
+        return {k: p.detach().float().clone() for k, p in params.items()}
+
+
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    if not any(hasattr(p, "ds_id") for p in params):  # not partitioned (ZeRO 0-2)
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def held_parameter_bytes(module: nn.Module) -> int:
+    """Bytes of `module`'s parameters this worker holds: whole tensors, or at ZeRO-3 its partition of each
+    (plus the whole of the small tensors DeepSpeed keeps on every worker, ds_persist)."""
+    total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            total += p.ds_numel * p.element_size() if p.ds_persist else 0
+        else:
+            total += p.numel() * p.element_size()
+    return total
 
 
 def _plain_optimizer(engine) -> torch.optim.Optimizer | None:
@@ -126,7 +211,7 @@ def _plain_optimizer(engine) -> torch.optim.Optimizer | None:
 
 
 def optimizer_state(engine, module: MetaModule) -> dict[str, torch.Tensor]:
-    """`{param}.{exp_avg|exp_avg_sq}` as full fp32 tensors (an all-reduce of the partitions at ZeRO-1/2 and
+    """`{param}.{exp_avg|exp_avg_sq}` as full fp32 tensors (an all-reduce of the partitions at ZeRO-1/2/3 and
     under bf16: every worker must call it)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -144,7 +229,7 @@ def optimizer_state(engine, module: MetaModule) -> dict[str, torch.Tensor]:
 
 
 def load_optimizer_state(engine, module: MetaModule, state: dict[str, torch.Tensor], step: int) -> None:
-    """Put saved AdamW moments back (at any of ZeRO 0-2) and set AdamW's step count to `step`."""
+    """Put saved AdamW moments back (at any of ZeRO 0-3) and set AdamW's step count to `step`."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     plain = _plain_optimizer(engine)
@@ -152,6 +237,12 @@ def load_optimizer_state(engine, module: MetaModule, state: dict[str, torch.Tens
     missing = [f"{n}.{k}" for n in names for k in MOMENTS if f"{n}.{k}" not in state]
     if missing:
         raise ValueError(f"{OPTIMIZER_FILE}: no saved AdamW state for {missing[:4]} ({len(missing)} missing)")
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
+        # ZeRO-3's optimizer makes AdamW's moments at its first step: make them (zeros) to write into
+        for flat in engine.optimizer.fp32_partitioned_groups_flat:
+            slot = engine.optimizer.optimizer.state[flat]
+            for key in MOMENTS:
+                slot.setdefault(key, torch.zeros_like(flat))
     for name, p in module.mapper.named_parameters():
         for key in MOMENTS:
             value = state[f"{name}.{key}"]
@@ -260,13 +351,15 @@ def feature_inputs(cfg) -> tuple[str, dict | None]:
     return features, stats
 
 
-def worker_model(cfg, device, feature_stats: dict | None):
+def worker_model(cfg, device, feature_stats: dict | None, world: int = 1):
     """-> (lm, master): the model (`build_model`; lm.mapper is the working copy the passes run on, fp32, and
-    its buffers are the ones saved) and the master copy of the mapper that DeepSpeed steps, equal to it."""
+    its buffers are the ones saved) and the master copy of the mapper that DeepSpeed steps, equal to it.
+    At ZeRO-3 the frozen LLM comes partitioned over the `world` workers (`partitioned_loading`)."""
     from ecgray.models.ecg_lm import build_model
     from ecgray.models.fusion import build_mapper, mapper_buffers
 
-    lm = build_model(cfg, device, feature_stats=feature_stats)
+    with partitioned_loading(cfg, world) as gathered:
+        lm = build_model(cfg, device, feature_stats=feature_stats, gathered=gathered)
     master = build_mapper(cfg.model, lm.encoder.d_enc, lm.d_llm, mapper_buffers(lm.mapper)).to(device)
     master.load_state_dict(lm.mapper.state_dict())
     return lm, master
@@ -315,8 +408,8 @@ def report_checkpoint(
     engine, module: MetaModule, lm, cfg, metrics: dict, splits, state: dict, rank: int
 ) -> None:
     """Report `metrics` with a checkpoint: the mapper (parameters + lm.mapper's buffers), config, metrics,
-    splits, AdamW moments and `state` (step, history). Every worker takes part (ZeRO-1/2's optimizer state
-    is gathered); rank 0 writes the files."""
+    splits, AdamW moments and `state` (step, history). Every worker takes part (ZeRO-1/2/3's optimizer
+    state and ZeRO-3's mapper are gathered); rank 0 writes the files."""
     import ray.train
 
     from ecgray.models.checkpoint import save_checkpoint

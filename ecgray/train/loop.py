@@ -140,6 +140,7 @@ def meta_test_sums(
 
 def eval_indices(n_episodes: int, rank: int, world: int) -> list[int]:
     """This worker's meta-test episodes: every worker gets ceil(n / world) of them (the same number, so the
-    all-reduce of the sums waits for no one for long); the total is rounded up to a multiple."""
+    all-reduce of the sums waits for no one for long, and at ZeRO-3 every worker runs the same number of
+    lockstep passes); the total is rounded up to a multiple."""
     per = math.ceil(n_episodes / world)
     return [rank * per + j for j in range(per)]

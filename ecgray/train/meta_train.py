@@ -15,6 +15,9 @@ restarts failed worker groups from the latest one (`train.max_failures`).
 With `align.checkpoint` set, a fresh run's mapper starts from that alignment checkpoint (`ecgray align`)
 instead of the seeded init; its model.* and encoder.* must equal the run's. The Ray Train glue (trainer,
 worker setup, resume, checkpoint reports) is shared with `ecgray align` in engine.py.
+With train.zero_stage=3 the frozen LLM is partitioned across the workers from the moment it is loaded and
+the model runs in lockstep (every worker makes the same LLM calls, in training and in the meta-val
+evaluation alike: ecg_lm.py); the mapper trains and checkpoints exactly as at the other stages.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def check_config(cfg: Config) -> None:
     from ecgray.train.engine import check_zero_stage
     from ecgray.train.loop import local_tasks
 
-    check_zero_stage(cfg)
+    check_zero_stage(cfg, lockstep=True)  # ZeRO-3: the model's LLM calls run in lockstep (build_engine)
     local_tasks(cfg.meta.tasks_per_step, cfg.train.num_workers)
     check_encoder_checkpoint(cfg.encoder)
     check_data_fits_encoder(cfg)
@@ -201,16 +204,17 @@ def train_loop_per_worker(config: dict) -> None:
     local_tasks(G, world)
 
     # lm.mapper: the working copy the inner loops run on (fp32); its buffers are the ones saved
-    lm, master = eng.worker_model(cfg, device, config["feature_stats"])
+    # at ZeRO-3 the frozen LLM is loaded partitioned across the workers
+    lm, master = eng.worker_model(cfg, device, config["feature_stats"], world)
     resumed = eng.resume(lm, master, cfg, "meta-train", rank)
     if resumed is None and cfg.align.checkpoint is not None:  # start from the aligned mapper
         eng.load_mapper(lm, master, initial_mapper_state(cfg), f"align.checkpoint={cfg.align.checkpoint}")
     start = 0 if resumed is None else resumed.step
     history = {"restarts": []} if resumed is None else resumed.history
 
-    engine, module = eng.build_engine(master, lm.llm, cfg, world)
-    # parameters this worker holds (the frozen LLM is replicated: ZeRO 0-2 partition only optimizer state)
-    param_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    engine, module = eng.build_engine(master, lm.llm, cfg, world, lm=lm)  # ZeRO-3: lm now in lockstep
+    # parameters this worker holds: the whole frozen LLM at ZeRO 0-2, its partition at ZeRO-3
+    param_mb = eng.held_parameter_bytes(module) / 2**20
     if resumed is not None:
         eng.load_optimizer_state(engine, module, resumed.optimizer, start)
 
