@@ -504,6 +504,11 @@ class AlignConfig:
     their ECG-QA names), from ECGs of the prepared `train` split that no meta-val / meta-test item uses.
     all: every statement of those ECGs; exclude_eval: without the statements meta-val / meta-test
     questions ask about (their attributes and answers, every question type of the data); none: no captions."""
+    caption_form: Literal["list", "verify"] = "list"
+    """How a caption asks about the statements. list: "which statements does this ECG show?" -> all of them;
+    verify: per ECG and repeat, "does this ECG show <statement>?" twice, once for one of its statements
+    (-> yes) and once for a statement it lacks (-> no), both drawn from the statements the captions speak of
+    (seeded by align.seed): one answer token each, balanced, the answer carried by the ECG alone."""
     caption_repeats: int = 1
     """Each caption appears this many times per pass over the items: a data set has one caption per training
     ECG but many QA items per ECG (the demo's world: ~3 % captions at 1), and captions are where the ECG must

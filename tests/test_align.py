@@ -111,6 +111,34 @@ def test_captions_come_from_training_ecgs_and_leave_out_eval_statements(world):
         A.check_caption_ecgs([{"ecg_id": 1}], set(range(4, 121)), held_out, "toy")
 
 
+def test_verify_captions_ask_about_one_shown_and_one_absent_statement_per_ecg(world):
+    prepared, cfg, qa = world
+    for mode in ("all", "exclude_eval"):
+        captions, _ = A.caption_items(prepared, qa, cfg, mode)
+        shown = {c["ecg_id"]: set(c["answer"]) for c in captions}
+        vocabulary = set().union(*shown.values())
+        items = A.verify_captions(captions, repeats=3, seed=5)
+        assert items == A.verify_captions(captions, repeats=3, seed=5)  # seeded
+        lacking = sum(bool(vocabulary - statements) for statements in shown.values())
+        assert len(items) == 3 * (len(captions) + lacking)  # a `no` item where the ECG lacks a statement
+        for item in items:
+            statement = item["question"].removeprefix("Does this ECG show ").removesuffix("?")
+            assert statement in vocabulary  # never a statement the captions leave out
+            assert item["answer"] == (["yes"] if statement in shown[item["ecg_id"]] else ["no"])
+        answers = Counter(i["answer"][0] for i in items)
+        assert (answers["yes"], answers["no"]) == (3 * len(captions), 3 * lacking)
+        if mode == "exclude_eval":
+            assert not any(s in i["question"] for i in items for s in A.eval_statements(qa, cfg))
+    # the config picks the form; an unknown one is named
+    verify = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, caption_form="verify"))
+    items, summary = A.align_items(prepared, qa, verify)
+    assert summary["caption_items"] == sum(i["class"] == "caption" for i in items) > 0
+    assert {tuple(i["answer"]) for i in items if i["class"] == "caption"} == {("yes",), ("no",)}
+    odd = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, caption_form="prose"))
+    with pytest.raises(ValueError, match=r"align.caption_form='prose': expected list or verify"):
+        A.align_items(prepared, qa, odd)
+
+
 def test_qa_items_are_meta_train_samples_only(world):
     from ecgray.data.episodes import EpisodeSampler
 

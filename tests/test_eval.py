@@ -430,12 +430,18 @@ def test_adapting_methods_in_lockstep_equal_each_alone_by_the_definition(world, 
         meta_learned(model, params, store),
         B.ecg_free_method(model, params, store),
         B.finetune_scratch_method(model, store, cfg),
+        B.shuffled_ecg_method(model, params, store, cfg),  # the model's inner loop, run once for both
     ]
+    assert methods[-1].adapts_like == "meta_test"
     answers = load_template_answers(cfg)
     results = run_adapting(model, methods, episodes, cfg, template_answers=answers)
     steps = reported_steps(cfg.meta.inner_steps, stride)
     assert steps == ([0, 1, 2] if stride == 1 else [0, 2])
-    assert list(results) == ["meta_test", "ecg_free", "finetune_scratch"]
+    assert list(results) == ["meta_test", "ecg_free", "finetune_scratch", "shuffled_ecg"]
+    for mine, theirs in zip(
+        results["shuffled_ecg"]["episodes"], results["meta_test"]["episodes"], strict=True
+    ):
+        assert mine["support_loss"] == theirs["support_loss"]  # one inner loop
     for method in methods:
         result = results[method.name]
         assert result["steps"] == steps and result["method"] == method.name
@@ -445,6 +451,13 @@ def test_adapting_methods_in_lockstep_equal_each_alone_by_the_definition(world, 
             assert record["exact_match"] == [float(np.mean(s.correct)) for s in picked], method.name
             assert record["predictions"] == picked[-1].predictions
             assert record["token_acc"] == pytest.approx([s.token_acc for s in picked], abs=1e-9)
+    # a method that claims another's inner loop but starts elsewhere is refused, not answered wrongly
+    moved = {k: v + 0.01 for k, v in params.items()}
+    other = dataclasses.replace(
+        methods[0], name="elsewhere", start=lambda index: moved, adapts_like="meta_test"
+    )
+    with pytest.raises(ValueError, match=r"elsewhere adapts like meta_test, but on episode 0"):
+        run_adapting(model, [methods[0], other], episodes[:1], cfg, template_answers=answers)
     # the module's meta weights are untouched, and a stride below 1 is named
     with pytest.raises(ValueError, match="eval.curve_stride"):
         reported_steps(2, 0)

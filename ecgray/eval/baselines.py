@@ -387,10 +387,17 @@ def query_permutation(episode: dict, seed: int) -> list[int]:
 
 
 def shuffled_ecg_method(
-    model: ECGLanguageModel, meta_params: Params, ecg_store, cfg: Config, feature_cache=None
+    model: ECGLanguageModel,
+    meta_params: Params,
+    ecg_store,
+    cfg: Config,
+    feature_cache=None,
+    adapts_like: str | None = "meta_test",
 ) -> Adapting:
     """shuffled_ecg as an `Adapting` method: the meta-learned mapper adapted on the real support set, each
-    query answered with the features of another query item's ECG (`query_permutation`, seed eval.seed)."""
+    query answered with the features of another query item's ECG (`query_permutation`, seed eval.seed).
+    Its inner loop is the meta-learned model's (`adapts_like`): run beside it, it answers with that
+    model's fast weights."""
     encode = ecg_features(model, ecg_store, None, feature_cache)
 
     def features(episode):
@@ -398,7 +405,7 @@ def shuffled_ecg_method(
         p = query_permutation(episode, cfg.eval.seed)
         return support, (pooled[p], None if tokens is None else tokens[p])
 
-    return Adapting("shuffled_ecg", lambda index: copy_params(meta_params), features)
+    return Adapting("shuffled_ecg", lambda index: copy_params(meta_params), features, adapts_like=adapts_like)
 
 
 def shuffled_ecg(

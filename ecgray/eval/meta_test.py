@@ -26,8 +26,11 @@ batch rather than one method after the other: the work per task is the same, but
 run far better on one tall batch than on several short ones, and a question shared by the methods' rows
 is run once for all of them (the question KV cache). A method fed no ECG (ecg_free) cannot tell its rows
 apart beyond their prompts, so it runs one row per distinct prompt (a grounded single-verify support set
-of 20 items holds 4). Rows never interact in the LLM and each task keeps its own fast weights, so every
-record is what one method on one episode at a time gives (pinned by tests/test_eval.py). Each record also
+of 20 items holds 4). A method whose inner loop is another's (`Adapting.adapts_like`: shuffled_ecg starts
+from the meta-learned weights and adapts on the same real support set) answers with that method's fast
+weights instead of adapting a copy of its own. Rows never interact in the LLM and each task keeps its own
+fast weights, so every record is what one method on one episode at a time gives (pinned by
+tests/test_eval.py). Each record also
 keeps the inner loop's support loss per step beside the support set's ECG-blind floor
 (metrics.blind_loss_floor): the loss an adapting method takes its gradients of, and the least a model that
 ignores the ECG could reach on it.
@@ -560,6 +563,11 @@ class Adapting:
     reads_ecg: bool = True
     """False (an all-zero ECG): its rows depend on the prompt alone, so it runs one row per distinct
     support prompt (weighted by its count) and answers one row per distinct query prompt."""
+    adapts_like: str | None = None
+    """The name of a method whose inner loop this one's is (the same start weights, the same support
+    features; only the query features differ, e.g. shuffled_ecg and the meta-learned model): in a run with
+    that method it takes that method's fast weights at each step instead of adapting its own copy (checked
+    equal per episode), so the inner loop runs once for both."""
 
 
 @dataclasses.dataclass
@@ -612,9 +620,10 @@ def run_adapting(
             tasks = [
                 _task(model, k, m, i, episodes[i], options[i]) for i in group for k, m in enumerate(methods)
             ]
+            starts = [methods[t.method].start(t.episode) for t in tasks]
             scores, losses = _adapt_and_answer(
-                model, tasks, [methods[t.method].start(t.episode) for t in tasks], episodes, inner_steps,
-                steps, cfg.meta.inner_lr,
+                model, tasks, starts, _sources(methods, tasks, starts), episodes, inner_steps, steps,
+                cfg.meta.inner_lr,
             )  # fmt: skip
             for task, per_step, loss in zip(tasks, scores, losses, strict=True):
                 i = task.episode
@@ -626,6 +635,38 @@ def run_adapting(
     if bar is not None:
         bar.close()
     return {name: _result(name, records[name], cfg, options_used(model, cfg)) for name in names}
+
+
+def _sources(methods: list[Adapting], tasks: list[_Task], starts: list[Params]) -> list[int]:
+    """Per task, the task whose fast weights it answers with: itself, or (`Adapting.adapts_like`, when that
+    method is in the run) the same episode's task of that method, after checking that both start from the
+    same weights and read the same support features (else the shared inner loop would not be its own)."""
+    index = {m.name: k for k, m in enumerate(methods)}
+    at = {(t.method, t.episode): j for j, t in enumerate(tasks)}
+    sources = []
+    for j, t in enumerate(tasks):
+        like = methods[t.method].adapts_like
+        if like is None or like not in index:
+            sources.append(j)
+            continue
+        source = at[(index[like], t.episode)]
+        mine, theirs = tasks[j].support, tasks[source].support
+        same = (
+            starts[j].keys() == starts[source].keys()
+            and all(torch.equal(starts[j][k], starts[source][k]) for k in starts[j])
+            and torch.equal(mine.pooled, theirs.pooled)
+            and (mine.tokens is None) == (theirs.tokens is None)
+            and (mine.tokens is None or torch.equal(mine.tokens, theirs.tokens))
+            and mine.rows == theirs.rows
+            and mine.weights == theirs.weights
+        )
+        if not same:
+            raise ValueError(
+                f"{methods[t.method].name} adapts like {like}, but on episode {t.episode} its start weights or "
+                "support set differ from that method's: it must run its own inner loop (adapts_like=None)"
+            )
+        sources.append(source)
+    return sources
 
 
 def _task(model, method_index: int, method: Adapting, index: int, episode: dict, options) -> _Task:
@@ -659,18 +700,23 @@ def _task(model, method_index: int, method: Adapting, index: int, episode: dict,
 
 
 def _adapt_and_answer(
-    model, tasks: list[_Task], params: list[Params], episodes, inner_steps: int, steps: list[int],
-    inner_lr: float,
+    model, tasks: list[_Task], params: list[Params], sources: list[int], episodes, inner_steps: int,
+    steps: list[int], inner_lr: float,
 ) -> tuple[list[list[StepScore]], list[list[float]]]:  # fmt: skip
     """Per task, the query set's StepScore at each of `steps` (inner steps, 0 = the start weights), and its
-    support loss before each inner step (at the weights after 0..inner_steps-1 updates)."""
+    support loss before each inner step (at the weights after 0..inner_steps-1 updates). sources[j]: the
+    task whose fast weights task j answers with (`_sources`); only the tasks that are their own source
+    adapt."""
     scores: list[list[StepScore]] = [[] for _ in tasks]
+    adapting = [j for j, source in enumerate(sources) if source == j]
+    slot = {j: n for n, j in enumerate(adapting)}  # task -> its place in the adapted batch
 
     def answer(step: int, fast: list[Params]) -> None:
         if step not in steps:
             return
         with torch.no_grad():
-            prefixes = [model.fuse(*t.query, w) for t, w in zip(tasks, fast, strict=True)]
+            weights = [fast[slot[source]] for source in sources]
+            prefixes = [model.fuse(*t.query, w) for t, w in zip(tasks, weights, strict=True)]
             if model.cfg.paper_compat:  # the quirk's token accuracy is per query set: one set at a time
                 for t, prefix, out in zip(tasks, prefixes, scores, strict=True):
                     q = episodes[t.episode]["query"]
@@ -685,12 +731,14 @@ def _adapt_and_answer(
             golds = [i["answer"] for i in episodes[t.episode]["query"]]
             out.append(score_predictions(model, predictions, golds))
 
+    params = [params[j] for j in adapting]
     answer(0, params)
     if inner_steps == 0:
         return scores, [[] for _ in tasks]
-    support = model.task_set([t.support for t in tasks])
+    support = model.task_set([tasks[j].support for j in adapting])
     result = adapt(model.loss_fn(), params, support, inner_steps, inner_lr, True, on_step=answer)
-    return scores, result.support_losses.T.tolist()  # (inner_steps, M) -> per task
+    losses = result.support_losses.T.tolist()  # (inner_steps, M) -> per adapted task
+    return scores, [losses[slot[source]] for source in sources]
 
 
 def meta_test(

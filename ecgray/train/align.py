@@ -215,11 +215,42 @@ def qa_items(samples: list[dict], cfg: Config) -> list[dict]:
     return items
 
 
+def verify_question(statement: str) -> str:
+    return f"Does this ECG show {statement}?"
+
+
+def verify_captions(captions: list[dict], repeats: int, seed: int) -> list[dict]:
+    """align.caption_form=verify: per caption and repeat, "does this ECG show <s>?" for one statement s of the
+    ECG (-> yes) and one it lacks (-> no), drawn from the statements the captions name
+    (`numpy.random.default_rng([seed, repeat])`). An ECG that shows every such statement gets no `no` item."""
+    vocabulary = sorted({name for c in captions for name in c["answer"]})
+    items = []
+    for repeat in range(repeats):
+        rng = np.random.default_rng([seed, repeat])
+        for c in captions:
+            shown = set(c["answer"])
+            absent = [name for name in vocabulary if name not in shown]
+            pairs = [(c["answer"][int(rng.integers(len(c["answer"])))], "yes")]
+            if absent:
+                pairs.append((absent[int(rng.integers(len(absent)))], "no"))
+            for statement, answer in pairs:
+                items.append(
+                    {"ecg_id": c["ecg_id"], "question": verify_question(statement), "answer": [answer],
+                     "class": "caption"}
+                )  # fmt: skip
+    return items
+
+
 def align_items(prepared_dir: str, samples: list[dict], cfg: Config) -> tuple[list[dict], dict]:
-    """Captions (align.captions, each `align.caption_repeats` times) then QA items (align.qa_items) ->
-    (items, summary counts)."""
+    """Captions (align.captions in align.caption_form, each `align.caption_repeats` times) then QA items
+    (align.qa_items) -> (items, summary counts)."""
     items, summary = caption_items(prepared_dir, samples, cfg)
-    items = items * cfg.align.caption_repeats
+    if cfg.align.caption_form == "verify":
+        items = verify_captions(items, cfg.align.caption_repeats, cfg.align.seed)
+    elif cfg.align.caption_form == "list":
+        items = items * cfg.align.caption_repeats
+    else:
+        raise ValueError(f"align.caption_form={cfg.align.caption_form!r}: expected list or verify")
     qa = qa_items(samples, cfg) if cfg.align.qa_items else []
     summary.update(caption_items=len(items), qa_items=len(qa), items=len(items) + len(qa))
     if not items and not qa:
@@ -455,8 +486,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     s = ray.get(source.summary.remote())
     excluded = len(s.get("caption_excluded_statements", []))
     say(
-        f"align: {s['items']} items: {s['caption_ecgs']} statement captions x {cfg.align.caption_repeats} "
-        f"(align.captions={cfg.align.captions}, {excluded} eval statements left out), {s['qa_items']} "
+        f"align: {s['items']} items: {s['caption_items']} caption items ({s['caption_ecgs']} ECGs x {cfg.align.caption_repeats}, "
+        f"align.caption_form={cfg.align.caption_form}, align.captions={cfg.align.captions}, {excluded} eval statements left out), {s['qa_items']} "
         "meta-train QA items; "
         f"{cfg.align.steps} steps of {cfg.align.batch_size}"
     )
