@@ -6,10 +6,12 @@ Reuses a finished demo run (its resolved config.yaml, prepared shards and encode
 meta-trains on Ray Train exactly as the demo does (`meta_train`, `seed` changed: theta's init, the
 meta-train episode stream, dropout) and evaluates the headline protocol's question types with every control
 on the same meta-test episodes as the demo (`eval.seed` unchanged). A run with an alignment stage
-(align.steps > 0) is aligned again per seed (`align.seed`) and meta-trained from that. Seed 0's numbers are the demo's own
-(`runs/demo/eval/<protocol>/<type>/results.json`). Prints, per question type and method, exact match at the
-last inner step per seed with its mean and standard deviation across seeds, then each seed's paired
-comparisons (model minus baseline, 95 % interval, Wilcoxon p); writes RUN/seeds/summary.json.
+(align.steps > 0) is aligned again per seed (`align.seed`) and meta-trained from that; with --keep-alignment
+every seed is meta-trained from the demo's own alignment (align/), so the spread is the meta-training's
+alone. Seed 0's numbers are the demo's own (`runs/demo/eval/<protocol>/<type>/results.json`). Prints, per
+question type and method, exact match at the last inner step per seed with its mean and standard deviation
+across seeds, then each seed's paired comparisons (model minus baseline, 95 % interval, Wilcoxon p); writes
+RUN/seeds/summary.json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def main() -> int:
     parser.add_argument("--run", default="runs/demo", help="a finished `ecgray demo` run directory")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[1, 2], help="meta-training seeds besides the run's"
+    )
+    parser.add_argument(
+        "--keep-alignment",
+        action="store_true",
+        help="meta-train every seed from the demo's own alignment (align/) instead of aligning again per "
+        "seed: the spread is then the meta-training's alone",
     )
     parser.add_argument(
         "--set",
@@ -68,7 +76,12 @@ def main() -> int:
             seed=seed,
             train=replace(base.train, storage_path=str(out / "ray_train"), name=f"seed{seed}"),
         )
-        if base.align.steps > 0:  # the alignment is trained again with this seed, then meta-training from it
+        if base.align.steps > 0 and args.keep_alignment:  # every seed starts from the demo's alignment
+            if not (run / "align" / "mapper.safetensors").is_file():
+                raise FileNotFoundError(f"{run / 'align'}: the demo's alignment checkpoint is missing")
+            cfg = replace(cfg, align=replace(cfg.align, checkpoint=str(run / "align")))
+        elif base.align.steps > 0:
+            # the alignment is trained again with this seed, then meta-training from it
             aligned = out / "align"
             align_cfg = replace(cfg.align, seed=seed, name=f"seed{seed}_align", checkpoint=None)
             if not (aligned / "mapper.safetensors").is_file():
@@ -99,8 +112,12 @@ def main() -> int:
     ray.shutdown()
 
     seeds = sorted(evals)
-    summary: dict = {"protocol": protocol, "seeds": seeds, "methods": {}, "comparisons": {}}
-    print(f"{protocol} protocol, exact match at the last inner step, meta-training seeds {seeds}")
+    summary: dict = {
+        "protocol": protocol, "seeds": seeds, "keep_alignment": args.keep_alignment, "methods": {},
+        "comparisons": {},
+    }  # fmt: skip
+    aligned = "the demo's alignment for every seed" if args.keep_alignment else "aligned again per seed"
+    print(f"{protocol} protocol, exact match at the last inner step, meta-training seeds {seeds} ({aligned})")
     print(
         f"{'question type':<15} {'method':<18} "
         + " ".join(f"{'seed ' + str(s):>8}" for s in seeds)
