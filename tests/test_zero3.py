@@ -59,7 +59,7 @@ def test_zero_stage_3_is_lockstep_meta_training_only():
     zero = eng.deepspeed_config(cfg, world=2)["zero_optimization"]
     assert zero == {
         "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 10**9,
-        "stage3_max_reuse_distance": 10**9,
+        "stage3_max_reuse_distance": 10**9, "memory_efficient_linear": False,
     }  # fmt: skip
     for stage in (0, 1, 2):
         cfg = load_config(None, [f"train.zero_stage={stage}"])
@@ -75,6 +75,106 @@ def test_build_engine_at_zero3_needs_the_model_to_put_in_lockstep():
     cfg = load_config(None, ["train.zero_stage=3"])
     with pytest.raises(ValueError, match="pass the ECGLanguageModel holding `llm` as lm="):
         eng.build_engine(nn.Linear(2, 2), nn.Linear(2, 2), cfg, world=1)
+
+
+# ----------------------------------------------------------- the sliced partitioned load (2 gloo processes)
+
+
+def _odd_llm_dir(out: Path) -> Path:
+    """A tiny LLaMA whose norms have an odd number of elements (hidden 33, head_dim 8): over 2 ranks their
+    partitions end in DeepSpeed's padding (3 heads of 8). Tied embeddings, like SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ecgray.models.llm import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=33, head_dim=8, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _sliced_load_worker(rank: int, world: int, dirs: list[str], init: str, out: str) -> None:
+    """One gloo process: each LLM directory loaded partitioned (train.zero_stage=3), every parameter and
+    buffer gathered and compared bit for bit with a plain load_llm of the same directory (fp32; a bf16
+    request is refused: DeepSpeed builds fp32 partitions without a GPU).
+    transformers' whole-file ZeRO-3 loader is made to fail, so the sliced load must serve every model."""
+    import os
+
+    import torch.distributed as dist
+    import transformers.modeling_utils
+
+    from ecgray.models.llm import load_llm
+    from ecgray.train import engine as eng
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as Ray Train sets them
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("transformers' ZeRO-3 loader read the whole checkpoint")
+
+    report = {}
+    cfg = load_config(None, ["train.zero_stage=3", "train.zero3_persistence_threshold=0"])
+    with eng.partitioned_loading(cfg, world), pytest.raises(ValueError, match="set model.dtype=auto"):
+        load_llm(dirs[0], dtype="bfloat16")  # DeepSpeed builds fp32 partitions on CPU: refused, not cast
+    for llm_dir in dirs:
+        for dtype in ("float32",):
+            with eng.partitioned_loading(cfg, world) as gathered:
+                original, transformers.modeling_utils.load_state_dict = (
+                    transformers.modeling_utils.load_state_dict, whole_file,
+                )  # fmt: skip
+                try:
+                    model, _ = load_llm(llm_dir, dtype=dtype)
+                finally:
+                    transformers.modeling_utils.load_state_dict = original
+            reference, _ = load_llm(llm_dir, dtype=dtype)
+            expected = dict(reference.named_parameters(remove_duplicate=False))
+            names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+            assert sorted(names) == sorted(expected), (names, list(expected))
+            differ = []
+            for name, p in model.named_parameters(remove_duplicate=False):
+                assert p.ds_tensor.numel() == -(-p.ds_numel // world), name  # this rank's partition only
+                with gathered([p]):
+                    if p.dtype != expected[name].dtype or not torch.equal(p.data, expected[name].data):
+                        differ.append(name)
+            buffers = dict(reference.named_buffers())
+            differ += [n for n, b in model.named_buffers() if not torch.equal(b, buffers[n])]
+            report[f"{Path(llm_dir).name}/{dtype}"] = {
+                "differ": differ,
+                "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+                "held": eng.held_parameter_bytes(model),
+                "whole": eng.held_parameter_bytes(reference),
+                "odd": sum(p.ds_numel % world for p in model.parameters()),
+            }
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sliced_partitioned_load_is_bitwise_a_normal_load(tiny_llm_dir, tmp_path):
+    """2 gloo processes load the tiny LLaMA and an odd-sized one partitioned (each rank reading only its
+    slice of every tensor from the safetensors; transformers' whole-file loader disabled): every parameter,
+    gathered, is exactly the plain load's; the tied lm_head stays tied; each rank
+    holds half of the parameters."""
+    import torch.multiprocessing as mp
+
+    dirs = [str(tiny_llm_dir), str(_odd_llm_dir(tmp_path / "odd"))]
+    mp.spawn(_sliced_load_worker, args=(2, dirs, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(report) == 2, sorted(report)
+        for key, r in report.items():
+            assert r["differ"] == [], (rank, key, r["differ"])
+            assert r["tied"], (rank, key)
+            n_tensors = 2 * 9 + 2  # 9 tensors a layer, the final norm, the (tied) embedding
+            assert r["whole"] / 2 <= r["held"] <= r["whole"] / 2 + 4 * n_tensors, (rank, key, r)
+        assert report["odd/float32"]["odd"] > 0  # the padding at the end of a partition is exercised
 
 
 # ------------------------------------------------------------------- hand-made episodes that differ per rank

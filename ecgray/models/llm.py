@@ -16,15 +16,19 @@ Every model comes back frozen: eval mode, requires_grad False on all parameters,
 flow *through* it into the inputs_embeds (the prefix), never into its weights.
 
 Partitioned loading (DeepSpeed ZeRO-3, `ecgray.train.engine.partitioned_loading`): while transformers'
-HfDeepSpeedConfig is alive, `from_pretrained` of a directory (the safetensors caches above included) builds
-the model under `deepspeed.zero.Init`, so each process holds only its partition of every large tensor
-from the start, and rank 0 alone reads the weights. Nothing here changes for it (no DeepSpeed import):
-the tiny models are built whole in every process (a few hundred kB, identical for a seed) and partitioned
-when DeepSpeed starts.
+HfDeepSpeedConfig of a ZeRO-3 run is alive, a local directory of safetensors (the caches above included) is
+loaded by `_load_partitioned`: the model built under `deepspeed.zero.Init` (by transformers' own init
+contexts, no DeepSpeed import here) with no weight initialised, then each process reads from the files
+only the bytes of its own partition of every tensor, straight into it (`read_partitions`), so no process
+ever holds or reads a whole tensor; the weights are bitwise those of from_pretrained (tests/test_zero3.py).
+A hub name or a directory without safetensors goes through transformers' own ZeRO-3 loader (rank 0 reads
+the whole checkpoint), said in a log line. The tiny models are built whole in every process (a few hundred
+kB, identical for a seed) and partitioned when DeepSpeed starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -307,13 +311,167 @@ def _assemble_gemma(unpacked: Path, output: Path) -> Path:
 
 def _load_hf(model_dir: Path | str, name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+        files = safetensors_files(model_dir)
+        if is_deepspeed_zero3_enabled() and files:
+            model = _load_partitioned(Path(model_dir), files, name, torch_dtype)
+        else:
+            if is_deepspeed_zero3_enabled():
+                say(
+                    f"ecgray: LLM {name!r}: {model_dir} is not a local directory of safetensors files, so it is "
+                    "loaded by transformers' ZeRO-3 loader (rank 0 reads the whole checkpoint)",
+                    err=True,
+                )
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except OSError as err:
         raise ValueError(f"LLM {name!r}: could not load from {model_dir} ({err}); {ACCEPTED}") from err
     return model, tokenizer
+
+
+# --------------------------------------------------------------- partitioned loading (DeepSpeed ZeRO-3)
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def safetensors_files(model_dir: Path | str) -> list[Path]:
+    """The safetensors files of a local HF directory (one `model.safetensors`, or the shards its
+    `model.safetensors.index.json` names); [] for a hub name or a directory without them."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    return []
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, {tensor name: {"dtype", "shape", "data_offsets"}}) of a safetensors file: an
+    8-byte little-endian header length, the JSON header, then each tensor's bytes, row-major, at
+    data_offsets (relative to the data)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _load_partitioned(model_dir: Path, files: list[Path], name: str, dtype: torch.dtype) -> nn.Module:
+    """At ZeRO-3 (transformers' HfDeepSpeedConfig alive: `ecgray.train.engine.partitioned_loading`): the
+    model constructed under `deepspeed.zero.Init` with no weight initialised (the init contexts transformers'
+    from_pretrained uses for it), tied (lm_head = embed_tokens where the config ties them), then each rank
+    reads from the safetensors only its partition of every tensor, straight into it (`read_partitions`):
+    no rank ever holds or reads a whole large tensor."""
+    import torch.distributed as dist
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers.utils import ContextManagers
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"LLM {name!r}: {model_dir} holds a {type(config).__name__}, not a causal LM ({ACCEPTED})"
+        )
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    contexts = cls.get_init_context(
+        dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
+    )
+    with ContextManagers(contexts):
+        model = cls(config)
+    model.tie_weights()
+    built = {p.dtype for p in model.parameters()}
+    if built != {dtype}:
+        raise ValueError(
+            f"LLM {name!r} at ZeRO-3: model.dtype resolves to {dtype}, but deepspeed.zero.Init builds the "
+            f"partitions in {sorted(map(str, built))} (DeepSpeed's dtype: bf16 with train.use_gpu on CUDA, "
+            "else fp32): set model.dtype=auto"
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    read = read_partitions(model, files, rank, world)
+    total = sum(f.stat().st_size for f in files)
+    say(
+        f"ecgray: LLM {name!r} partitioned: rank {rank} of {world} read {read / 2**20:.1f} of {total / 2**20:.1f} MB"
+    )
+    return model
+
+
+def read_partitions(model: nn.Module, files: list[Path], rank: int, world: int) -> int:
+    """Fill this rank's partition of every parameter of a model built under `deepspeed.zero.Init` from the
+    safetensors `files`, reading only those bytes; persistent buffers found in the files are read whole.
+    DeepSpeed's layout (partition_parameters.py, `_partition_param`): a parameter of ds_numel elements,
+    flattened and padded to a multiple of `world`, is cut into `world` equal partitions (ds_tensor, of
+    ds_tensor.ds_numel elements); rank r holds elements [r * that, (r + 1) * that); the padding is zeroed.
+    A parameter shared by several modules (tied weights) is read once, under whichever of its names the files
+    hold. -> bytes read."""
+    index = {}  # tensor name -> (file, byte offset of its data, header entry)
+    for path in files:
+        start, header = safetensors_header(path)
+        index.update({key: (path, start, entry) for key, entry in header.items()})
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(key)
+        params[id(p)] = p
+    missing = [keys for keys in names.values() if not any(k in index for k in keys)]
+    if missing:
+        raise ValueError(
+            f"partitioned load from {files[0].parent}: no tensor named {missing[0]} in its safetensors files "
+            f"({len(missing)} parameters missing, e.g. {missing[:3]}); the files must use the model's parameter "
+            "names (the project's safetensors caches do); load this LLM at train.zero_stage=0"
+        )
+    read = 0
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(open(path, "rb")) for path in files}
+
+        def locate(key: str, shape: torch.Size, dtype: torch.dtype):
+            path, start, entry = index[key]
+            if tuple(entry["shape"]) != tuple(shape):
+                raise ValueError(
+                    f"{path}: tensor {key} has shape {entry['shape']}, the model's is {list(shape)}"
+                )
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(
+                    f"{path}: tensor {key} is {entry['dtype']}, expected one of {list(SAFETENSORS_DTYPES)}"
+                )
+            return handles[path], start + entry["data_offsets"][0], SAFETENSORS_DTYPES[entry["dtype"]]
+
+        for pid, p in params.items():
+            key = next(k for k in names[pid] if k in index)
+            part = p.ds_tensor.ds_numel
+            if part != -(-p.ds_numel // world):
+                raise ValueError(
+                    f"{key}: a partition of {part} elements of a tensor of {p.ds_numel} elements: expected "
+                    f"ceil({p.ds_numel} / {world}) (DeepSpeed's layout over the {world} ranks)"
+                )
+            f, offset, file_dtype = locate(key, p.ds_shape, p.dtype)
+            begin = rank * part
+            count = max(0, min(part, p.ds_numel - begin))
+            read += _read_into(
+                f, offset + begin * file_dtype.itemsize, file_dtype, p.ds_tensor.narrow(0, 0, count)
+            )
+            p.ds_tensor.narrow(0, count, part - count).zero_()
+        for key, buf in model.named_buffers():
+            if key in index:
+                f, offset, file_dtype = locate(key, buf.shape, buf.dtype)
+                read += _read_into(f, offset, file_dtype, buf.view(-1))
+    return read
+
+
+def _read_into(f, offset: int, file_dtype: torch.dtype, out: torch.Tensor) -> int:
+    """out.numel() elements of `file_dtype` at byte `offset` of the open file `f` into the contiguous 1-D
+    `out` (cast to its dtype, as from_pretrained casts). -> bytes read."""
+    buf = out if out.dtype == file_dtype else torch.empty(out.numel(), dtype=file_dtype)
+    raw = buf.view(torch.uint8).numpy()
+    f.seek(offset)
+    got = f.readinto(raw)
+    if got != raw.nbytes:
+        raise ValueError(f"{f.name}: {got} bytes at offset {offset}, expected {raw.nbytes} (truncated file?)")
+    if buf is not out:
+        out.copy_(buf)
+    return got
 
 
 # ----------------------------------------------------------------------------------------- tiny models

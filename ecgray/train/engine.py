@@ -8,12 +8,14 @@ stage 0, reduce-scatter at 1-3) and `engine.step` its clipping and optimizer.
 
 ZeRO stages. 0-2: every worker holds the whole frozen LLM (replicated); ZeRO 1/2 shard only the small
 mapper's optimizer state / gradients. 3 (`ecgray train`, `ecgray tune`, `jobs.meta_train`): the frozen LLM
-is partitioned across the workers, each holding 1/W of every large tensor, from the moment it is loaded:
-`partitioned_loading` keeps transformers' HfDeepSpeedConfig alive around `build_model`, so from_pretrained
-builds the LLM under `deepspeed.zero.Init` and only rank 0 reads the safetensors, one module at a time
-(random-weight tiny models, a few hundred kB, are built whole and partitioned by `deepspeed.initialize`).
-Its weights are never modified. DeepSpeed's module hooks all-gather a module's parameters before each
-call and free them after, so every LLM call is a collective: the model runs in lockstep
+is partitioned across the workers, each holding 1/W of every tensor, from the moment it is loaded:
+`partitioned_loading` keeps transformers' HfDeepSpeedConfig alive around `build_model`, so load_llm builds
+the LLM under `deepspeed.zero.Init` and each rank reads only its own slice of every tensor from the
+safetensors (random-weight tiny models, a few hundred kB, are built whole and partitioned by
+`deepspeed.initialize`). Its weights are never modified. DeepSpeed's module hooks all-gather a module's
+parameters before each call and free them after (train.zero3_max_live_parameters), its Linear layers
+saving nothing for the backward that would keep a gathered weight alive (`FrozenLinear`), so every LLM call
+is a collective: the model runs in lockstep
 (`ECGLanguageModel.synchronise_ranks`, called by `build_engine`): every rank makes the same LLM calls in
 the same order (ecg_lm.py's module docstring says how). The mapper (MetaModule.mapper, the master copy) is
 partitioned too; its parameters are registered as external parameters of MetaModule, whose forward
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -97,6 +100,9 @@ def deepspeed_config(cfg, world: int) -> dict:
         # gathered weights kept at once / kept for a call this near (else freed after each module's call)
         zero["stage3_max_live_parameters"] = cfg.train.zero3_max_live_parameters
         zero["stage3_max_reuse_distance"] = cfg.train.zero3_max_live_parameters
+        # DeepSpeed's replacement of F.linear (process-wide) saves every Linear's input for a weight gradient
+        # the frozen LLM never takes; the LLM's Linear layers run `FrozenLinear` instead (build_engine)
+        zero["memory_efficient_linear"] = False
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -118,10 +124,11 @@ Gathered = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 @contextlib.contextmanager
 def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
     """The context a worker builds its model in (`worker_model`). At ZeRO-3: transformers' HfDeepSpeedConfig
-    of this run alive, so from_pretrained constructs the LLM under `deepspeed.zero.Init` (every large tensor
-    partitioned as it is created) and loads the checkpoint module by module on rank 0 (the other ranks
-    receive their partitions): no worker ever holds the whole LLM. Yields the context that gathers
-    parameters whole for code reading an LLM weight outside a module call. Else: nothing changes."""
+    of this run alive, so `ecgray.models.llm.load_llm` constructs the LLM under `deepspeed.zero.Init` (every
+    tensor partitioned as it is created, no weight initialised) and each rank reads from the safetensors
+    only its own partition of every tensor (`llm.read_partitions`): no worker ever holds or reads the whole
+    LLM. Large allocations are mmapped from here on (`mmap_large_allocations`). Yields the context that
+    gathers parameters whole for code reading an LLM weight outside a module call. Else: nothing changes."""
     if cfg.train.zero_stage != 3:
         yield _whole
         return
@@ -130,11 +137,35 @@ def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     deepspeed.init_distributed(dist_init_required=False)  # on Ray Train's process group
+    mmap_large_allocations(cfg.train.zero3_mmap_threshold)
     keep = HfDeepSpeedConfig(deepspeed_config(cfg, world))  # noqa: F841 - transformers holds a weak reference
     try:
         yield lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     finally:
         unset_hf_deepspeed_config()
+
+
+def mmap_large_allocations(threshold: int) -> None:
+    """glibc malloc: blocks of at least `threshold` bytes mmapped, returned to the OS when freed
+    (train.zero3_mmap_threshold; 0: glibc's default left alone). Elsewhere than glibc: nothing, said."""
+    if threshold < 0:
+        raise ConfigError(f"train.zero3_mmap_threshold={threshold}: expected bytes >= 0 (0: glibc's default)")
+    if threshold == 0:
+        return
+    import ctypes
+    import platform
+
+    from ecgray.logs import say
+
+    if platform.libc_ver()[0] != "glibc":
+        say(
+            f"ecgray: train.zero3_mmap_threshold={threshold} not applied: this C library is not glibc",
+            err=True,
+        )
+        return
+    m_mmap_threshold = -3  # malloc.h
+    if ctypes.CDLL(None).mallopt(m_mmap_threshold, threshold) != 1:
+        raise ConfigError(f"train.zero3_mmap_threshold={threshold}: glibc's mallopt refused it")
 
 
 def _whole(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
@@ -165,8 +196,48 @@ def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float |
     if stage == 3:
         for p in mapper.parameters():
             deepspeed.zero.register_external_parameter(module, p)
+        frozen_linears(llm)
         lm.synchronise_ranks()
     return engine, module
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b through a frozen weight partitioned by ZeRO-3 (gathered by DeepSpeed's module hooks
+    for the call and again for its backward). It saves the Parameter W itself, not a view of its gathered
+    data: autograd's own linear saves W^T, which would keep every gathered weight of a pass alive until its
+    backward (+470 MB at SmolLM2's tallest pass, measured); and it saves no input, W taking no gradient
+    (DeepSpeed's own F.linear replacement, memory_efficient_linear, saves every Linear's input: an
+    estimated +190 MB of activations).
+    The forward is torch's linear itself, so outputs are bitwise those of ZeRO-0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch._C._nn.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        if weight.shape != weight.ds_shape:
+            raise RuntimeError(
+                f"FrozenLinear backward: the weight holds {tuple(weight.shape)}, not its gathered "
+                f"{tuple(weight.ds_shape)} (DeepSpeed's pre-backward hook did not gather it)"
+            )
+        return grad.matmul(weight), None, None
+
+
+def frozen_linears(llm: nn.Module) -> None:
+    """Every nn.Linear of the frozen, partitioned LLM computes through `FrozenLinear` (its forward replaced
+    on the instance; DeepSpeed's gathering hooks stay around it)."""
+    for name, m in llm.named_modules():
+        if isinstance(m, nn.Linear):
+            if m.weight.requires_grad:
+                raise ValueError(f"frozen_linears: {name}.weight requires grad (the LLM must be frozen)")
+            m.forward = functools.partial(_frozen_linear, m)
+
+
+def _frozen_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return FrozenLinear.apply(x, m.weight, m.bias)
 
 
 def _cache_dir() -> Path:
