@@ -90,9 +90,8 @@ class MetaModule(nn.Module):
 
 
 def deepspeed_config(cfg, world: int) -> dict:
+    check_zero_stage(cfg, lockstep=True)  # whether this job may run ZeRO-3 is its driver's check_config's
     stage = cfg.train.zero_stage
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(f"train.zero_stage={stage}: expected one of {list(SUPPORTED_ZERO_STAGES)}")
     zero: dict = {"stage": stage}
     if stage == 3:
         # tensors of at most this many elements stay whole on every worker (norms, biases)
@@ -130,7 +129,7 @@ def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
     LLM. Large allocations are mmapped from here on (`mmap_large_allocations`). Yields the context that
     gathers parameters whole for code reading an LLM weight outside a module call. Else: nothing changes."""
     if cfg.train.zero_stage != 3:
-        yield _whole
+        yield _gathered
         return
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -140,7 +139,7 @@ def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
     mmap_large_allocations(cfg.train.zero3_mmap_threshold)
     keep = HfDeepSpeedConfig(deepspeed_config(cfg, world))  # noqa: F841 - transformers holds a weak reference
     try:
-        yield lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        yield _gathered
     finally:
         unset_hf_deepspeed_config()
 
@@ -166,10 +165,6 @@ def mmap_large_allocations(threshold: int) -> None:
     m_mmap_threshold = -3  # malloc.h
     if ctypes.CDLL(None).mallopt(m_mmap_threshold, threshold) != 1:
         raise ConfigError(f"train.zero3_mmap_threshold={threshold}: glibc's mallopt refused it")
-
-
-def _whole(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float | None = None, lm=None):
@@ -255,6 +250,8 @@ def gather_theta(module: MetaModule) -> dict[str, torch.Tensor]:
 
 
 def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """A context in which `params` are whole: DeepSpeed's GatheredParameters where they are partitioned
+    (ZeRO-3), else nothing."""
     if not any(hasattr(p, "ds_id") for p in params):  # not partitioned (ZeRO 0-2)
         return contextlib.nullcontext()
     import deepspeed
