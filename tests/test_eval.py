@@ -1179,6 +1179,11 @@ def test_blind_loss_floor_of_items_matches_the_loss_averaging_by_hand(world, cho
     assert metrics.blind_loss_floor(choose, model) == pytest.approx(2 * ln2 / 8)
     # the ECG count is part of the prompt: a one- and a two-ECG item of one question are told apart
     assert metrics.blind_loss_floor([verify[0], {**verify[1], "ecg_id": [1, 2]}], model) == 0.0
+    # repeated items count as often as they occur (tokenised once): 3 yes and 1 no of one question
+    skewed = [verify[0]] * 3 + [verify[1]]
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # the answer token's entropy; EOS is certain
+    assert metrics.blind_loss_floor(skewed, model) == pytest.approx(h / 2)
+    assert metrics.blind_loss_floor(verify[:2], model, weights=[3, 1]) == pytest.approx(h / 2)
     with pytest.raises(ValueError, match="no items"):
         metrics.blind_loss_floor([], model)
     with pytest.raises(ValueError, match=r"items without \['answer'\]"):

@@ -555,9 +555,22 @@ def blind_loss_floor(items: Sequence[dict], model, weights: Sequence[float] | No
     missing = [k for k in ("question", "answer", "ecg_id") if any(k not in i for i in items)]
     if missing:
         raise ValueError(f"blind_loss_floor: items without {missing}; expected QA items of an episode")
-    questions = [i["question"] for i in items]
-    n_ecg = [len(i["ecg_id"]) if isinstance(i["ecg_id"], list | tuple) else 1 for i in items]
+    # items with the same question, answer and ECG count are the same row for a blind model: tokenise each
+    # distinct one once, counted as often as it occurs (alignment has ~10^5 items of ~10^3 distinct ones)
+    count: dict[tuple, float] = {}
+    distinct: dict[tuple, dict] = {}
+    for item, w in zip(items, [1.0] * len(items) if weights is None else weights, strict=True):
+        n = len(item["ecg_id"]) if isinstance(item["ecg_id"], list | tuple) else 1
+        answer = item["answer"]
+        key = (item["question"], tuple(answer) if isinstance(answer, list | tuple) else answer, n)
+        count[key] = count.get(key, 0.0) + w
+        distinct.setdefault(key, item)
+    keys_ = list(distinct)
+    questions = [k[0] for k in keys_]
+    n_ecg = [k[2] for k in keys_]
     prompt = model.prompt_rows(questions, None, n_ecg=n_ecg)  # the prompt alone: what a blind model reads
     keys = [(tuple(b), tuple(a), n) for b, a, n in zip(prompt.before, prompt.after, n_ecg, strict=True)]
-    targets = model.prompt_rows(questions, [i["answer"] for i in items], n_ecg=n_ecg).targets
-    return blind_nll_floor(keys, targets, weights, teacher_forced=not model.cfg.paper_compat)
+    targets = model.prompt_rows(questions, [distinct[k]["answer"] for k in keys_], n_ecg=n_ecg).targets
+    return blind_nll_floor(
+        keys, targets, [count[k] for k in keys_], teacher_forced=not model.cfg.paper_compat
+    )

@@ -135,7 +135,8 @@ def partitioned_loading(cfg, world: int) -> Iterator[Gathered]:
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    deepspeed.init_distributed(dist_init_required=False)  # on Ray Train's process group
+    with framework_prints():
+        deepspeed.init_distributed(dist_init_required=False)  # on Ray Train's process group
     mmap_large_allocations(cfg.train.zero3_mmap_threshold)
     keep = HfDeepSpeedConfig(deepspeed_config(cfg, world))  # noqa: F841 - transformers holds a weak reference
     try:
@@ -167,6 +168,22 @@ def mmap_large_allocations(threshold: int) -> None:
         raise ConfigError(f"train.zero3_mmap_threshold={threshold}: glibc's mallopt refused it")
 
 
+@contextlib.contextmanager
+def framework_prints() -> Iterator[None]:
+    """DeepSpeed prints build notices to stdout ("DeepSpeed ...shm_comm_op built successfully"): what it
+    prints here goes to the framework log (logger ecgray.frameworks, DEBUG), not to the console."""
+    import io
+    import logging
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            logging.getLogger("ecgray.frameworks").debug("deepspeed: %s", line)
+
+
 def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float | None = None, lm=None):
     """-> (engine, MetaModule). `mapper` is the master copy; seeded identically on every worker. AdamW at
     `lr` (default meta.meta_lr), weight decay meta.weight_decay, gradients clipped to meta.grad_clip.
@@ -185,9 +202,10 @@ def build_engine(mapper: nn.Module, llm: nn.Module, cfg, world: int, lr: float |
     optimizer = torch.optim.AdamW(
         mapper.parameters(), lr=cfg.meta.meta_lr if lr is None else lr, weight_decay=cfg.meta.weight_decay
     )
-    engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False
-    )
+    with framework_prints():
+        engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False
+        )
     if stage == 3:
         for p in mapper.parameters():
             deepspeed.zero.register_external_parameter(module, p)
