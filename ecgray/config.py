@@ -322,6 +322,10 @@ class MetaConfig:
     engine: Literal["fast", "reference"] = "fast"
     """fast: no graph kept beyond the current pass, per-step query gradients accumulated (FOMAML) and
     task batching; reference: the official loop (query graphs retained, one backward at the end)."""
+    support_centring: bool = False
+    """model.mapper=grounded only: centre each episode's pooled features on its support set's mean (the
+    mapper's standardisation then subtracts that mean, not the meta-train side's) in meta-training and at
+    meta-test, for the ECG-reading methods; alignment (no episodes) keeps the meta-train mean."""
     outer_steps: int = 10000
     eval_every: int = 400
     eval_episodes: int = 1000

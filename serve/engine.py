@@ -78,6 +78,11 @@ class QAEngine:
     def __init__(self, cfg: Config, mapper_state: Params, device: str = "cpu"):
         from ecgray.models.ecg_lm import ECGLanguageModel, build_model
 
+        if cfg.meta.support_centring:
+            raise ValueError(
+                "the checkpoint was meta-trained with meta.support_centring=true: the service does not centre "
+                "queries on their adapter's support set; serve a checkpoint trained without it"
+            )
         self.cfg = cfg
         self.lm = build_model(cfg, device, mapper_state=mapper_state).eval()
         encoder, mapper, llm, tokenizer = self.lm.encoder, self.lm.mapper, self.lm.llm, self.lm.tokenizer

@@ -18,6 +18,7 @@ from ecgray.models.fusion import (
     MLPMapper,
     QFormerMapper,
     build_mapper,
+    centre_on_support,
     mapper_buffers,
     prefix_spread,
     spread,
@@ -330,3 +331,39 @@ def test_pooled_stats_streams_the_train_split(monkeypatch):
     assert float(stats["feature_std"][0]) == pytest.approx(0.01 * float(std.median()), rel=1e-6)
     with pytest.raises(ValueError, match="1 ECG\\(s\\) of split 'valid' from source 'mimic'"):
         features.pooled_stats("features", "prepared", "mimic", split="valid")
+
+
+# ------------------------------------------------------------------------ meta.support_centring
+
+
+def test_centring_on_the_support_set_standardises_around_its_mean():
+    """centre_on_support: the mapper's standardisation of the shifted features subtracts the support set's
+    mean (not the meta-train one), for support and query alike; one shift per episode, over every ECG."""
+    m = grounded(dropout=0.0).eval()
+    g = torch.Generator().manual_seed(7)
+    support, query = realistic_features(20, g) + 5.0, realistic_features(8, g) + 5.0  # a shifted episode
+    s, q = centre_on_support(m, support, query)
+    tol = rounding_tolerance([support], reduction=support.shape[0])
+    torch.testing.assert_close(s.mean(0), m.feature_mean, **tol)
+    shift = m.feature_mean - support.mean(0)  # one shift for both sets
+    torch.testing.assert_close(s, support + shift, rtol=0, atol=0)
+    torch.testing.assert_close(q, query + shift, rtol=0, atol=0)
+    # what the mapper standardises: the query relative to the support set's mean
+    terms = [query, m.feature_mean, support.mean(0)]  # the tolerance: roundings of sums of these
+    torch.testing.assert_close(q - m.feature_mean, query - support.mean(0), **rounding_tolerance(terms, 3))
+    # two ECGs per item: the mean over both positions of every support item
+    pairs = support.reshape(10, 2, D_ENC)
+    s2, q2 = centre_on_support(m, pairs, query.reshape(4, 2, D_ENC))
+    torch.testing.assert_close(s2.reshape(-1, D_ENC), s, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="meta.support_centring=true needs model.mapper=grounded"):
+        centre_on_support(build_mapper(ModelConfig(), D_ENC, D_LLM), support, query)
+
+
+def test_support_centring_is_refused_for_a_mapper_without_statistics(tmp_path):
+    from ecgray.config import load_config
+    from ecgray.models.ecg_lm import build_model
+    from ecgray.train.toy import toy_overrides
+
+    cfg = load_config(None, [*toy_overrides(tmp_path), "meta.support_centring=true"])
+    with pytest.raises(ValueError, match="model.mapper=attention has no feature statistics"):
+        build_model(cfg)

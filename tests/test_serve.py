@@ -471,3 +471,12 @@ def test_comparison_question_served_end_to_end(url, engine):
     mixed = support[:2] + [{"ecg": ecg(9), "question": q2, "answer": ["no"]}]
     r = post(url, "/v1/adapt", {"support": mixed})
     assert r.status_code == 422 and r.json()["field"].startswith("support[")
+
+
+def test_a_checkpoint_trained_with_support_centring_is_refused():
+    from ecgray.config import Config, MetaConfig
+    from serve.engine import QAEngine
+
+    cfg = Config(meta=MetaConfig(support_centring=True))
+    with pytest.raises(ValueError, match="meta.support_centring=true: the service does not centre"):
+        QAEngine(cfg, {})

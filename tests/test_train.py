@@ -208,3 +208,40 @@ def test_meta_training_needs_a_meta_val_side(toy):
     with pytest.raises(ValueError, match="episodes.meta_val_fraction=0: meta-training evaluates on meta-val"):
         check_config(cfg)
     check_config(load_config(None, toy_overrides(toy)))  # the toy's own 0.25 is fine
+
+
+def test_meta_training_and_meta_test_centre_an_episode_alike(tmp_path):
+    """meta.support_centring: meta-training's task sets and meta-test's tasks hold the same centred
+    features of an episode, whose support set then averages to the mapper's feature_mean."""
+    from tolerances import rounding_tolerance
+
+    from ecgray.data.episodes import EpisodeSampler
+    from ecgray.data.shards import ECGStore, read_qa
+    from ecgray.eval.meta_test import Adapting, _task, ecg_features
+    from ecgray.models.ecg_lm import build_model
+    from ecgray.train.loop import FeatureCache, task_sets
+    from ecgray.train.toy import toy_overrides, write_toy_prepared
+
+    toy = write_toy_prepared(tmp_path)
+    overrides = [
+        *toy_overrides(toy),
+        "model.mapper=grounded",
+        "model.mlp_hidden=16",
+        "meta.support_centring=true",
+    ]
+    cfg = load_config(None, overrides)
+    d_enc = cfg.encoder.d_enc
+    stats = {"feature_mean": torch.randn(d_enc), "feature_std": torch.rand(d_enc) + 0.5}
+    lm = build_model(cfg, feature_stats=stats)
+    store = ECGStore.open(toy)
+    episode = EpisodeSampler(read_qa(toy), cfg.episodes, "meta-train", seed=0).episodes(1)[0]
+    support, query = task_sets(lm, FeatureCache(lm, store), [episode], centre=True)
+    plain, _ = task_sets(lm, FeatureCache(lm, store), [episode])
+    method = Adapting("meta_test", lambda i: lm.mapper_params(), ecg_features(lm, store))
+    task = _task(lm, 0, method, 0, episode, None, centre=True)
+    torch.testing.assert_close(task.support.pooled, support.tasks[0].pooled, rtol=0, atol=0)
+    torch.testing.assert_close(task.query[0], query.tasks[0].pooled, rtol=0, atol=0)
+    centred = support.tasks[0].pooled
+    tol = rounding_tolerance([plain.tasks[0].pooled], reduction=centred.shape[0])
+    torch.testing.assert_close(centred.mean(0), stats["feature_mean"], **tol)
+    assert not torch.allclose(centred, plain.tasks[0].pooled)

@@ -51,6 +51,7 @@ from ecgray.config import LEAD_NAMES, Config
 from ecgray.eval import metrics
 from ecgray.meta import adapt
 from ecgray.models.ecg_lm import PADDING_ANSWER, PADDING_QUESTION, ECGLanguageModel, TaskData, answer_text
+from ecgray.models.fusion import centre_on_support
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +619,9 @@ def run_adapting(
             options = {i: episode_options(model, cfg, episodes[i], template_answers) for i in group}
             floors = {i: metrics.blind_loss_floor(episodes[i]["support"], model) for i in group}
             tasks = [
-                _task(model, k, m, i, episodes[i], options[i]) for i in group for k, m in enumerate(methods)
+                _task(model, k, m, i, episodes[i], options[i], cfg.meta.support_centring)
+                for i in group
+                for k, m in enumerate(methods)
             ]
             starts = [methods[t.method].start(t.episode) for t in tasks]
             scores, losses = _adapt_and_answer(
@@ -669,11 +672,15 @@ def _sources(methods: list[Adapting], tasks: list[_Task], starts: list[Params]) 
     return sources
 
 
-def _task(model, method_index: int, method: Adapting, index: int, episode: dict, options) -> _Task:
+def _task(
+    model, method_index: int, method: Adapting, index: int, episode: dict, options, centre: bool = False
+) -> _Task:
     (sp, st), (qp, qt) = method.features(episode)
     support, query = episode["support"], episode["query"]
     questions = [i["question"] for i in query]
     if method.reads_ecg:
+        if centre:  # meta.support_centring: as in meta-training (ecgray.train.loop.task_sets)
+            sp, qp = centre_on_support(model.mapper, sp, qp)
         data = model.task_data(sp, st, [i["question"] for i in support], [i["answer"] for i in support])
         return _Task(method_index, index, data, (qp, qt), questions, options, None)
     # no ECG: identical prompts are identical rows, run once (support: weighted by their count)

@@ -928,6 +928,11 @@ def check_question_types_fit_model(cfg) -> None:
             f"model.paper_compat=True reproduces the official single-ECG code; the question types {comparison} "
             "carry two ECGs per sample: set model.paper_compat=False or leave them out of episodes.*"
         )
+    if cfg.meta.support_centring and cfg.model.mapper != "grounded":
+        raise ValueError(
+            f"meta.support_centring=true centres the grounded mapper's standardisation on the support set; "
+            f"model.mapper={cfg.model.mapper} has no feature statistics: set model.mapper=grounded or leave it off"
+        )
 
 
 def build_model(

@@ -226,6 +226,22 @@ class GroundedMapper(nn.Module):
         return F.normalize(x, dim=-1) * self.token_norm  # every vector's norm = token_norm
 
 
+def centre_on_support(
+    mapper: nn.Module, support: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """meta.support_centring: an episode's pooled features (B, D_enc) or (B, 2, D_enc), support and query,
+    shifted by (the mapper's feature_mean - the support set's mean over all its ECGs), so the mapper's
+    standardisation centres them on the support set. Only for a mapper with feature statistics."""
+    feature_mean = getattr(mapper, "feature_mean", None)
+    if feature_mean is None:
+        raise ValueError(
+            f"meta.support_centring=true needs model.mapper=grounded (feature statistics); "
+            f"{type(mapper).__name__} has none"
+        )
+    shift = feature_mean.to(support.dtype) - support.reshape(-1, support.shape[-1]).mean(0)
+    return support + shift, query + shift
+
+
 @torch.no_grad()
 def token_embedding_norm(embed: nn.Module, chunk: int = 8192) -> float:
     """The median norm of the vectors an input-embedding module gives for every token id (its forward, so

@@ -19,6 +19,7 @@ import torch
 from ecgray.config import Config
 from ecgray.meta import run_meta_step
 from ecgray.models.ecg_lm import ECGLanguageModel, TaskSet
+from ecgray.models.fusion import centre_on_support
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -92,13 +93,21 @@ def item_features(cache: FeatureCache, items: list[dict]) -> tuple[torch.Tensor,
     return (None if tokens is None else tokens.unflatten(0, (-1, 2))), pooled.unflatten(0, (-1, 2))
 
 
-def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -> tuple[TaskSet, TaskSet]:
-    """M episodes -> (support TaskSet, query TaskSet), each collated once for all inner steps."""
+def task_sets(
+    lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict], centre: bool = False
+) -> tuple[TaskSet, TaskSet]:
+    """M episodes -> (support TaskSet, query TaskSet), each collated once for all inner steps; centre:
+    meta.support_centring (`ecgray.models.fusion.centre_on_support`)."""
     support, query = [], []
     for episode in episodes:
+        parts = {part: item_features(cache, episode[part]) for part in ("support", "query")}
+        if centre:
+            (st, sp), (qt, qp) = parts["support"], parts["query"]
+            sp, qp = centre_on_support(lm.mapper, sp, qp)
+            parts = {"support": (st, sp), "query": (qt, qp)}
         for part, out in (("support", support), ("query", query)):
             items = episode[part]
-            tokens, pooled = item_features(cache, items)
+            tokens, pooled = parts[part]
             out.append(
                 lm.task_data(pooled, tokens, [it["question"] for it in items], [it["answer"] for it in items])
             )
@@ -108,7 +117,7 @@ def task_sets(lm: ECGLanguageModel, cache: FeatureCache, episodes: list[dict]) -
 def meta_gradient(lm: ECGLanguageModel, cache: FeatureCache, theta: dict, episodes: list[dict], cfg: Config):
     """The MetaStep of this worker's episodes (ecgray.meta does the algorithm). theta may be detached
     (`engine.gather_theta` gives plain copies); the caller's tensors are never modified."""
-    support, query = task_sets(lm, cache, episodes)
+    support, query = task_sets(lm, cache, episodes, cfg.meta.support_centring)
     meta_cfg = dataclasses.replace(cfg.meta, tasks_per_step=len(episodes))
     if meta_cfg.engine == "reference" or not meta_cfg.first_order:
         # these engines differentiate the query losses w.r.t. theta itself (FOMAML only w.r.t. its own
