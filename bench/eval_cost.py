@@ -4,6 +4,11 @@ the demo's checkpoint and episodes, and whether both give the same per-episode, 
     .venv/bin/python bench/eval_cost.py                       # runs/demo, before = git HEAD, after = this tree
     .venv/bin/python bench/eval_cost.py --run runs/demo --before 2c4bb41 --episodes 4 --stages grounded/single-verify
     .venv/bin/python bench/eval_cost.py --before 2c4bb41 --curve-stride 5   # after answers at steps 0 and 5 only
+    .venv/bin/python bench/eval_cost.py --before 2f152f5 --before-curve-stride 1 --dtype float32 --episodes 4
+
+Config keys the before revision does not know are dropped on its side (from the run's config and the
+checkpoint's), and only when they hold this tree's default (else the bench stops, naming the key): such a
+revision behaves as the default. A checkpoint the revision cannot load (a newer mapper) stops it too.
 
 "Before" is today's path of a git revision (`--before`, default HEAD): its `ecgray` package is exported
 with `git archive` into a temporary directory and run from there; "after" is the package of this working
@@ -57,27 +62,24 @@ def run_side(args) -> dict:
 
     run = Path(args.run).resolve()
     raw = yaml.safe_load((run / "config.yaml").read_text())
-    from ecgray.config import EvalConfig
-
     checkpoint, prepared = run / "checkpoint", run / "data" / "prepared"
-    if "curve_stride" not in {f.name for f in dataclasses.fields(EvalConfig)}:  # a revision before the key
-        stride = raw.get("eval", {}).pop("curve_stride", 1)
-        if stride != 1:
-            raise SystemExit(f"eval.curve_stride={stride} in {run}: the 'before' revision answers every step")
-        # the checkpoint's config too: the same mapper, its config without the key, in a temporary copy
+    dropped = known_keys_only(
+        raw
+    )  # keys a revision before them does not know; the parent checks their values
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    if known_keys_only(saved):  # the checkpoint's config too: the same mapper, in a temporary copy
         import shutil
 
         copy = Path(tempfile.mkdtemp(prefix="eval-cost-checkpoint-")) / "checkpoint"
         shutil.copytree(checkpoint, copy)
-        saved = yaml.safe_load((copy / "config.yaml").read_text())
-        saved.get("eval", {}).pop("curve_stride", None)
         (copy / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         checkpoint = copy
     cfg = from_dict(raw)
     if args.dtype:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=args.dtype))
-    if args.curve_stride and args.side == "after":
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, curve_stride=args.curve_stride))
+    stride = {"after": args.curve_stride, "before": args.before_curve_stride}[args.side]
+    if stride:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, curve_stride=stride))
     if args.episodes:
         by_type = {k: (args.episodes if v > 0 else 0) for k, v in cfg.eval.episodes_by_type.items()}
         cfg = dataclasses.replace(
@@ -154,7 +156,46 @@ def run_side(args) -> dict:
         "threads": torch.get_num_threads(),
         "stages": stages,
         "margins": margins,
+        "dropped_keys": dropped,
     }
+
+
+def known_keys_only(raw: dict) -> dict:
+    """Drop, in place, the config keys this side's `ecgray.config.Config` does not know (a revision older than
+    them) -> {"section.key": value} dropped."""
+    import dataclasses
+
+    from ecgray.config import Config
+
+    dropped = {}
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name in list(raw):
+        if name not in sections:
+            dropped[name] = raw.pop(name)
+            continue
+        value = raw[name]
+        default = Config()
+        section = getattr(default, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(section):
+            known = {f.name for f in dataclasses.fields(section)}
+            for key in [k for k in value if k not in known]:
+                dropped[f"{name}.{key}"] = value.pop(key)
+    return dropped
+
+
+def check_dropped(dropped: dict, side: str) -> None:
+    """A key the side's revision does not know must hold this tree's default (the revision behaves so)."""
+    from ecgray.config import Config
+
+    default = Config()
+    for key, value in dropped.items():
+        section, _, name = key.partition(".")
+        expected = getattr(getattr(default, section), name) if name else getattr(default, section)
+        if value != expected:
+            raise SystemExit(
+                f"{key}={value!r} in the run's config, which the '{side}' revision does not know (this tree's "
+                f"default: {expected!r}): it would evaluate otherwise"
+            )
 
 
 # ------------------------------------------------------------------------------------ compare (parent)
@@ -201,6 +242,9 @@ def main() -> int:
     p.add_argument("--curve-stride", type=int, default=0,
                    help="after only: eval.curve_stride (answer after steps 0, every k-th and the last; before "
                         "answers after every step, and identity is checked at after's steps)")  # fmt: skip
+    p.add_argument("--before-curve-stride", type=int, default=0,
+                   help="before only: eval.curve_stride (e.g. 1: answer after every step, as the evaluation "
+                        "the issue measured did; identity is checked at after's steps)")  # fmt: skip
     p.add_argument("--margin-ulps", type=float, default=64.0,
                    help="bf16: near_ties_before counts before's margins under this many bf16 ulps")  # fmt: skip
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
@@ -220,6 +264,8 @@ def main() -> int:
             subprocess.run(cmd, env=side_env, cwd=REPO, check=True)
             results[side] = json.loads(out.read_text())
     before, after = results["before"], results["after"]
+    for side in ("before", "after"):
+        check_dropped(results[side]["dropped_keys"], side)
     if before["package"] == after["package"]:
         raise SystemExit(f"both sides imported {before['package']}: PYTHONPATH did not take")
     dtype = (after["dtype"] or "").removeprefix("torch.")
@@ -253,7 +299,8 @@ def main() -> int:
             "run": args.run,
             "before": args.before,
             "dtype": dtype,
-            "after_curve_stride": args.curve_stride or 1,
+            "after_curve_stride": args.curve_stride or "the run's",
+            "before_curve_stride": args.before_curve_stride or "the run's",
             "threads": after["threads"],
             "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
