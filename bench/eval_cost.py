@@ -5,6 +5,7 @@ the demo's checkpoint and episodes, and whether both give the same per-episode, 
     .venv/bin/python bench/eval_cost.py --run runs/demo --before 2c4bb41 --episodes 4 --stages grounded/single-verify
     .venv/bin/python bench/eval_cost.py --before 2c4bb41 --curve-stride 5   # after answers at steps 0 and 5 only
     .venv/bin/python bench/eval_cost.py --before 2f152f5 --before-curve-stride 1 --dtype float32 --episodes 4
+    .venv/bin/python bench/eval_cost.py --before sequential --before-curve-stride 1 --dtype float32 --episodes 4
 
 Config keys the before revision does not know are dropped on its side (from the run's config and the
 checkpoint's), and only when they hold this tree's default (else the bench stops, naming the key): such a
@@ -12,7 +13,11 @@ revision behaves as the default. A checkpoint the revision cannot load (a newer 
 
 "Before" is today's path of a git revision (`--before`, default HEAD): its `ecgray` package is exported
 with `git archive` into a temporary directory and run from there; "after" is the package of this working
-tree. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
+tree. `--before sequential` is this tree's package with every saving of the lockstep evaluation off, the
+path the evaluation issue measured (2c4bb41, which cannot load a grounded mapper): each adapting method
+alone, one episode at a time, its own inner loop (no `adapts_like`) on every support row (no rows shared by
+identical prompts), blind_llm one episode at a time, the model built in every stage; with `--before-curve-stride 1` it also answers after
+every inner step. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
 (`ecgray.demo`'s meta-test block: every protocol x question type, `ecgray.eval.cli.evaluate` with the run's
 config) on the same episodes: before builds the model in every stage as it does, after once for all (as
 the demo now does). Per method: the adapting methods run as one lockstep batch after, so they are timed
@@ -98,6 +103,10 @@ def run_side(args) -> dict:
 
         return wrapper
 
+    sequential = args.side == "before" and args.before == SEQUENTIAL
+    if sequential:
+        mt.run_adapting = one_at_a_time(mt.run_adapting, timings)
+        B.blind_llm = timed("blind_llm", episode_by_episode(B.blind_llm, mt, "blind_llm"))
     if not hasattr(cli, "load_model"):
         mt.meta_test = timed("meta_test", mt.meta_test)
         for name in B.BASELINES:
@@ -116,7 +125,7 @@ def run_side(args) -> dict:
     ecg_lm.ECGLanguageModel.score_options = recording
 
     model, build_s = None, 0.0
-    if hasattr(cli, "load_model"):  # the after path builds the model once for every stage
+    if hasattr(cli, "load_model") and not sequential:  # the after path builds the model once for every stage
         t0 = time.perf_counter()
         model = cli.load_model(cfg, checkpoint)
         build_s = time.perf_counter() - t0
@@ -139,7 +148,7 @@ def run_side(args) -> dict:
             stages[stage] = {
                 "seconds": seconds,
                 "episodes": payload["episodes"],
-                "by_method": payload.get("seconds_by_method") or dict(timings),
+                "by_method": by_method(payload, timings, sequential),
                 "records": {
                     name: [
                         {k: r[k] for k in ("index", "steps", "exact_match", "predictions")}
@@ -158,6 +167,53 @@ def run_side(args) -> dict:
         "margins": margins,
         "dropped_keys": dropped,
     }
+
+
+def by_method(payload: dict, timings: dict[str, float], sequential: bool) -> dict[str, float]:
+    """Seconds per method of one stage: evaluate's own figures (the adapting methods together, under one
+    joined name), the wrapped methods' where evaluate has none (an old revision) or where the sequential
+    path runs them one by one."""
+    own = payload.get("seconds_by_method") or {}
+    if sequential:
+        return {k: v for k, v in own.items() if "+" not in k} | timings
+    return own or dict(timings)
+
+
+SEQUENTIAL = "sequential"
+"""--before value: this tree's package without the lockstep evaluation's savings (module docstring)."""
+
+
+def one_at_a_time(run_adapting, timings: dict[str, float]):
+    """`run_adapting` as the evaluation ran before lockstep: every method alone (its own inner loop, no
+    `adapts_like`; every support and query row, no distinct-prompt rows), one episode per pass; each
+    method's wall time added to timings[name]."""
+    import dataclasses
+
+    def sequential(model, methods, episodes, cfg, **kw):
+        one = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes_per_pass=1))
+        out = {}
+        for method in methods:
+            alone = dataclasses.replace(method, reads_ecg=True, adapts_like=None)
+            t0 = time.perf_counter()
+            out[method.name] = run_adapting(model, [alone], episodes, one, **kw)[method.name]
+            timings[method.name] = timings.get(method.name, 0.0) + time.perf_counter() - t0
+        return out
+
+    return sequential
+
+
+def episode_by_episode(method, mt, name: str):
+    """A non-adapting method run on one episode at a time (blind_llm before its prompts were decoded for
+    all episodes at once), its records and summary as one run gives them."""
+
+    def per_episode(model, episodes, store, cfg, **kw):
+        records = []
+        for index, episode in enumerate(episodes):
+            record = method(model, [episode], store, cfg, **kw)["episodes"][0]
+            records.append(record | {"index": index})
+        return mt._result(name, records, cfg, mt.options_used(model, cfg))
+
+    return per_episode
 
 
 def known_keys_only(raw: dict) -> dict:
@@ -235,7 +291,11 @@ def main() -> int:
     p.add_argument(
         "--run", default="runs/demo", help="a demo run directory (config.yaml, checkpoint/, data/)"
     )
-    p.add_argument("--before", default="HEAD", help="git revision whose evaluation is 'before'")
+    p.add_argument(
+        "--before",
+        default="HEAD",
+        help=f"git revision whose evaluation is 'before', or '{SEQUENTIAL}' (module docstring)",
+    )
     p.add_argument("--episodes", type=int, default=0, help="episodes per stage (0: the run's own)")
     p.add_argument("--stages", default="", help="comma-separated protocol/question-type (default: all)")
     p.add_argument("--dtype", default="", help="model.dtype for both sides (default: the run's)")
@@ -256,7 +316,8 @@ def main() -> int:
     env = dict(os.environ, ECGRAY_CACHE=os.environ.get("ECGRAY_CACHE", str(REPO / ".cache" / "ecgray")))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        code = {"before": export_revision(args.before, Path(tmp)), "after": REPO}
+        before_code = REPO if args.before == SEQUENTIAL else export_revision(args.before, Path(tmp))
+        code = {"before": before_code, "after": REPO}
         for side in ("before", "after"):
             out = Path(tmp) / f"{side}.json"
             cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--json", str(out)]
@@ -266,7 +327,7 @@ def main() -> int:
     before, after = results["before"], results["after"]
     for side in ("before", "after"):
         check_dropped(results[side]["dropped_keys"], side)
-    if before["package"] == after["package"]:
+    if before["package"] == after["package"] and args.before != SEQUENTIAL:
         raise SystemExit(f"both sides imported {before['package']}: PYTHONPATH did not take")
     dtype = (after["dtype"] or "").removeprefix("torch.")
     # bf16 rounding of an option score of magnitude ~|score|: margin-ulps units of 2^-8 relative

@@ -570,6 +570,30 @@ def test_blind_llm_answers_from_the_question_alone(world):
         assert pred == [max(scores, key=scores.get)]
 
 
+def test_blind_llm_decodes_each_distinct_prompt_once_for_all_episodes(world, monkeypatch):
+    """The prompts of every episode in shared passes give each episode what it gets alone."""
+    cfg, _, model, store, episodes = world
+    calls = []
+    score_options = type(model).score_options
+    monkeypatch.setattr(
+        type(model),
+        "score_options",
+        lambda self, *a, **k: calls.append(len(a[1])) or score_options(self, *a, **k),
+    )
+    together = B.blind_llm(model, episodes, store, cfg)
+    prompts = {(i["question"],) for ep in episodes for i in ep["query"]}
+    assert len(calls) == 1 and calls[0] >= len(prompts)  # one pass, one row per distinct (question, options)
+    monkeypatch.setattr(B, "BLIND_ROWS_PER_PASS", 1)
+    calls.clear()
+    one_by_one = B.blind_llm(model, episodes, store, cfg)
+    assert calls == [1] * sum(calls) and len(calls) > 1
+    for k, episode in enumerate(episodes):
+        alone = B.blind_llm(model, [episode], store, cfg)["episodes"][0]
+        for res in (together, one_by_one):
+            assert res["episodes"][k]["predictions"] == alone["predictions"]
+            assert res["episodes"][k]["exact_match"] == alone["exact_match"]
+
+
 def test_ecg_free_ignores_the_ecgs_and_finetune_scratch_starts_fresh(world):
     cfg, rows, model, store, episodes = world
     params = model.mapper_params()

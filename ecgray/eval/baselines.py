@@ -67,8 +67,9 @@ from ecgray.eval.meta_test import (
     copy_params,
     decode,
     device_of,
-    distinct_prompts,
     ecg_features,
+    episode_options,
+    eval_mode,
     load_template_answers,
     meta_learned,
     meta_test,
@@ -76,6 +77,7 @@ from ecgray.eval.meta_test import (
     needs_tokens,
     options_mode,
     options_used,
+    prompt_key,
     run_adapting,
     run_episodes,
     score_predictions,
@@ -286,9 +288,28 @@ def encoder_prototype(
 def blind_llm(
     model, episodes, ecg_store, cfg: Config, *, template_answers=None, progress=False, feature_cache=None
 ) -> dict:
-    """The LLM answers from the question alone (no prefix at all; feature_cache unused: nothing encoded)."""
+    """The LLM answers from the question alone (no prefix at all; feature_cache unused: nothing encoded).
+    Its answer depends on the prompt (question and option set) and nothing else, so every distinct prompt
+    of all the episodes is decoded once, `BLIND_ROWS_PER_PASS` prompts per frozen-LLM pass, before the
+    episodes are scored (one pass per episode would read the LLM's weights once per episode for a few
+    rows)."""
     _refuse_paper_compat(model, "blind_llm")
     view = _view(model, n_prefix=0)
+    template_answers = _options(model, cfg, template_answers)
+    prompts: dict[tuple, tuple[str, list[Answer]]] = {}  # distinct (question, options) -> its prompt
+    for episode in episodes:
+        options = _query_options(view, cfg, episode, template_answers)
+        for item, opts in zip(episode["query"], options, strict=True):
+            prompts.setdefault(prompt_key(item, opts), (item["question"], opts))
+    keys = list(prompts)
+    answers: dict[tuple, str | Answer] = {}
+    with eval_mode(view), torch.no_grad():
+        for start in range(0, len(keys), BLIND_ROWS_PER_PASS):
+            chunk = keys[start : start + BLIND_ROWS_PER_PASS]
+            prefix = torch.zeros(len(chunk), 0, view.d_llm, device=device_of(view))  # (B, 0, D_llm)
+            options = [prompts[k][1] for k in chunk] if view.cfg.decoding == "constrained" else []
+            picked = decode(view, prefix, [prompts[k][0] for k in chunk], options)
+            answers.update(zip(chunk, picked, strict=True))
 
     def features(episode):  # nothing is encoded: only the query count matters
         n_s, n_q = len(episode["support"]), len(episode["query"])
@@ -296,17 +317,22 @@ def blind_llm(
 
     def answerer(m, params, support_features, query_features, episode, options):
         q = episode["query"]
-        first, inverse = distinct_prompts(q, options)  # no ECG: one row per distinct prompt
-        prefix = torch.zeros(len(first), 0, m.d_llm, device=device_of(m))  # (B, 0, D_llm): no prefix
-        picked = decode(
-            m, prefix, [q[j]["question"] for j in first], [options[j] for j in first] if options else []
-        )
-        return score_predictions(m, [picked[j] for j in inverse], [i["answer"] for i in q])
+        picked = [answers[prompt_key(i, o)] for i, o in zip(q, options or [[]] * len(q), strict=True)]
+        return score_predictions(m, picked, [i["answer"] for i in q])
 
     return run_episodes(
-        view, None, episodes, features, cfg, template_answers=_options(model, cfg, template_answers),
-        answerer=answerer, method="blind_llm", progress=progress,
+        view, None, episodes, features, cfg, template_answers=template_answers, answerer=answerer,
+        method="blind_llm", progress=progress,
     )  # fmt: skip
+
+
+BLIND_ROWS_PER_PASS = 64
+"""blind_llm's distinct prompts per frozen-LLM pass (bounds the batch of a long evaluation)."""
+
+
+def _query_options(model, cfg: Config, episode: dict, template_answers) -> list[list[Answer]]:
+    """The episode's options per query item as every method gets them ([] per item when free text)."""
+    return episode_options(model, cfg, episode, template_answers) or [[]] * len(episode["query"])
 
 
 # ------------------------------------------------------------------------------------------- ecg_free

@@ -397,14 +397,18 @@ def decode_blocks(
     return predictions
 
 
+def prompt_key(item: dict, options: list[Answer]) -> tuple:
+    """What the answer of a method that reads no ECG depends on: the question text and the option set."""
+    return item["question"], tuple(tuple(o) for o in options)
+
+
 def distinct_prompts(items: list[dict], options: list[list[Answer]]) -> tuple[list[int], list[int]]:
-    """(first, inverse): the items whose prompts differ (question text and option set), and for every item
-    the index into `first` of its prompt. What a method that reads no ECG answers depends on nothing else."""
+    """(first, inverse): the items whose prompts differ (`prompt_key`), and for every item the index into
+    `first` of its prompt. What a method that reads no ECG answers depends on nothing else."""
     seen: dict[tuple, int] = {}
     inverse = []
     for item, opts in zip(items, options or [[]] * len(items), strict=True):
-        key = (item["question"], tuple(tuple(o) for o in opts))
-        inverse.append(seen.setdefault(key, len(seen)))
+        inverse.append(seen.setdefault(prompt_key(item, opts), len(seen)))
     first = [inverse.index(u) for u in range(len(seen))]
     return first, inverse
 
