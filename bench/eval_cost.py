@@ -15,9 +15,9 @@ revision behaves as the default. A checkpoint the revision cannot load (a newer 
 with `git archive` into a temporary directory and run from there; "after" is the package of this working
 tree. `--before sequential` is this tree's package with every saving of the lockstep evaluation off, the
 path the evaluation issue measured (2c4bb41, which cannot load a grounded mapper): each adapting method
-alone, one episode at a time, its own inner loop (no `adapts_like`) on every support row (no rows shared by
-identical prompts), blind_llm one episode at a time, the model built in every stage; with `--before-curve-stride 1` it also answers after
-every inner step. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
+alone, one episode at a time, its own inner loop (no `adapts_like`) on every support row (no rows shared
+by identical prompts), blind_llm one episode at a time, the model built in every stage; with
+`--before-curve-stride 1` it also answers after every inner step. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
 (`ecgray.demo`'s meta-test block: every protocol x question type, `ecgray.eval.cli.evaluate` with the run's
 config) on the same episodes: before builds the model in every stage as it does, after once for all (as
 the demo now does). Per method: the adapting methods run as one lockstep batch after, so they are timed

@@ -36,6 +36,7 @@ from ecgray.eval.meta_test import (
     mask_leads,
     meta_test,
     options_mode,
+    prompt_key,
     query_options,
 )
 from ecgray.models.ecg_lm import build_model
@@ -581,12 +582,18 @@ def test_blind_llm_decodes_each_distinct_prompt_once_for_all_episodes(world, mon
         lambda self, *a, **k: calls.append(len(a[1])) or score_options(self, *a, **k),
     )
     together = B.blind_llm(model, episodes, store, cfg)
-    prompts = {(i["question"],) for ep in episodes for i in ep["query"]}
-    assert len(calls) == 1 and calls[0] >= len(prompts)  # one pass, one row per distinct (question, options)
+    answers = B._options(model, cfg, None)
+    prompts = {
+        prompt_key(item, opts)
+        for ep in episodes
+        for item, opts in zip(ep["query"], B._query_options(model, cfg, ep, answers), strict=True)
+    }
+    assert len(prompts) < sum(len(ep["query"]) for ep in episodes)  # prompts repeat: sharing is tested
+    assert calls == [len(prompts)]  # one pass, one row per distinct (question, options)
     monkeypatch.setattr(B, "BLIND_ROWS_PER_PASS", 1)
     calls.clear()
     one_by_one = B.blind_llm(model, episodes, store, cfg)
-    assert calls == [1] * sum(calls) and len(calls) > 1
+    assert calls == [1] * len(prompts)
     for k, episode in enumerate(episodes):
         alone = B.blind_llm(model, [episode], store, cfg)["episodes"][0]
         for res in (together, one_by_one):
