@@ -179,10 +179,12 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
     save_config(cfg, out)
 
     # 7. meta-test per question type, with the baselines, on the same episodes
-    from ecgray.eval.cli import evaluate, load_model
+    from ecgray.eval.cli import EvalQA, evaluate, load_model
 
     evals: dict[str, dict[str, dict]] = {}  # protocol -> question type -> results payload
-    model = None  # built once, at the first stage that runs, for all of them (they differ in episodes only)
+    # the model built and the QA rows read once, at the first stage that runs, for all of them (they differ
+    # in episodes only)
+    model = qa = None
     for protocol in protocols(cfg):
         evals[protocol] = {}
         for qt in eval_types(cfg):
@@ -194,13 +196,16 @@ def run_demo(cfg: Config, out: Path, serve_stage: bool = True) -> dict:
                 else:
                     if model is None:
                         model = load_model(cfg, checkpoint_dir)
+                        qa = EvalQA.read(cfg, prepared_dir, eval_types(cfg))
                     qcfg = replace(cfg, episodes=replace(cfg.episodes, question_type=qt, protocol=protocol))
                     n = cfg.eval.other_protocol_episodes
                     if protocol != cfg.episodes.protocol and n is not None:
                         qcfg = replace(qcfg, eval=replace(cfg.eval, episodes=n, episodes_by_type={qt: n}))
-                    evals[protocol][qt] = evaluate(qcfg, checkpoint_dir, prepared_dir, eval_dir, model=model)
+                    evals[protocol][qt] = evaluate(
+                        qcfg, checkpoint_dir, prepared_dir, eval_dir, model=model, qa=qa
+                    )
                     evals[protocol][qt].pop("curves")
-    del model
+    del model, qa
 
     # 8. the endpoint: adapt on one meta-test episode's support set, answer its query ECGs over HTTP
     served = None

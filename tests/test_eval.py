@@ -702,6 +702,30 @@ def write_prepared(folder, rows, store):
     pq.write_table(pa.Table.from_pylist(rows, schema=qa_schema()), folder / "qa" / "part-0.parquet")
 
 
+def test_eval_qa_read_once_gives_each_stage_its_rows_and_refuses_other_data(tmp_path):
+    from ecgray.data.shards import read_qa
+    from ecgray.eval.cli import EvalQA
+
+    verify = qa_rows()
+    choose = [r | {"sample_id": r["sample_id"] + 1000, "question_type": "single-choose"} for r in verify]
+    write_prepared(tmp_path / "prepared", verify + choose, tiny_store(len(verify)))
+    cfg = tiny_cfg()
+    qa = EvalQA.read(cfg, tmp_path / "prepared", ["single-verify", "single-choose"])
+    for qt in ("single-verify", "single-choose"):
+        stage = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, question_type=qt))
+        assert qa.rows_for(stage, tmp_path / "prepared") == read_qa(
+            tmp_path / "prepared", question_types=[qt]
+        )
+    with pytest.raises(ValueError, match=r"read from .*prepared .* not for .*elsewhere"):
+        qa.rows_for(cfg, tmp_path / "elsewhere")
+    query = dataclasses.replace(cfg, episodes=dataclasses.replace(cfg.episodes, question_type="single-query"))
+    with pytest.raises(ValueError, match=r"types \['single-verify', 'single-choose'\]\), not for"):
+        qa.rows_for(query, tmp_path / "prepared")
+    other_variant = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, variant="paraphrased"))
+    with pytest.raises(ValueError, match="variant=paraphrased"):
+        qa.rows_for(other_variant, tmp_path / "prepared")
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path, world, capsys):
     from ecgray.cli import main
@@ -772,19 +796,33 @@ def test_cli_names_bad_data(tmp_path, capsys):
 
 
 def test_eval_refuses_data_that_splits_unlike_the_checkpoint_and_reads_only_held_out_samples():
-    from ecgray.data.episodes import EpisodeError, build_classes, sample_identity, split_classes, split_keys
+    from ecgray.data.episodes import (
+        EpisodeError,
+        EpisodeSampler,
+        build_classes,
+        sample_identity,
+        split_classes,
+        split_keys,
+    )
     from ecgray.eval.cli import held_out
 
     rows = qa_rows()
     trained = dataclasses.replace(tiny_cfg().episodes, protocol="paper", meta_val_fraction=0.0)
     stored = split_keys(rows, trained)
-    samples, cfg = held_out(rows, trained, trained, stored, "prepared")  # the checkpoint's own split
-    assert samples == rows and cfg == trained
+    samples, cfg, expected = held_out(rows, trained, trained, stored, "prepared")  # its own protocol
+    assert samples == rows and cfg == trained and expected == stored
+    # the sampler checks the stored split on the classes it builds: its keys are split_keys'
+    assert EpisodeSampler(rows, cfg, "meta-test", expected_split=expected).split_keys == stored
+    moved = dataclasses.replace(trained, split_seed=7)
     with pytest.raises(EpisodeError, match=r"prepared: the data splits differently .*single-verify meta-"):
-        held_out(rows, dataclasses.replace(trained, split_seed=7), trained, stored, "prepared")
-    # another protocol: only the samples of the checkpoint's meta-test side, all on the meta-test side
+        EpisodeSampler(rows, moved, "meta-test", expected_split=stored, where="prepared")
+    # another protocol: checked here under the checkpoint's rules ...
+    with pytest.raises(EpisodeError, match=r"prepared: the data splits differently .*single-verify meta-"):
+        held_out(rows, dataclasses.replace(moved, protocol="grounded"), moved, stored, "prepared")
+    # ... and only the samples of the checkpoint's meta-test side, all on the meta-test side
     other = dataclasses.replace(trained, protocol="grounded")
-    samples, cfg = held_out(rows, other, trained, stored, "prepared")
+    samples, cfg, expected = held_out(rows, other, trained, stored, "prepared")
+    assert expected is None
     test_side = split_classes(build_classes(rows, "single-verify", trained), trained)["meta-test"]
     expected = {sample_identity(s) for groups in test_side.values() for g in groups.values() for s in g}
     assert {sample_identity(s) for s in samples} == expected and expected

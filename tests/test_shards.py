@@ -83,3 +83,40 @@ def test_ecg_store_refuses_duplicated_ids(tmp_path):
     (tmp_path / "b" / "part-00000.parquet").rename(tmp_path / "a" / "ecgs" / "part-00009.parquet")
     with pytest.raises(ValueError, match="duplicated ecg_id"):
         ECGStore.open(tmp_path / "a")
+
+
+def test_read_qa_names_the_split_of_each_ecg_of_a_row(tmp_path):
+    from ecgray.data.shards import qa_schema, read_qa
+
+    ids, _, _ = write_ecgs(tmp_path / "ecgs", 9, files=2)
+    split_of = {int(i): "train" if k % 2 else "test" for k, i in enumerate(ids)}  # as write_ecgs writes it
+    asked = [[int(ids[0])], [int(ids[3]), int(ids[4])], [7], [int(ids[8]), 7], [int(ids[5])]]  # 7: no ECG
+    (tmp_path / "qa").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": list(range(len(asked))),
+                "template_id": [1] * len(asked),
+                "question_id": [1] * len(asked),
+                "question_type": ["single-verify"] * len(asked),
+                "attribute_type": ["scp_code"] * len(asked),
+                "question": ["q"] * len(asked),
+                "answer": [["yes"]] * len(asked),
+                "ecg_id": asked,
+                "attribute": [["a"]] * len(asked),
+                "source": ["ptbxl"] * len(asked),
+                "variant": ["paraphrased"] * len(asked),
+                "split": ["test"] * len(asked),
+            },
+            schema=qa_schema(),
+        ),
+        tmp_path / "qa" / "part-00000.parquet",
+    )
+    rows = read_qa(tmp_path)
+    assert [r["ecg_id"] for r in rows] == asked
+    assert [r["ecg_split"] for r in rows] == [[split_of.get(i) for i in ecgs] for ecgs in asked]
+    assert rows[2]["ecg_split"] == [None] and rows[1]["ecg_split"] == [
+        split_of[int(ids[3])],
+        split_of[int(ids[4])],
+    ]
+    assert "ecg_split" not in read_qa(tmp_path, ecg_splits=False)[0]

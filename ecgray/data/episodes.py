@@ -464,8 +464,17 @@ class EpisodeSampler:
     """
 
     def __init__(
-        self, samples: Iterable[Sample], cfg: EpisodeConfig, split: str = "meta-train", seed: int = 0
+        self,
+        samples: Iterable[Sample],
+        cfg: EpisodeConfig,
+        split: str = "meta-train",
+        seed: int = 0,
+        expected_split: dict | None = None,
+        where: str = "samples",
     ):
+        """expected_split: a checkpoint's stored `split_keys`; the samples must split the same way for
+        the question types both know, else EpisodeError naming `where` and the keys (checked before any
+        side's size is). `self.split_keys` is `split_keys(samples, cfg)`, computed on the way."""
         if split not in SPLITS:
             raise EpisodeError(f"split {split!r}: expected one of {SPLITS}")
         for name in ("n_way", "k_shot", "n_query"):
@@ -501,9 +510,16 @@ class EpisodeSampler:
 
         # paper: type -> [(class_key, [groups with >= need samples, each a list of (identity, item)])]
         # grounded: type -> [(question_id, [(class_key, [(identity, item)]) per eligible answer class])]
+        sides = {qt: split_classes(build_classes(samples, qt, cfg), cfg) for qt in self.question_types}
+        self.split_keys = {qt: {side: sorted(c) for side, c in sides[qt].items()} for qt in sides}
+        if expected_split is not None:
+            both = [qt for qt in self.question_types if qt in expected_split]
+            check_split_keys(
+                {qt: expected_split[qt] for qt in both}, {qt: self.split_keys[qt] for qt in both}, where
+            )
         self.pools: dict[str, list] = {}
         for qt in self.question_types:
-            classes = split_classes(build_classes(samples, qt, cfg), cfg)[split]
+            classes = sides[qt][split]
             if cfg.protocol == "grounded":
                 self.pools[qt] = self._question_pool(classes, qt)
                 continue

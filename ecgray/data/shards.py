@@ -348,6 +348,7 @@ def read_qa(
     ecg_splits: also give each row `ecg_split`, the ECG-QA split of each of its ECGs (from `ecgs/`, where
     present), so a patient split can drop a sample whose ECGs lie in different splits
     (ecgray.data.episodes.straddles)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from ecgray import storage
@@ -365,14 +366,22 @@ def read_qa(
     table = pq.read_table(files, filters=filters or None, schema=qa_schema(), filesystem=fs)
     rows = table.to_pylist()
     ecgs = storage.join(str(prepared_dir), "ecgs")
-    if ecg_splits and storage.is_dir(ecgs):
+    if ecg_splits and storage.is_dir(ecgs) and rows:
         meta = pq.read_table(_shard_files(prepared_dir, "ecgs"), columns=["ecg_id", "split"], filesystem=fs)
         ids = meta.column("ecg_id").to_numpy()
         splits = np.asarray(meta.column("split").to_pylist(), dtype=object)
-        order = np.argsort(ids, kind="stable")
-        for row in rows:
-            want = np.asarray(row["ecg_id"], dtype=np.int64)
-            i = np.minimum(np.searchsorted(ids, want, sorter=order), len(ids) - 1)
-            found = ids[order[i]] == want
-            row["ecg_split"] = [splits[order[j]] if ok else None for j, ok in zip(i, found, strict=True)]
+        # every row's ECG ids at once (flattened), then cut back into rows by their list lengths
+        ecg_ids = table.column("ecg_id")
+        want = pc.list_flatten(ecg_ids).to_numpy()
+        lengths = pc.fill_null(pc.list_value_length(ecg_ids), 0).to_numpy()
+        named = np.full(len(want), None, dtype=object)  # None: an ECG not in ecgs/
+        if len(ids):
+            order = np.argsort(ids, kind="stable")
+            at = order[np.minimum(np.searchsorted(ids, want, sorter=order), len(ids) - 1)]
+            found = ids[at] == want
+            named[found] = splits[at[found]]
+        named = named.tolist()
+        ends = np.cumsum(lengths).tolist()
+        for row, start, end in zip(rows, [0, *ends[:-1]], ends, strict=True):
+            row["ecg_split"] = named[start:end]
     return rows

@@ -31,6 +31,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ecgray.logs import say
@@ -191,20 +192,61 @@ def load_model(cfg, checkpoint: str | Path, device: str | None = None):
     return build_model(cfg, device, mapper_state=state)
 
 
+@dataclass(frozen=True)
+class EvalQA:
+    """The QA rows of a prepared dir, read once for every `evaluate` of a run (the demo's stages differ in
+    question type and protocol only): `EvalQA.read(cfg, data, question_types)`."""
+
+    data: str
+    source: str | None
+    variant: str | None
+    question_types: tuple[str, ...]
+    rows: list[dict]
+
+    @classmethod
+    def read(cls, cfg, data: str | Path, question_types) -> EvalQA:
+        from ecgray.data.shards import read_qa
+
+        types = tuple(question_types)
+        rows = read_qa(data, source=cfg.data.source, variant=cfg.data.variant, question_types=types)
+        return cls(str(data), cfg.data.source, cfg.data.variant, types, rows)
+
+    def rows_for(self, cfg, data: str | Path) -> list[dict]:
+        """The rows `read_qa` gives for cfg's question types (the same dicts: read-only)."""
+        wanted = cfg.episodes.types()
+        have = (self.data, self.source, self.variant)
+        if have != (str(data), cfg.data.source, cfg.data.variant) or not set(wanted) <= set(
+            self.question_types
+        ):
+            raise ValueError(
+                f"evaluate: the QA rows passed were read from {self.data} (source={self.source}, variant="
+                f"{self.variant}, types {list(self.question_types)}), not for {data} (source="
+                f"{cfg.data.source}, variant={cfg.data.variant}, types {wanted})"
+            )
+        return [row for row in self.rows if row["question_type"] in wanted]
+
+
 def evaluate(
-    cfg, checkpoint: str | Path, data: str | Path, out: str | Path, progress: bool = True, model=None
+    cfg,
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    progress: bool = True,
+    model=None,
+    qa: EvalQA | None = None,
 ) -> dict:
     """Meta-test the checkpoint's mapper on `cfg.eval.episodes_for(question type)` meta-test episodes drawn
     from the prepared dir `data`, plus the baselines and lead subsets of `cfg.eval`, all on the same episodes; write
     results.json, the resolved config and the PNGs into `out`. Returns the results payload (+ "curves").
     model: `load_model(cfg, checkpoint)` made earlier with the same model.* and encoder.* (else built
+    here); qa: `EvalQA.read(...)` made earlier for `data` and (at least) cfg's question types (else read
     here). Bad data raises ValueError / FileNotFoundError naming it."""
     import torch
 
     from ecgray import storage
     from ecgray.config import ConfigError, save_config, to_dict, versions
     from ecgray.data.episodes import EpisodeSampler, item_ecg_ids
-    from ecgray.data.shards import ECGStore, read_qa
+    from ecgray.data.shards import ECGStore
     from ecgray.eval import baselines as B
     from ecgray.eval import metrics
     from ecgray.eval.meta_test import (
@@ -236,18 +278,21 @@ def evaluate(
         raise ValueError(
             f"{data}/ecgs are sampled at {store.fs} Hz but the encoder expects encoder.fs={cfg.encoder.fs} Hz"
         )
-    samples = read_qa(
-        data, source=cfg.data.source, variant=cfg.data.variant, question_types=cfg.episodes.types()
-    )
-    samples, episode_cfg = held_out(
-        samples, cfg.episodes, checkpoint_cfg.episodes, load_splits(checkpoint), str(data)
-    )
+    if qa is None:
+        qa = EvalQA.read(cfg, data, cfg.episodes.types())
+    samples = qa.rows_for(cfg, data)
     if cfg.eval.split == "meta-val" and cfg.episodes.protocol != checkpoint_cfg.episodes.protocol:
         raise ConfigError(
             f"eval.split=meta-val with episodes.protocol={cfg.episodes.protocol}: the checkpoint was trained "
             f"under {checkpoint_cfg.episodes.protocol}, whose meta-val side is the only one; use its protocol"
         )
-    sampler = EpisodeSampler(samples, episode_cfg, cfg.eval.split, seed=cfg.eval.seed)
+    stored_splits = load_splits(checkpoint)
+    samples, episode_cfg, expected_split = held_out(
+        samples, cfg.episodes, checkpoint_cfg.episodes, stored_splits, str(data)
+    )
+    sampler = EpisodeSampler(
+        samples, episode_cfg, cfg.eval.split, cfg.eval.seed, expected_split=expected_split, where=str(data)
+    )
     episodes = sampler.episodes(cfg.eval.episodes_for(cfg.episodes.question_type), progress=progress)
     missing = sorted(
         {e for ep in episodes for i in ep["support"] + ep["query"] for e in item_ecg_ids(i)}
@@ -392,13 +437,15 @@ def chance_by_type(results: dict[str, dict]) -> dict[str, float | None]:
 
 
 def held_out(samples: list[dict], episodes, trained, stored_splits: dict | None, where: str):
-    """(samples, episode config) for meta-test episodes of a checkpoint trained with episode config
-    `trained` whose stored split is `stored_splits` (None: a checkpoint without one, not checked).
+    """(samples, episode config, expected split) for meta-test episodes of a checkpoint trained with episode
+    config `trained` whose stored split is `stored_splits` (None: a checkpoint without one, not checked).
 
     The data must split as the checkpoint's did (same class keys per side, for the question types both
-    know), else EpisodeError naming the keys. Under the checkpoint's protocol the samples and `episodes`
-    are returned as they are; under another protocol only the samples of the checkpoint's meta-test side
-    are kept, and all of them go to meta-test (meta_train_fraction = meta_val_fraction = 0)."""
+    know). Under the checkpoint's protocol the samples and `episodes` are returned as they are, with
+    `stored_splits` as the split the `EpisodeSampler` must find (it checks it on the classes it builds anyway);
+    under another protocol the split is checked here, under the checkpoint's rules (EpisodeError naming the
+    keys), only the samples of the checkpoint's meta-test side are kept, all of them go to meta-test
+    (meta_train_fraction = meta_val_fraction = 0), and the expected split is None."""
     from dataclasses import replace
 
     from ecgray.data.episodes import (
@@ -409,21 +456,18 @@ def held_out(samples: list[dict], episodes, trained, stored_splits: dict | None,
         split_keys,
     )
 
-    same_protocol = episodes.protocol == trained.protocol
-    # the split the eval would use, under the checkpoint's rules when the protocol differs
-    rules = episodes if same_protocol else trained
+    if stored_splits is None:
+        say(f"ecgray eval: the checkpoint stores no split keys; {where}'s split is not checked", err=True)
+    if episodes.protocol == trained.protocol:
+        return samples, episodes, stored_splits
     types = [qt for qt in episodes.types() if stored_splits is None or qt in stored_splits]
     if stored_splits is not None and types:
-        actual = split_keys(samples, replace(rules, question_type="mixed", mixed_types=types))
+        actual = split_keys(samples, replace(trained, question_type="mixed", mixed_types=types))
         check_split_keys({qt: stored_splits[qt] for qt in types}, actual, where)
-    elif stored_splits is None:
-        say(f"ecgray eval: the checkpoint stores no split keys; {where}'s split is not checked", err=True)
-    if same_protocol:
-        return samples, episodes
     kept: set[tuple] = set()
     for qt in episodes.types():
-        qt_rules = replace(rules, question_type=qt)
+        qt_rules = replace(trained, question_type=qt)
         side = split_classes(build_classes(samples, qt, qt_rules), qt_rules)["meta-test"]
         kept.update(sample_identity(s) for groups in side.values() for g in groups.values() for s in g)
     held = [s for s in samples if sample_identity(s) in kept]
-    return held, replace(episodes, meta_train_fraction=0.0, meta_val_fraction=0.0)
+    return held, replace(episodes, meta_train_fraction=0.0, meta_val_fraction=0.0), None

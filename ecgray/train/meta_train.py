@@ -107,7 +107,7 @@ class EpisodeSource:
     episodes of given indices. The QA table is read once per run, here, not in every worker."""
 
     def __init__(self, config: dict):
-        from ecgray.data.episodes import EpisodeSampler, split_keys
+        from ecgray.data.episodes import EpisodeSampler
         from ecgray.data.shards import read_qa
 
         cfg = from_dict(config)
@@ -115,11 +115,11 @@ class EpisodeSource:
         """Why the samplers could not be built (data that cannot give these episodes), else None."""
         try:
             qa = read_qa(cfg.data.prepared_dir, cfg.data.source, cfg.data.variant, cfg.episodes.types())
-            self._splits = split_keys(qa, cfg.episodes)
             self._samplers = {
                 "meta-train": EpisodeSampler(qa, cfg.episodes, "meta-train", seed=cfg.seed),
                 "meta-val": EpisodeSampler(qa, cfg.episodes, "meta-val", seed=cfg.seed + 1),
             }
+            self._splits = self._samplers["meta-train"].split_keys  # = split_keys(qa, cfg.episodes)
         except (ValueError, FileNotFoundError) as err:  # EpisodeError is a ValueError
             self.problem = f"{cfg.data.prepared_dir}: {err}"
 
