@@ -13,6 +13,7 @@ Engines (each runs in its own subprocess so its peak RSS is its own):
   fast           the same, and the query pass after inner step k merged with the support pass of step k + 1
                  (same fast weights: one pass, one backward; `meta_step(query_then_support=...)`), as
                  `ecgray train` runs it
+--profile adds, per engine, the share of one meta-step's operator time spent in matrix products (torch.profiler).
 --dtype sets the frozen LLM's precision for every engine (float32 as before, or bfloat16: the demo's on a
 CPU with AMX / AVX512-BF16); the speedup is only ever between engines of one dtype, in one run.
 Episodes are the paper's shape (n_way x k_shot support, n_way x n_query query, single-verify-like questions,
@@ -72,23 +73,25 @@ def run_engine(args) -> dict:
     eps = episodes(args.episodes, args.n_way, args.k_shot, args.n_query, args.d_enc, args.seed)
     tasks = args.tasks if engine in ("fast", "fast_2pass") else 1
     kw = dict(inner_steps=args.inner_steps, inner_lr=0.05, query_from_step=2)
+
+    def step(group):
+        support = model.task_set([model.task_data(e["support"][0], None, *e["support"][1:]) for e in group])
+        query = model.task_set([model.task_data(e["query"][0], None, *e["query"][1:]) for e in group])
+        if engine.startswith("reference"):
+            return reference_meta_step(
+                model.loss_fn(full_logits=True), model.mapper_params(), support, query, **kw
+            )
+        both = model.task_set(query.tasks + support.tasks) if engine == "fast" else None
+        return meta_step(
+            model.loss_fn(), model.mapper_params(), support, query, len(group), **kw, query_then_support=both
+        )
+
     query_losses, times = [], []
     for start in range(0, len(eps), tasks):
         group = eps[start : start + tasks]
         torch.manual_seed(args.seed + start)  # same dropout masks in every engine on the same episode
         t0 = time.perf_counter()
-        support = model.task_set([model.task_data(e["support"][0], None, *e["support"][1:]) for e in group])
-        query = model.task_set([model.task_data(e["query"][0], None, *e["query"][1:]) for e in group])
-        if engine.startswith("reference"):
-            out = reference_meta_step(
-                model.loss_fn(full_logits=True), model.mapper_params(), support, query, **kw
-            )
-        else:
-            both = model.task_set(query.tasks + support.tasks) if engine == "fast" else None
-            out = meta_step(
-                model.loss_fn(), model.mapper_params(), support, query, len(group), **kw,
-                query_then_support=both,
-            )  # fmt: skip
+        out = step(group)
         times.append(time.perf_counter() - t0)
         query_losses += out.query_losses.T.tolist()  # per episode: the query loss after each step
         print(f"[{engine}] episodes {start + len(group)}/{len(eps)}: {times[-1]:.1f} s", file=sys.stderr)
@@ -100,6 +103,34 @@ def run_engine(args) -> dict:
         "episodes_per_s": round(len(eps) / sum(times), 5),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "query_losses": query_losses,
+        **({"profile": profile(step, eps[:tasks])} if args.profile else {}),
+    }
+
+
+MATRIX_OPS = (
+    "aten::mm",
+    "aten::bmm",
+    "aten::addmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def profile(step, group) -> dict:
+    """One more meta-step under torch.profiler (after the timed ones): the share of its operator time spent
+    in matrix products (forward and backward), and its top operators. What is left outside them bounds what
+    any saving of overhead could still buy."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(group)
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "matrix_share": round(sum(ops.get(k, 0.0) for k in MATRIX_OPS) / total, 4),
+        "top_ops_share": {k: round(v / total, 4) for k, v in top},
     }
 
 
@@ -117,6 +148,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen LLM's")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {ENGINES}")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one meta-step per engine: the share of operator time in matrix products")  # fmt: skip
     p.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine in this process
     args = p.parse_args()
     if args.engine:
