@@ -17,11 +17,12 @@ tree. `--before sequential` is this tree's package with every saving of the lock
 path the evaluation issue measured (2c4bb41, which cannot load a grounded mapper): each adapting method
 alone, one episode at a time, its own inner loop (no `adapts_like`) on every support row (no rows shared
 by identical prompts), blind_llm one episode at a time, the model built in every stage; with
-`--before-curve-stride 1` it also answers after every inner step. Each runs in its own subprocess, one after the other, and runs the demo's evaluation stages
-(`ecgray.demo`'s meta-test block: every protocol x question type, `ecgray.eval.cli.evaluate` with the run's
-config) on the same episodes: before builds the model and reads the QA rows in every stage as it does, after once
-for all (as the demo now does; timed as `after_once_per_run_s`). Per method: the adapting methods run as one lockstep batch after, so they are timed
-together there (`seconds_by_method` of results.json).
+`--before-curve-stride 1` it also answers after every inner step. Each runs in its own subprocess, one
+after the other, and runs the demo's evaluation stages (`ecgray.demo`'s meta-test block: every protocol x
+question type, `ecgray.eval.cli.evaluate` with the run's config) on the same episodes: before builds the
+model and reads the QA rows in every stage as it does, after once for all (as the demo now does; timed as
+`after_once_per_run_s`). Per method: the adapting methods run as one lockstep batch after, so they are
+timed together there (`seconds_by_method` of results.json).
 
 Identity: every method's per-episode exact match at every step after reports (0, every
 eval.curve_stride-th, the last) and its last-step predictions must be those of before, bitwise, in every
