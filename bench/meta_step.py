@@ -8,8 +8,9 @@ Engines (each runs in its own subprocess so its peak RSS is its own):
   reference_tf   the same loop with ecgray's teacher-forced prompt (prefix first): the loss check's baseline
   fast_pf        ecgray's engine, prefix first, answer-position logits, per-step query gradients (no graph
                  kept), one task per step: its losses must equal reference_tf's on the same episodes
-  fast_2pass     ecgray's engine, question first with the question KV cache built once per episode,
-                 answer-position logits, --tasks tasks per meta-step sharing every LLM pass
+  fast_2pass     ecgray's engine, --layout (question_first, or prefix_last: "Answer:" cached with the question)
+                 with the question KV cache built once per episode, answer-position logits, --tasks tasks per
+                 meta-step sharing every LLM pass
   fast           the same, and the query pass after inner step k merged with the support pass of step k + 1
                  (same fast weights: one pass, one backward; `meta_step(query_then_support=...)`), as
                  `ecgray train` runs it
@@ -65,7 +66,7 @@ def run_engine(args) -> dict:
     torch.set_num_threads(args.threads)
     engine = args.engine
     llm, tokenizer = load_llm(args.llm, args.dtype, "cpu")
-    layout = "question_first" if engine.startswith("fast") and engine != "fast_pf" else "prefix_first"
+    layout = args.layout if engine in ("fast", "fast_2pass") else "prefix_first"
     cfg = ModelConfig(llm=args.llm, prompt_layout=layout, paper_compat=engine == "reference")
     torch.manual_seed(0)
     mapper = build_mapper(cfg, args.d_enc, llm_hidden_size(llm))
@@ -146,6 +147,8 @@ def main() -> int:
     p.add_argument("--d-enc", type=int, default=768)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default="question_first", choices=["question_first", "prefix_last"],
+                   help="model.prompt_layout of the fast_2pass and fast engines (both cache the question)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen LLM's")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {ENGINES}")
     p.add_argument("--profile", action="store_true",

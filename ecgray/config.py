@@ -279,7 +279,10 @@ class ModelConfig:
     n_prefix: int = 4
     n_heads: int = 8
     dropout: float = 0.5
-    prompt_layout: Literal["prefix_first", "question_first"] = "prefix_first"
+    prompt_layout: Literal["prefix_first", "question_first", "prefix_last"] = "prefix_first"
+    """Where the ECG prefix sits in the prompt (ecgray/models/ecg_lm.py): prefix_first [BOS ; prefix ; question
+    ; "Answer:" ; answer]; question_first [BOS ; question ; prefix ; "Answer:" ; answer]; prefix_last [BOS ;
+    question ; "Answer:" ; prefix ; answer]. The two last run the question once per episode as a KV cache."""
     max_question_tokens: int = 64
     paper_compat: bool = False
     """Reproduce the official answer-position quirk and BOS-in-target (method.md section 2). Single-ECG

@@ -13,7 +13,14 @@ from tolerances import rounding_tolerance
 
 from ecgray.config import Config, ConfigError, EncoderConfig, ModelConfig
 from ecgray.models.checkpoint import load_checkpoint, load_mapper_state, load_metrics, save_checkpoint
-from ecgray.models.ecg_lm import ECGLanguageModel, OptionTrie, answer_text, length_buckets, stack_rows
+from ecgray.models.ecg_lm import (
+    CACHED_LAYOUTS,
+    ECGLanguageModel,
+    OptionTrie,
+    answer_text,
+    length_buckets,
+    stack_rows,
+)
 from ecgray.models.encoder import ECGEncoder
 from ecgray.models.fusion import AttentionMapper, build_mapper
 from ecgray.models.llm import llm_hidden_size, load_llm
@@ -24,6 +31,7 @@ QUESTIONS = [
     "Does this ECG show symptoms of baseline drift?",
 ]
 ANSWERS = [["yes"], ["v1", "lead i"], ["no"]]
+LAYOUTS = ["prefix_first", "question_first", "prefix_last"]
 D_ENC = 16
 
 
@@ -64,8 +72,10 @@ def hand_built_nll(m: ECGLanguageModel, prefix, question, answer, layout) -> tor
     bos, q = question_part[:1], question_part[1:]  # the tiny tokenizers prepend BOS
     if layout == "prefix_first":
         before, after = bos, q + wrap + a
-    else:
+    elif layout == "question_first":
         before, after = bos + q, wrap + a
+    else:
+        before, after = bos + q + wrap, a
     x = torch.cat([emb(torch.tensor([before])), prefix[None], emb(torch.tensor([after]))], 1)
     logits = m.llm(inputs_embeds=x).logits[0].float()
     first = len(before) + prefix.shape[0] + len(after) - len(a) - 1  # predicts the first answer token
@@ -73,7 +83,7 @@ def hand_built_nll(m: ECGLanguageModel, prefix, question, answer, layout) -> tor
     return F.cross_entropy(logits[first : first + len(targets)], targets, reduction="none")
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_rows_are_the_tokenizers_own_ids_of_the_whole_text(llm, layout):
     """The prompt ends at "Answer:" and the answer is what the tokenizer makes of " {a}" there: with the
     tiny byte-level BPE (GPT-2 / SmolLM2 convention) `:` `Ġyes`, never `:` `Ġ` `yes`."""
@@ -83,23 +93,42 @@ def test_rows_are_the_tokenizers_own_ids_of_the_whole_text(llm, layout):
     for i, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
         question_part, wrap, a = tokenizer_split(tok, question, answer)
         assert rows.targets[i] == a + [m.eos_id] and m.answer_ids(answer) == a
-        assert tok.convert_ids_to_tokens(prompts.after[i][-1]) == ":"  # no lone space token after it
+        assert (
+            tok.convert_ids_to_tokens((prompts.before[i] + prompts.after[i])[-1]) == ":"
+        )  # no lone space token
         assert prompts.before[i] + prompts.after[i] == question_part + wrap
         assert rows.before[i] + rows.after[i] == question_part + wrap + a
-        split = len(question_part) if layout == "question_first" else 1  # [BOS] alone before the prefix
-        assert rows.before[i] == question_part[:split] and prompts.before[i] == question_part[:split]
+        # prefix_first: [BOS] alone before the prefix; prefix_last: "Answer:" too
+        split = {"prefix_first": 1, "question_first": len(question_part)}.get(
+            layout, len(question_part + wrap)
+        )
+        prompt = question_part + wrap
+        assert rows.before[i] == prompt[:split] and prompts.before[i] == prompt[:split]
         # the first target sits right after the prompt: [before ; prefix ; after] is contiguous
         assert rows.target_start[i] == m.cfg.n_prefix + len(prompts.after[i]) - 1
     assert tok.convert_ids_to_tokens(m.answer_ids(["yes"])) == ["Ġyes"]
     assert m.answer_ids(["v1", "lead i"]) == tok(" lead i, v1", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+def test_prefix_last_caches_answer_wrap_with_the_question(llm):
+    """prefix_last moves "Answer:" from the rows' uncached part into the question's KV cache: the same text
+    and targets as question_first, len("Answer:" ids) fewer positions run per row past the cache, and the
+    first target read at the last prefix position."""
+    qf, pl = make_model(llm, "question_first"), make_model(llm, "prefix_last")
+    a, b = qf.prompt_rows(QUESTIONS, ANSWERS), pl.prompt_rows(QUESTIONS, ANSWERS)
+    for i, question in enumerate(QUESTIONS):
+        wrap = tokenizer_split(qf.tokenizer, question, ANSWERS[i])[1]
+        assert a.before[i] + a.after[i] == b.before[i] + b.after[i] and a.targets[i] == b.targets[i]
+        assert b.before[i] == a.before[i] + wrap and len(b.after[i]) == len(a.after[i]) - len(wrap)
+        assert b.target_start[i] == pl.cfg.n_prefix - 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_teacher_forced_loss_equals_hand_built_forward(llm, layout):
     m = make_model(llm, layout)
     prefix = m.fuse(torch.randn(3, D_ENC), None)
     batch = m.collate(m.prompt_rows(QUESTIONS, ANSWERS))
-    assert (batch.cache is not None) == (layout == "question_first")
+    assert (batch.cache is not None) == (layout in CACHED_LAYOUTS)
     nll = m.token_nll(prefix, batch)
     for i in range(3):
         ref = hand_built_nll(m, prefix[i], QUESTIONS[i], ANSWERS[i], layout)
@@ -109,8 +138,9 @@ def test_teacher_forced_loss_equals_hand_built_forward(llm, layout):
     assert_same_math(m.token_nll(prefix, batch, full_logits=True), nll)
 
 
-def test_question_cache_equals_full_pass_and_padding_is_invisible(llm):
-    m = make_model(llm, "question_first")
+@pytest.mark.parametrize("layout", CACHED_LAYOUTS)
+def test_question_cache_equals_full_pass_and_padding_is_invisible(llm, layout):
+    m = make_model(llm, layout)
     prefix = m.fuse(torch.randn(3, D_ENC), None)
     rows = m.prompt_rows(QUESTIONS, ANSWERS)
     cached = m.token_nll(prefix, m.collate(rows))
@@ -203,7 +233,7 @@ def test_length_buckets_split_where_rows_grow_past_the_ratio():
     assert length_buckets([]) == []
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_length_buckets_give_the_loss_and_gradient_of_one_padded_batch(llm, layout):
     m = make_model(llm, layout)
     long = [
@@ -250,7 +280,7 @@ def test_option_trie_shares_leading_tokens():
     assert [n for n in range(5) if t.ancestry[3][n]] == [0, 3] and t.ancestry[4] == [False] * 4 + [True]
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
     m = make_model(llm, layout)
     prefix = m.fuse(torch.randn(3, D_ENC), None)
@@ -469,7 +499,7 @@ def test_two_ecg_prefix_is_both_ecgs_in_order_after_their_markers(llm, mapper):
         m.n_ecg_of(torch.randn(3, 5, m.d_llm))
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ecg_rows_keep_the_text_and_move_the_target_past_the_wider_slot(llm, layout):
     m = make_model(llm, layout)
     one, two = m.prompt_rows(QUESTIONS, ANSWERS), m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)
@@ -482,7 +512,7 @@ def test_two_ecg_rows_keep_the_text_and_move_the_target_past_the_wider_slot(llm,
         m.collate(one + two)
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ecg_teacher_forcing_equals_hand_built_forward(llm, layout):
     """The markers and both prefixes spliced by hand into the plain HF forward, in both layouts; with
     question_first the question's KV cache gives the same as running it."""
@@ -491,7 +521,7 @@ def test_two_ecg_teacher_forcing_equals_hand_built_forward(llm, layout):
     prefix, by_hand = m.fuse(pooled, None), two_ecg_prefix_by_hand(m, pooled)
     rows = m.prompt_rows(QUESTIONS, ANSWERS, n_ecg=2)
     batch = m.collate(rows)
-    assert (batch.cache is not None) == (layout == "question_first") and batch.n_ecg == 2
+    assert (batch.cache is not None) == (layout in CACHED_LAYOUTS) and batch.n_ecg == 2
     nll = m.token_nll(prefix, batch)
     for i in range(3):
         ref = hand_built_nll(m, by_hand[i], QUESTIONS[i], ANSWERS[i], layout)
@@ -534,7 +564,7 @@ def test_gradient_reaches_the_mapper_through_both_prefixes(llm, mapper):
     assert all(p.grad is None for p in m.llm.parameters())
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_and_two_ecg_tasks_in_one_pass_give_their_own_losses(llm, layout):
     m = make_model(llm, layout)
     single = m.task_data(torch.randn(3, D_ENC), None, QUESTIONS, ANSWERS)
@@ -553,7 +583,7 @@ def test_one_and_two_ecg_tasks_in_one_pass_give_their_own_losses(llm, layout):
     )
 
 
-@pytest.mark.parametrize("layout", ["prefix_first", "question_first"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ecg_greedy_picks_the_argmax_and_options_score_their_tokens(llm, layout):
     m = make_model(llm, layout)
     prefix = m.fuse(torch.randn(3, 2, D_ENC), None)

@@ -6,8 +6,9 @@
 
 Every sequence has three parts, `[before ; prefix ; after]`:
 
-    prefix_first    before = [BOS]                    after = "Question:" " {q}" "Answer:" " {answer}" EOS
-    question_first  before = [BOS] "Question:" " {q}" after = "Answer:" " {answer}" EOS
+    prefix_first    before = [BOS]                             after = "Question:" " {q}" "Answer:" " {answer}" EOS
+    question_first  before = [BOS] "Question:" " {q}"          after = "Answer:" " {answer}" EOS
+    prefix_last     before = [BOS] "Question:" " {q}" "Answer:" after = " {answer}" EOS
     paper_compat    before = []                       after = tokenizer("Question: {q}Answer: ") cut /
                                                               padded to 30 tokens (with its BOS)
 
@@ -32,8 +33,12 @@ that tokenizer never makes); a piece's ids are ids(text up to its end) minus ids
 (`_continuation`). `before` is LEFT-padded and `after` RIGHT-padded, so the prefix sits at one column for
 the whole batch and every row is contiguous; explicit position ids skip the padding, so a padded row
 computes exactly what it would alone. `before` does not depend on the ECG, so it can be run once without
-gradient and reused as a KV cache: with question_first that is the whole question (computed once per
-episode, reused by every inner step).
+gradient and reused as a KV cache (`CACHED_LAYOUTS`): with question_first that is the whole question, with
+prefix_last the question and "Answer:" (computed once per episode, reused by every inner step). prefix_last
+puts the prefix right before the answer: the last prefix vector's position predicts the answer's first token,
+so each row runs n_prefix + len(answer) positions past the cache instead of question_first's
+n_prefix + 2 + len(answer) ("Answer" ":" for SmolLM2), and the mapper's output reaches the answer logit through
+that position's own residual stream.
 
 Teacher forcing: the loss covers the answer tokens + EOS only, and logits are computed only at the
 positions that predict them (final hidden state gathered there, then the LM head), never for the whole
@@ -81,6 +86,7 @@ ECG_MARKERS = ("First ECG:", "Second ECG:")
 """Text before each ECG's prefix in a two-ECG prompt, in order (module docstring)."""
 ANSWER_WRAP = "Answer:"  # the prompt ends here: the answer brings its own leading space
 PAPER_PROMPT = "Question: {q}Answer: "  # the official prompt, trailing space token included (paper_compat)
+CACHED_LAYOUTS = ("question_first", "prefix_last")  # layouts whose `before` holds the question: a KV cache
 
 
 def answer_text(answer: list[str] | str) -> str:
@@ -481,7 +487,10 @@ class ECGLanguageModel(nn.Module):
             else:
                 a_ids = self.answer_ids(answer)
             target = a_ids + ([self.eos_id] if eos and answer is not None else [])
-            if self.cfg.prompt_layout == "question_first":
+            if self.cfg.prompt_layout == "prefix_last":
+                before = self.bos + self._question_wrap + q_ids + wrap
+                after = list(a_ids)
+            elif self.cfg.prompt_layout == "question_first":
                 before = self.bos + self._question_wrap + q_ids
                 after = wrap + a_ids
             else:
@@ -496,7 +505,7 @@ class ECGLanguageModel(nn.Module):
         return rows
 
     def collate(self, rows: PromptRows, use_cache: bool | None = None) -> PromptBatch:
-        """Pad rows into tensors; with use_cache (default: question_first) also run `before` once (no grad).
+        """Pad rows into tensors; with use_cache (default: `CACHED_LAYOUTS`) also run `before` once (no grad).
         The rows must share their ECG count (`task_set` buckets them apart)."""
         n_ecg = set(rows.n_ecg)
         if len(n_ecg) > 1:
@@ -520,7 +529,7 @@ class ECGLanguageModel(nn.Module):
             n_ecg=n_ecg.pop() if n_ecg else 1,
         )
         if use_cache is None:
-            use_cache = self.cfg.prompt_layout == "question_first"
+            use_cache = self.cfg.prompt_layout in CACHED_LAYOUTS
         if use_cache and batch.before_ids.shape[1] > 0:
             batch.cache = self._before_cache(rows, batch)
         return batch
@@ -530,7 +539,7 @@ class ECGLanguageModel(nn.Module):
         lb = batch.before_ids.shape[1]
         if self.sliding_window is not None and lb >= self.sliding_window - 1:
             raise ValueError(
-                f"question_first KV cache: {lb} question tokens do not fit the LLM's sliding window "
+                f"{self.cfg.prompt_layout} KV cache: {lb} question tokens do not fit the LLM's sliding window "
                 f"({self.sliding_window}); lower model.max_question_tokens"
             )
         self.in_lockstep()  # raises for a partitioned LLM out of lockstep
@@ -694,7 +703,7 @@ class ECGLanguageModel(nn.Module):
         return losses
 
     def task_set(self, tasks: list[TaskData]) -> TaskSet:
-        """Collate M tasks' rows once, in length buckets (and, question_first, their question KV cache); rows
+        """Collate M tasks' rows once, in length buckets (and, `CACHED_LAYOUTS`, their question KV cache); rows
         of one and of two ECGs go to different buckets. In lockstep: one batch per ECG count any rank has,
         a padding batch (no rows of its own) where this rank has none (module docstring)."""
         rows = stack_rows(tasks)
