@@ -52,6 +52,7 @@ def main() -> int:
     from ecgray.config import load_config
     from ecgray.demo import eval_types, protocols
     from ecgray.eval.cli import evaluate
+    from ecgray.logs import console, say
     from ecgray.train.align import align
     from ecgray.train.meta_train import meta_train
 
@@ -68,48 +69,56 @@ def main() -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a finished demo run (run `ecgray demo --out {run}` first)")
         evals[base.seed][qt] = json.loads(path.read_text())
-    ray.init(include_dashboard=False, configure_logging=False)
-    for seed in args.seeds:
-        out = run / "seeds" / f"seed{seed}"
-        cfg = replace(
-            base,
-            seed=seed,
-            train=replace(base.train, storage_path=str(out / "ray_train"), name=f"seed{seed}"),
-        )
-        if base.align.steps > 0 and args.keep_alignment:  # every seed starts from the demo's alignment
-            if not (run / "align" / "mapper.safetensors").is_file():
-                raise FileNotFoundError(f"{run / 'align'}: the demo's alignment checkpoint is missing")
-            cfg = replace(cfg, align=replace(cfg.align, checkpoint=str(run / "align")))
-        elif base.align.steps > 0:
-            # the alignment is trained again with this seed, then meta-training from it
-            aligned = out / "align"
-            align_cfg = replace(cfg.align, seed=seed, name=f"seed{seed}_align", checkpoint=None)
-            if not (aligned / "mapper.safetensors").is_file():
-                result = align(replace(cfg, align=align_cfg))
+    with console(str(run / "seeds"), "bench_seeds"):  # Ray's and the frameworks' lines go to its log
+        ray.init(include_dashboard=False, configure_logging=False)
+        for seed in args.seeds:
+            out = run / "seeds" / f"seed{seed}"
+            cfg = replace(
+                base,
+                seed=seed,
+                train=replace(base.train, storage_path=str(out / "ray_train"), name=f"seed{seed}"),
+            )
+            if base.align.steps > 0 and args.keep_alignment:  # every seed starts from the demo's alignment
+                if not (run / "align" / "mapper.safetensors").is_file():
+                    raise FileNotFoundError(f"{run / 'align'}: the demo's alignment checkpoint is missing")
+                cfg = replace(cfg, align=replace(cfg.align, checkpoint=str(run / "align")))
+            elif base.align.steps > 0:
+                # the alignment is trained again with this seed, then meta-training from it
+                aligned = out / "align"
+                align_cfg = replace(cfg.align, seed=seed, name=f"seed{seed}_align", checkpoint=None)
+                if not (aligned / "mapper.safetensors").is_file():
+                    say(f"seed {seed}: alignment")
+                    result = align(replace(cfg, align=align_cfg))
+                    if result.checkpoint is None:
+                        raise RuntimeError(
+                            f"seed {seed}: alignment ended without a checkpoint ({result.error})"
+                        )
+                    with result.checkpoint.as_directory() as d:
+                        shutil.copytree(d, aligned, dirs_exist_ok=True)
+                cfg = replace(cfg, align=replace(align_cfg, checkpoint=str(aligned)))
+            checkpoint = out / "checkpoint"
+            if not (checkpoint / "mapper.safetensors").is_file():
+                say(f"seed {seed}: meta-training")
+                result = meta_train(cfg)
                 if result.checkpoint is None:
-                    raise RuntimeError(f"seed {seed}: alignment ended without a checkpoint ({result.error})")
+                    raise RuntimeError(
+                        f"seed {seed}: meta-training ended without a checkpoint ({result.error})"
+                    )
                 with result.checkpoint.as_directory() as d:
-                    shutil.copytree(d, aligned, dirs_exist_ok=True)
-            cfg = replace(cfg, align=replace(align_cfg, checkpoint=str(aligned)))
-        checkpoint = out / "checkpoint"
-        if not (checkpoint / "mapper.safetensors").is_file():
-            result = meta_train(cfg)
-            if result.checkpoint is None:
-                raise RuntimeError(f"seed {seed}: meta-training ended without a checkpoint ({result.error})")
-            with result.checkpoint.as_directory() as d:
-                shutil.copytree(d, checkpoint, dirs_exist_ok=True)
-        evals[seed] = {}
-        for qt in eval_types(base):
-            eval_dir = out / "eval" / protocol / qt
-            if (eval_dir / "results.json").is_file():
-                evals[seed][qt] = json.loads((eval_dir / "results.json").read_text())
-                continue
-            qcfg = load_config(None, args.set, base=cfg)
-            qcfg = replace(qcfg, episodes=replace(qcfg.episodes, question_type=qt, protocol=protocol))
-            payload = evaluate(qcfg, checkpoint, prepared, eval_dir, progress=False)
-            payload.pop("curves")
-            evals[seed][qt] = payload
-    ray.shutdown()
+                    shutil.copytree(d, checkpoint, dirs_exist_ok=True)
+            evals[seed] = {}
+            for qt in eval_types(base):
+                eval_dir = out / "eval" / protocol / qt
+                if (eval_dir / "results.json").is_file():
+                    evals[seed][qt] = json.loads((eval_dir / "results.json").read_text())
+                    continue
+                qcfg = load_config(None, args.set, base=cfg)
+                qcfg = replace(qcfg, episodes=replace(qcfg.episodes, question_type=qt, protocol=protocol))
+                say(f"seed {seed}: evaluating {qt}")
+                payload = evaluate(qcfg, checkpoint, prepared, eval_dir, progress=False)
+                payload.pop("curves")
+                evals[seed][qt] = payload
+        ray.shutdown()
 
     seeds = sorted(evals)
     summary: dict = {
