@@ -93,16 +93,12 @@ def test_rows_are_the_tokenizers_own_ids_of_the_whole_text(llm, layout):
     for i, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
         question_part, wrap, a = tokenizer_split(tok, question, answer)
         assert rows.targets[i] == a + [m.eos_id] and m.answer_ids(answer) == a
-        assert (
-            tok.convert_ids_to_tokens((prompts.before[i] + prompts.after[i])[-1]) == ":"
-        )  # no lone space token
+        prompt = prompts.before[i] + prompts.after[i]
+        assert tok.convert_ids_to_tokens(prompt[-1]) == ":"  # no lone space token after it
         assert prompts.before[i] + prompts.after[i] == question_part + wrap
         assert rows.before[i] + rows.after[i] == question_part + wrap + a
-        # prefix_first: [BOS] alone before the prefix; prefix_last: "Answer:" too
-        split = {"prefix_first": 1, "question_first": len(question_part)}.get(
-            layout, len(question_part + wrap)
-        )
-        prompt = question_part + wrap
+        # what comes before the prefix: [BOS] alone, the question, or the question and "Answer:"
+        split = {"prefix_first": 1, "question_first": len(question_part), "prefix_last": len(prompt)}[layout]
         assert rows.before[i] == prompt[:split] and prompts.before[i] == prompt[:split]
         # the first target sits right after the prompt: [before ; prefix ; after] is contiguous
         assert rows.target_start[i] == m.cfg.n_prefix + len(prompts.after[i]) - 1

@@ -9,8 +9,8 @@ Every sequence has three parts, `[before ; prefix ; after]`:
     prefix_first    before = [BOS]                             after = "Question:" " {q}" "Answer:" " {answer}" EOS
     question_first  before = [BOS] "Question:" " {q}"          after = "Answer:" " {answer}" EOS
     prefix_last     before = [BOS] "Question:" " {q}" "Answer:" after = " {answer}" EOS
-    paper_compat    before = []                       after = tokenizer("Question: {q}Answer: ") cut /
-                                                              padded to 30 tokens (with its BOS)
+    paper_compat    before = []                                after = tokenizer("Question: {q}Answer: ") cut /
+                                                                       padded to 30 tokens (with its BOS)
 
 (BOS only when the tokenizer adds one; q is lowercased and cut to `max_question_tokens`.)
 
